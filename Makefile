@@ -1,0 +1,38 @@
+# FAVOR-RT: `make demo` and `make test` are the whole quick start on a fresh machine.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.favor-installed
+# torch first, pinned to the CPU wheel on disk; an unpinned torch would pull a multi-GB CUDA build.
+TORCH_PIN := torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: setup test demo lint sysdeps clean
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+# System packages the synthetic world and tests use (espeak-ng speaks the words). Root on our machines.
+sysdeps:
+	@command -v espeak-ng >/dev/null || { \
+	  echo "installing espeak-ng"; \
+	  (apt-get update -qq && apt-get install -y -qq espeak-ng) >/dev/null || \
+	  { echo "espeak-ng missing and apt-get failed: install it (apt-get install espeak-ng)"; exit 1; }; }
+
+# Re-run pip only when packaging or kernel sources change (idempotent, fast when set up).
+$(STAMP): $(PY) pyproject.toml CMakeLists.txt $(wildcard kernels/*.h kernels/*.cpp kernels/*.cu kernels/*/*)
+	$(PY) -m pip install -q $(TORCH_PIN)
+	$(PY) -m pip install -q -e ".[test,demo,eval,bench,export]"
+	touch $(STAMP)
+
+setup: sysdeps $(STAMP)
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check favor export runtime training tests benchmarks
+
+clean:
+	rm -rf build $(VENV)

