@@ -1,0 +1,162 @@
+"""FAVOR checkpoints: config + format version + trainable weights + base-model references.
+
+Two containers, same content:
+- ``.safetensors``: tensors, with config / references as JSON strings in the metadata;
+- ``.pt``: a dict of plain tensors and strings, loadable with ``torch.load(weights_only=True)``.
+Pickled objects are never written nor executed. Writes are atomic (temp file + fsync + rename), so a
+crash mid-save leaves the previous checkpoint intact. ``self_contained=True`` embeds every weight
+(frozen bases included) so the file needs no base models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from favor.config import FORMAT_VERSION, FavorConfig
+
+MAGIC = "favor-checkpoint"
+MODEL_VERSION = "0.1.0"
+
+
+@dataclass
+class Checkpoint:
+    config: FavorConfig
+    weights: dict[str, torch.Tensor]
+    base_models: dict[str, dict] = field(default_factory=dict)  # stage -> {"path", "sha256"}
+    self_contained: bool = False
+    extra: dict = field(default_factory=dict)  # e.g. training step, metrics (JSON-serialisable)
+
+
+def sha256_path(path: str | Path) -> str:
+    """sha256 of a file, or of a directory's files (name + content, sorted) for HF model dirs."""
+    path = Path(path)
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        if path.is_dir():
+            h.update(str(f.relative_to(path)).encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def base_model_refs(cfg: FavorConfig, hash_files: bool = True) -> dict[str, dict]:
+    refs = {}
+    for stage, path in (("audio", cfg.audio.pretrained), ("visual", cfg.visual.pretrained),
+                        ("llm", cfg.llm.pretrained)):
+        if path:
+            target = Path(path) / cfg.llm.gguf_file if stage == "llm" and cfg.llm.gguf_file else Path(path)
+            refs[stage] = {"path": str(path),
+                           "sha256": sha256_path(target) if hash_files and target.exists() else None}
+    return refs
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then atomically move the result to ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:
+    path = Path(path)
+    # clone: tied weights (embeddings = lm_head) share storage, which safetensors refuses
+    weights = {k: v.detach().cpu().clone().contiguous() for k, v in ckpt.weights.items()}
+    meta = {"format": MAGIC, "format_version": str(FORMAT_VERSION), "model_version": MODEL_VERSION,
+            "config": json.dumps(ckpt.config.to_dict()), "base_models": json.dumps(ckpt.base_models),
+            "self_contained": json.dumps(ckpt.self_contained), "extra": json.dumps(ckpt.extra)}
+    if path.suffix == ".safetensors":
+        atomic_write(path, lambda tmp: save_file(weights, tmp, metadata=meta))
+    elif path.suffix == ".pt":
+        atomic_write(path, lambda tmp: torch.save({"meta": meta, "weights": weights}, tmp))
+    else:
+        raise ValueError(f"{path}: checkpoint must end in .safetensors or .pt")
+    return path
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as fh:
+                meta = fh.metadata() or {}
+            weights = load_file(str(path))
+        elif path.suffix == ".pt":
+            blob = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
+            if not isinstance(blob, dict) or "meta" not in blob:
+                raise ValueError("not a FAVOR checkpoint (no 'meta'); for the authors' release use "
+                                 "favor.release.import_release")
+            meta, weights = blob["meta"], blob["weights"]
+        else:
+            raise ValueError("checkpoint must end in .safetensors or .pt")
+    except (OSError, RuntimeError, ValueError) as err:
+        raise ValueError(f"{path}: {err}") from None
+    if meta.get("format") != MAGIC:
+        raise ValueError(f"{path}: not a FAVOR checkpoint")
+    if int(meta["format_version"]) > FORMAT_VERSION:
+        raise ValueError(f"{path}: format version {meta['format_version']} is newer than this favor "
+                         f"({FORMAT_VERSION})")
+    return Checkpoint(FavorConfig.from_dict(json.loads(meta["config"])), weights,
+                      json.loads(meta.get("base_models", "{}")),
+                      json.loads(meta.get("self_contained", "false")), json.loads(meta.get("extra", "{}")))
+
+
+def apply_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str,
+                  require_trainable: bool = True) -> None:
+    """Load weights into ``model``, naming every mismatch: unknown key, wrong shape, missing trainable."""
+    params = dict(model.named_parameters())
+    state = model.state_dict()
+    unknown = sorted(k for k in weights if k not in state)
+    if unknown:
+        raise ValueError(f"{source}: {len(unknown)} unknown weight(s), e.g. {unknown[:3]}")
+    for k, v in weights.items():
+        if tuple(v.shape) != tuple(state[k].shape):
+            raise ValueError(f"{source}: {k} has shape {list(v.shape)}, the model expects "
+                             f"{list(state[k].shape)} (config mismatch?)")
+    if require_trainable:
+        missing = sorted(k for k, p in params.items() if p.requires_grad and k not in weights)
+        if missing:
+            raise ValueError(f"{source}: {len(missing)} trainable weight(s) missing, e.g. {missing[:3]}")
+    with torch.no_grad():
+        for k, v in weights.items():
+            state[k].copy_(v.to(state[k].dtype))
+
+
+def checkpoint_from_model(model, extra: dict | None = None, self_contained: bool = False,
+                          hash_base_models: bool = True) -> Checkpoint:
+    weights = model.state_dict() if self_contained else model.trainable_state_dict()
+    return Checkpoint(model.cfg, dict(weights), base_model_refs(model.cfg, hash_base_models),
+                      self_contained, extra or {})
+
+
+def load_model(path: str | Path, tokenizer=None, instruction_tokenizer=None, **cfg_overrides):
+    """Checkpoint -> FavorModel with its base models (from the recorded local paths) and weights."""
+    from favor.build import build_model
+
+    ckpt = load_checkpoint(path)
+    cfg = ckpt.config.replace(**cfg_overrides) if cfg_overrides else ckpt.config
+    model = build_model(cfg, pretrained=not ckpt.self_contained, tokenizer=tokenizer,
+                        instruction_tokenizer=instruction_tokenizer)
+    apply_weights(model, ckpt.weights, str(path))
+    return model.eval()

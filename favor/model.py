@@ -1,0 +1,144 @@
+"""FavorModel: the stages assembled. No I/O; tensors in, tensors (or text from ``generate``) out.
+
+    mel -> AudioEncoder -> audio_proj --\\
+                                         sync.align -> windows -> CausalQFormer -> Projector -> LLM
+    pixels -> VisualEncoder ------------/
+
+Training, export and the runtime all build this same object (``favor.build.build_model``).
+
+Notation: B batch, T frames, W windows, Nq queries per window, H Q-Former width, D LLM width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from favor import sync, windows
+from favor.config import FavorConfig
+from favor.llm import LLM
+from favor.projector import Projector
+from favor.prompt import PromptIds
+from favor.qformer import CausalQFormer
+
+
+@dataclass
+class AVEmbeddings:
+    embeds: torch.Tensor  # [B, W*Nq, D] LLM-space AV tokens
+    mask: torch.Tensor  # [B, W*Nq] bool, False for windows made only of padding
+    queries: torch.Tensor  # [B, W, Nq, H] Q-Former outputs (the diversity loss reads these)
+    window_mask: torch.Tensor  # [B, W] bool
+
+
+def diversity_loss(queries: torch.Tensor, window_mask: torch.Tensor) -> torch.Tensor:
+    """Mean pairwise cosine similarity of the Nq queries of each window, diagonal excluded.
+
+    queries [B, W, Nq, H]; averaged over valid windows (the release's ``calc_diversity_loss``).
+    """
+    Nq = queries.shape[-2]
+    if Nq < 2:
+        return queries.new_zeros(())
+    q = nn.functional.normalize(queries.float(), dim=-1)
+    sim = q @ q.transpose(-1, -2)  # [B, W, Nq, Nq]
+    off_diag = sim.sum((-1, -2)) - sim.diagonal(dim1=-2, dim2=-1).sum(-1)  # [B, W]
+    per_window = off_diag / (Nq * (Nq - 1))
+    w = window_mask.float()
+    return (per_window * w).sum() / w.sum().clamp(min=1.0)
+
+
+class FavorModel(nn.Module):
+    def __init__(self, cfg: FavorConfig, audio_encoder: nn.Module, visual_encoder: nn.Module,
+                 qformer: CausalQFormer, projector: Projector, llm: LLM, *, tokenizer=None,
+                 instruction_tokenizer=None):
+        super().__init__()
+        self.cfg = cfg
+        self.audio_encoder = audio_encoder
+        self.visual_encoder = visual_encoder
+        self.audio_proj = nn.Linear(cfg.audio.d_model, cfg.audio_proj_dim)  # speech_pre_qformer_proj
+        self.qformer = qformer
+        self.projector = projector
+        self.llm = llm
+        self.tokenizer = tokenizer  # LLM tokenizer (text <-> ids); not a module, not saved
+        self.instruction_tokenizer = instruction_tokenizer or tokenizer
+        self.configure_trainable()
+
+    # -- trainable parts --------------------------------------------------------------------------
+    def configure_trainable(self) -> None:
+        """Release: Q-Former, queries, norms, position embedding, projections and LoRA train."""
+        for p in self.parameters():
+            p.requires_grad_(False)
+        for m in (self.audio_proj, self.qformer, self.projector):
+            m.requires_grad_(True)
+        for name, p in self.llm.named_parameters():
+            if "lora_" in name:
+                p.requires_grad_(True)
+        if self.cfg.trainable_visual:  # demo preset only: no pretrained vision weights offline
+            self.visual_encoder.requires_grad_(True)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+
+    def train(self, mode: bool = True) -> FavorModel:
+        super().train(mode)
+        # Frozen encoders stay in eval (no dropout), as the release freezes them with .eval().
+        if not self.cfg.trainable_visual:
+            self.visual_encoder.eval()
+        self.audio_encoder.eval()
+        return self
+
+    # -- encoding ---------------------------------------------------------------------------------
+    def encode_audio(self, mel: torch.Tensor) -> torch.Tensor:
+        """mel [B, n_mels, Tm] -> projected audio tokens [B, Ta, Da] at 50 Hz."""
+        return self.audio_proj(self.audio_encoder(mel))
+
+    def encode_visual(self, pixels: torch.Tensor, instruction_ids: torch.Tensor,
+                      instruction_mask: torch.Tensor) -> torch.Tensor:
+        """pixels [B, T, 3, S, S] -> visual tokens [B, T, Qv, Dv]."""
+        return self.visual_encoder(pixels, instruction_ids, instruction_mask)
+
+    def fuse(self, visual: torch.Tensor | None, audio: torch.Tensor | None,
+             modality_mask: torch.Tensor | None = None, frame_lengths: torch.Tensor | None = None,
+             num_frames: int | None = None) -> AVEmbeddings:
+        """sync -> windows -> causal Q-Former -> projector (the exported 'fusion' stage)."""
+        x = sync.align(visual, audio, self.cfg, modality_mask, num_frames)  # [B, T, S, E]
+        B, T = x.shape[:2]
+        fmask = sync.frame_mask(frame_lengths, T) if frame_lengths is not None else None
+        win, tmask = windows.split_windows(x, self.cfg.timing.frames_per_window, fmask)  # [B, W, L, E]
+        W = win.shape[1]
+        q = self.qformer(win.flatten(0, 1), tmask.flatten(0, 1))  # [B*W, Nq, H]
+        q = q.view(B, W, *q.shape[1:])  # [B, W, Nq, H]
+        window_mask = tmask.any(-1)  # [B, W]
+        Nq = q.shape[2]
+        embeds = self.projector(q).reshape(B, W * Nq, -1)  # [B, W*Nq, D]
+        mask = window_mask[:, :, None].expand(B, W, Nq).reshape(B, W * Nq)
+        return AVEmbeddings(embeds, mask, q, window_mask)
+
+    def encode_av(self, mel: torch.Tensor | None = None, pixels: torch.Tensor | None = None,
+                  instruction_ids: torch.Tensor | None = None,
+                  instruction_mask: torch.Tensor | None = None,
+                  modality_mask: torch.Tensor | None = None,
+                  frame_lengths: torch.Tensor | None = None, is_image: bool = False) -> AVEmbeddings:
+        """Media tensors -> LLM-space AV embeddings. An image with audio repeats over the audio."""
+        audio = self.encode_audio(mel) if mel is not None else None
+        visual = None
+        if pixels is not None:
+            if instruction_ids is None:
+                raise ValueError("the visual encoder needs instruction_ids (the prompt's tokens)")
+            visual = self.encode_visual(pixels, instruction_ids, instruction_mask)
+            if is_image and audio is not None:
+                visual = sync.repeat_image(visual, sync.audio_frames(audio.shape[1], self.cfg))
+        return self.fuse(visual, audio, modality_mask, frame_lengths)
+
+    # -- training ---------------------------------------------------------------------------------
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        """loss = CE + lambda x diversity. batch: media tensors (see encode_av) + ``prompts``."""
+        av = self.encode_av(batch.get("mel"), batch.get("pixels"), batch.get("instruction_ids"),
+                            batch.get("instruction_mask"), batch.get("modality_mask"),
+                            batch.get("frame_lengths"), batch.get("is_image", False))
+        prompts: list[PromptIds] = batch["prompts"]
+        ce = self.llm(self.llm.splice(prompts, av.embeds, av.mask))
+        div = diversity_loss(av.queries, av.window_mask)
+        loss = ce + self.cfg.diversity_loss_weight * div
+        return {"loss": loss, "ce": ce.detach(), "diversity": div.detach()}

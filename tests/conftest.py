@@ -1,0 +1,41 @@
+"""Shared fixtures: seeding, the tiny config, a tiny word-level tokenizer built here (no hub)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from favor.config import get_config
+
+WORDS = ("a red green blue yellow circle square triangle appears disappears then chime tone beep noise "
+         "the word is spoken what after before yes no describe video audio sound picture one two three "
+         "seven , . ? : user assistant < > / img").split()
+
+
+def make_tokenizer(vocab_size: int = 101):
+    """A real PreTrainedTokenizerFast (word-level) sized to the tiny LLM vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>"]  # ids 0, 1 (bos), 2 (eos): the LLMConfig defaults
+    vocab = {w: i for i, w in enumerate(specials + list(dict.fromkeys(WORDS)))}
+    assert len(vocab) <= vocab_size
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", pad_token="</s>")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def tiny_cfg():
+    return get_config("tiny")
+
+
+@pytest.fixture
+def tokenizer():
+    return make_tokenizer()
