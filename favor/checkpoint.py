@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +54,9 @@ def base_model_refs(cfg: FavorConfig, hash_files: bool = True) -> dict[str, dict
     refs = {}
     for stage, path in (("audio", cfg.audio.pretrained), ("visual", cfg.visual.pretrained),
                         ("llm", cfg.llm.pretrained)):
-        if path:
+        if path and path.startswith("pypi:"):  # pinned wheel; favor.pretrained verifies its hash on use
+            refs[stage] = {"path": path, "sha256": "verified-by-favor.pretrained"}
+        elif path:
             target = Path(path) / cfg.llm.gguf_file if stage == "llm" and cfg.llm.gguf_file else Path(path)
             refs[stage] = {"path": str(path),
                            "sha256": sha256_path(target) if hash_files and target.exists() else None}
@@ -110,7 +113,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             meta, weights = blob["meta"], blob["weights"]
         else:
             raise ValueError("checkpoint must end in .safetensors or .pt")
-    except (OSError, RuntimeError, ValueError) as err:
+    except (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as err:
         raise ValueError(f"{path}: {err}") from None
     if meta.get("format") != MAGIC:
         raise ValueError(f"{path}: not a FAVOR checkpoint")

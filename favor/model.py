@@ -100,11 +100,29 @@ class FavorModel(nn.Module):
 
     def fuse(self, visual: torch.Tensor | None, audio: torch.Tensor | None,
              modality_mask: torch.Tensor | None = None, frame_lengths: torch.Tensor | None = None,
-             num_frames: int | None = None) -> AVEmbeddings:
-        """sync -> windows -> causal Q-Former -> projector (the exported 'fusion' stage)."""
+             num_frames: int | None = None, visual_lengths: torch.Tensor | None = None,
+             audio_lengths: torch.Tensor | None = None) -> AVEmbeddings:
+        """sync -> windows -> causal Q-Former -> projector (the exported 'fusion' stage).
+
+        For batches of unequal media, ``visual_lengths`` (frames) and ``audio_lengths`` (audio tokens)
+        zero each sample's batch padding, and frames past max(video, audio) of a sample are masked.
+        """
+        if visual is not None and visual_lengths is not None:
+            keep = torch.arange(visual.shape[1], device=visual.device)[None] < visual_lengths[:, None]
+            visual = visual * keep[:, :, None, None].to(visual.dtype)  # [B, Tv, Qv, Dv]
+        if audio is not None and audio_lengths is not None:
+            keep = torch.arange(audio.shape[1], device=audio.device)[None] < audio_lengths[:, None]
+            audio = audio * keep[:, :, None].to(audio.dtype)  # [B, Ta, Da]
+        if frame_lengths is None and (visual_lengths is not None or audio_lengths is not None):
+            B = (visual if visual is not None else audio).shape[0]
+            zero = torch.zeros(B, dtype=torch.long)
+            v = visual_lengths.cpu() if visual_lengths is not None else zero
+            a = audio_lengths.cpu() if audio_lengths is not None else zero
+            a_frames = torch.tensor([sync.audio_frames(int(n), self.cfg) for n in a])
+            frame_lengths = torch.maximum(v, a_frames)
         x = sync.align(visual, audio, self.cfg, modality_mask, num_frames)  # [B, T, S, E]
         B, T = x.shape[:2]
-        fmask = sync.frame_mask(frame_lengths, T) if frame_lengths is not None else None
+        fmask = sync.frame_mask(frame_lengths.to(x.device), T) if frame_lengths is not None else None
         win, tmask = windows.split_windows(x, self.cfg.timing.frames_per_window, fmask)  # [B, W, L, E]
         W = win.shape[1]
         q = self.qformer(win.flatten(0, 1), tmask.flatten(0, 1))  # [B*W, Nq, H]
@@ -119,7 +137,9 @@ class FavorModel(nn.Module):
                   instruction_ids: torch.Tensor | None = None,
                   instruction_mask: torch.Tensor | None = None,
                   modality_mask: torch.Tensor | None = None,
-                  frame_lengths: torch.Tensor | None = None, is_image: bool = False) -> AVEmbeddings:
+                  frame_lengths: torch.Tensor | None = None, is_image: bool = False,
+                  visual_lengths: torch.Tensor | None = None,
+                  audio_lengths: torch.Tensor | None = None) -> AVEmbeddings:
         """Media tensors -> LLM-space AV embeddings. An image with audio repeats over the audio."""
         audio = self.encode_audio(mel) if mel is not None else None
         visual = None
@@ -129,14 +149,16 @@ class FavorModel(nn.Module):
             visual = self.encode_visual(pixels, instruction_ids, instruction_mask)
             if is_image and audio is not None:
                 visual = sync.repeat_image(visual, sync.audio_frames(audio.shape[1], self.cfg))
-        return self.fuse(visual, audio, modality_mask, frame_lengths)
+        return self.fuse(visual, audio, modality_mask, frame_lengths,
+                         visual_lengths=visual_lengths, audio_lengths=audio_lengths)
 
     # -- training ---------------------------------------------------------------------------------
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         """loss = CE + lambda x diversity. batch: media tensors (see encode_av) + ``prompts``."""
         av = self.encode_av(batch.get("mel"), batch.get("pixels"), batch.get("instruction_ids"),
                             batch.get("instruction_mask"), batch.get("modality_mask"),
-                            batch.get("frame_lengths"), batch.get("is_image", False))
+                            batch.get("frame_lengths"), batch.get("is_image", False),
+                            batch.get("visual_lengths"), batch.get("audio_lengths"))
         prompts: list[PromptIds] = batch["prompts"]
         ce = self.llm(self.llm.splice(prompts, av.embeds, av.mask))
         div = diversity_loss(av.queries, av.window_mask)

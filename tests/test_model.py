@@ -1,0 +1,120 @@
+"""FavorModel on the tiny preset: losses, gradients, LoRA, encode_av + generate, parameter counts."""
+
+import math
+
+import pytest
+import torch
+
+from favor.build import build_model
+from favor.config import get_config
+from favor.generation import generate, get_settings, instruction_inputs
+from favor.llm import merge_lora
+from favor.model import diversity_loss
+from favor.prompt import conversation_ids
+
+
+def _batch(model, tokenizer, B=2, T=4, Tm=38):
+    cfg = model.cfg
+    S = cfg.visual.image_size
+    conv = [{"from": "human", "value": "describe the video"}, {"from": "gpt", "value": "a red circle"}]
+    ids, mask = instruction_inputs(tokenizer, ["describe the video"] * B, cfg.visual.max_instruction_tokens)
+    return {
+        "mel": torch.randn(B, cfg.audio.n_mels, Tm),
+        "pixels": torch.randn(B, T, 3, S, S),
+        "instruction_ids": ids, "instruction_mask": mask,
+        "modality_mask": torch.ones(B, 2),
+        "prompts": [conversation_ids(tokenizer, conv, cfg.llm.eos_token_id, 64)] * B,
+    }
+
+
+@pytest.fixture
+def tiny_model(tiny_cfg, tokenizer):
+    return build_model(tiny_cfg, pretrained=False, tokenizer=tokenizer)
+
+
+def test_forward_and_only_trainable_parts_get_gradients(tiny_model, tokenizer):
+    out = tiny_model(_batch(tiny_model, tokenizer))
+    assert torch.isfinite(out["loss"])
+    out["loss"].backward()
+    for name, p in tiny_model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, name
+        else:
+            assert p.grad is None, name
+    trainable = {n.split(".")[0] for n, p in tiny_model.named_parameters() if p.requires_grad}
+    assert trainable == {"audio_proj", "qformer", "projector", "llm"}
+    assert all("lora_" in n for n, p in tiny_model.llm.named_parameters() if p.requires_grad)
+
+
+def test_diversity_loss_equals_formula():
+    q = torch.randn(2, 3, 4, 5)
+    wm = torch.tensor([[True, True, False], [True, False, False]])
+    expect, n = 0.0, 0
+    for b in range(2):
+        for w in range(3):
+            if not wm[b, w]:
+                continue
+            s = sum(torch.nn.functional.cosine_similarity(q[b, w, i], q[b, w, j], dim=0).item()
+                    for i in range(4) for j in range(4) if i != j)
+            expect += s / 12
+            n += 1
+    assert math.isclose(diversity_loss(q, wm).item(), expect / n, rel_tol=1e-5)
+
+
+def test_loss_is_ce_plus_weighted_diversity(tiny_model, tokenizer):
+    tiny_model.eval()
+    out = tiny_model(_batch(tiny_model, tokenizer))
+    lam = tiny_model.cfg.diversity_loss_weight
+    torch.testing.assert_close(out["loss"], out["ce"] + lam * out["diversity"])
+
+
+def test_lora_merged_equals_unmerged(tiny_model):
+    llm = tiny_model.llm.model
+    for name, p in llm.named_parameters():  # LoRA B starts at zero: give it weight to merge
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    llm.eval()
+    ids = torch.randint(3, 101, (2, 9))
+    with torch.no_grad():
+        before = llm(input_ids=ids).logits
+        merged = merge_lora(llm)
+        after = merged(input_ids=ids).logits
+    # fp32 folding W + BA changes summation order only: ~1e-6 relative on O(1) logits.
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+
+
+def test_encode_av_and_generate(tiny_model, tokenizer):
+    tiny_model.eval()
+    b = _batch(tiny_model, tokenizer, B=1, T=7)
+    av = tiny_model.encode_av(b["mel"], b["pixels"], b["instruction_ids"], b["instruction_mask"])
+    W = math.ceil(7 / 3)
+    assert av.embeds.shape == (1, W * 3, 48)
+    text = generate(tiny_model, av, ["describe the video"], get_settings("greedy", max_new_tokens=5))
+    assert len(text) == 1 and isinstance(text[0], str)
+    beams = generate(tiny_model, av, ["describe the video"], get_settings("beam", max_new_tokens=5))
+    assert len(beams) == 1
+
+
+def test_unequal_lengths_mask_padding(tiny_model, tokenizer):
+    """Sample 1's padded frames/audio must not change its embeddings."""
+    tiny_model.eval()
+    b = _batch(tiny_model, tokenizer, B=1, T=3, Tm=30)
+    alone = tiny_model.encode_av(b["mel"], b["pixels"], b["instruction_ids"], b["instruction_mask"])
+    padded_pix = torch.cat([b["pixels"], torch.randn(1, 3, *b["pixels"].shape[2:])], 1)
+    padded = tiny_model.encode_av(None, padded_pix, b["instruction_ids"], b["instruction_mask"],
+                                  visual_lengths=torch.tensor([3]))
+    vis_only = tiny_model.encode_av(None, b["pixels"], b["instruction_ids"], b["instruction_mask"])
+    W = vis_only.embeds.shape[1]
+    torch.testing.assert_close(padded.embeds[:, :W], vis_only.embeds)
+    assert alone.embeds.shape[1] >= W
+
+
+# FAVOR-SPEC section 4, component sums: Q-Former 40,157,184 + queries/LN/pos-emb/audio-proj 7,302,912
+# + llama_proj (3,937,280 | 3,149,824) + LoRA r=32 q/k/v/o (52,428,800 | 33,554,432).
+@pytest.mark.parametrize("preset,expected", [("favor-13b", 103_826_176), ("favor-7b", 84_164_352)])
+def test_release_trainable_parameter_counts(preset, expected):
+    cfg = get_config(preset)
+    with torch.device("meta"):
+        model = build_model(cfg, pretrained=False)
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert n == expected  # ~103.8 M / ~84.2 M
