@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from favor import __version__
 from favor.config import FORMAT_VERSION, FavorConfig
 
 MAGIC = "favor-checkpoint"
-MODEL_VERSION = "0.1.0"
+MODEL_VERSION = __version__
 
 
 @dataclass

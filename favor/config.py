@@ -180,6 +180,9 @@ class FavorConfig:
     audio_proj_dim: int | None = None  # Whisper width -> this; None = visual token width (768)
     diversity_loss_weight: float = 0.01  # lambda (release default factor)
     trainable_visual: bool = False  # demo preset only: its small ViT is trained (no weights offline)
+    # False = the paper's ablation "without synchronisation": each modality passes the causal Q-Former
+    # alone (2 x N queries per window) and audio meets vision only in the LLM.
+    synchronise: bool = True
 
     def __post_init__(self) -> None:
         if self.audio_proj_dim is None:
@@ -207,8 +210,12 @@ class FavorConfig:
     def tokens_per_window(self) -> int:  # 320 = 32 tokens x 10 frames
         return self.tokens_per_frame * self.timing.frames_per_window
 
+    @property
+    def queries_per_window(self) -> int:  # N (2N without synchronisation: one set per modality)
+        return self.qformer.num_queries * (1 if self.synchronise else 2)
+
     def llm_tokens(self, num_frames: int) -> int:  # AV tokens spliced into the prompt: N x W
-        return self.qformer.num_queries * self.timing.num_windows(num_frames)
+        return self.queries_per_window * self.timing.num_windows(num_frames)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -109,7 +109,7 @@ class LLM(nn.Module):
         embeds = rows[0].new_zeros(len(rows), L, D)
         mask = torch.zeros(len(rows), L, dtype=torch.long, device=device)
         lab = torch.full((len(rows), L), IGNORE, dtype=torch.long, device=device)
-        for b, (r, y) in enumerate(zip(rows, labels)):
+        for b, (r, y) in enumerate(zip(rows, labels, strict=True)):
             n = r.shape[0]
             sl = slice(L - n, L) if left_pad else slice(0, n)
             embeds[b, sl], mask[b, sl] = r, 1

@@ -98,6 +98,14 @@ class FavorModel(nn.Module):
         """pixels [B, T, 3, S, S] -> visual tokens [B, T, Qv, Dv]."""
         return self.visual_encoder(pixels, instruction_ids, instruction_mask)
 
+    def _window_queries(self, x: torch.Tensor, fmask: torch.Tensor | None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frames [B, T, S, E] -> queries [B, W, Nq, H] and window mask [B, W]."""
+        B = x.shape[0]
+        win, tmask = windows.split_windows(x, self.cfg.timing.frames_per_window, fmask)  # [B, W, L, E]
+        q = self.qformer(win.flatten(0, 1), tmask.flatten(0, 1))  # [B*W, Nq, H]
+        return q.view(B, win.shape[1], *q.shape[1:]), tmask.any(-1)
+
     def fuse(self, visual: torch.Tensor | None, audio: torch.Tensor | None,
              modality_mask: torch.Tensor | None = None, frame_lengths: torch.Tensor | None = None,
              num_frames: int | None = None, visual_lengths: torch.Tensor | None = None,
@@ -123,12 +131,17 @@ class FavorModel(nn.Module):
         x = sync.align(visual, audio, self.cfg, modality_mask, num_frames)  # [B, T, S, E]
         B, T = x.shape[:2]
         fmask = sync.frame_mask(frame_lengths.to(x.device), T) if frame_lengths is not None else None
-        win, tmask = windows.split_windows(x, self.cfg.timing.frames_per_window, fmask)  # [B, W, L, E]
-        W = win.shape[1]
-        q = self.qformer(win.flatten(0, 1), tmask.flatten(0, 1))  # [B*W, Nq, H]
-        q = q.view(B, W, *q.shape[1:])  # [B, W, Nq, H]
-        window_mask = tmask.any(-1)  # [B, W]
-        Nq = q.shape[2]
+        if self.cfg.synchronise:
+            q, window_mask = self._window_queries(x, fmask)  # [B, W, Nq, H]
+        else:
+            # Ablation "without synchronisation": each modality passes the Q-Former on its own, so audio
+            # and vision meet only in the LLM; a window yields its visual then its audio queries.
+            Dv = self.cfg.visual_width
+            qv, window_mask = self._window_queries(torch.cat([x[..., :Dv], torch.zeros_like(x[..., Dv:])], -1),
+                                                   fmask)
+            qa, _ = self._window_queries(torch.cat([torch.zeros_like(x[..., :Dv]), x[..., Dv:]], -1), fmask)
+            q = torch.cat([qv, qa], dim=2)  # [B, W, 2*Nq, H]
+        W, Nq = q.shape[1], q.shape[2]
         embeds = self.projector(q).reshape(B, W * Nq, -1)  # [B, W*Nq, D]
         mask = window_mask[:, :, None].expand(B, W, Nq).reshape(B, W * Nq)
         return AVEmbeddings(embeds, mask, q, window_mask)

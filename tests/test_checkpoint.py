@@ -48,7 +48,7 @@ def test_pt_loads_with_weights_only(model, tmp_path):
 def test_self_contained_needs_no_base(model, tokenizer, tmp_path):
     path = save_checkpoint(checkpoint_from_model(model, self_contained=True), tmp_path / "full.safetensors")
     loaded = load_model(path, tokenizer=tokenizer)
-    for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+    for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), k
 
 

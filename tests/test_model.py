@@ -118,3 +118,16 @@ def test_release_trainable_parameter_counts(preset, expected):
         model = build_model(cfg, pretrained=False)
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert n == expected  # ~103.8 M / ~84.2 M
+
+
+def test_without_synchronisation_keeps_modalities_apart(tiny_cfg, tokenizer):
+    cfg = tiny_cfg.replace(synchronise=False)
+    model = build_model(cfg, pretrained=False, tokenizer=tokenizer).eval()
+    b = _batch(model, tokenizer, B=1, T=3, Tm=30)
+    av = model.encode_av(b["mel"], b["pixels"], b["instruction_ids"], b["instruction_mask"])
+    assert av.embeds.shape[1] == cfg.llm_tokens(3) == 2 * cfg.qformer.num_queries
+    # the visual queries must not depend on the audio at all
+    other = model.encode_av(b["mel"] + 1.0, b["pixels"], b["instruction_ids"], b["instruction_mask"])
+    Nq = cfg.qformer.num_queries
+    torch.testing.assert_close(other.embeds[:, :Nq], av.embeds[:, :Nq])
+    assert not torch.allclose(other.embeds[:, Nq:], av.embeds[:, Nq:])
