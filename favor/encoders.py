@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 from torch import nn
 from transformers import (
     InstructBlipQFormerConfig,
@@ -106,22 +106,33 @@ def _load_checked(module: nn.Module, state: Mapping[str, torch.Tensor], source: 
     module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
 
 
-def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of an HF checkpoint dir (safetensors, sharded or not, or pytorch_model.bin)."""
-    if path.is_file():
-        return load_file(path) if path.suffix == ".safetensors" else torch.load(
-            path, map_location="cpu", weights_only=True)
+def _read_hf_weights(path: Path, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The tensors of an HF checkpoint (dir with safetensors, sharded or not, or pytorch_model.bin;
+    or one .safetensors file) whose names, after an optional ``model.`` prefix, start with one of
+    ``prefixes``. Only the shards and tensors needed are read: an InstructBLIP-13B dir is mostly LLM."""
+
+    def wanted(key: str) -> bool:
+        return key.removeprefix("model.").startswith(prefixes)
+
+    def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+        with safe_open(file, framework="pt") as f:
+            return {k.removeprefix("model."): f.get_tensor(k) for k in f.keys() if wanted(k)}
+
+    if path.is_file() and path.suffix == ".safetensors":
+        return read_safetensors(path)
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = json.loads(index.read_text())["weight_map"]
         state: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            state.update(load_file(path / shard))
+        for shard in sorted({file for key, file in weight_map.items() if wanted(key)}):
+            state.update(read_safetensors(path / shard))
         return state
     if (path / "model.safetensors").is_file():
-        return load_file(path / "model.safetensors")
-    if (path / "pytorch_model.bin").is_file():
-        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        return read_safetensors(path / "model.safetensors")
+    bin_file = path if path.is_file() else path / "pytorch_model.bin"
+    if bin_file.is_file():
+        state = torch.load(bin_file, map_location="cpu", weights_only=True)
+        return {k.removeprefix("model."): v for k, v in state.items() if wanted(k)}
     raise FileNotFoundError(f"{path}: expected model.safetensors, model.safetensors.index.json or "
                             f"pytorch_model.bin in this transformers checkpoint directory")
 
@@ -157,8 +168,8 @@ class AudioEncoder(nn.Module):
 
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
         """mel [B, n_mels, Tm] (Tm <= 30 s of frames) -> [B, Ta, Da]."""
-        if mel.dim() != 3 or mel.shape[1] != self.n_mels:
-            raise ValueError(f"mel must be [B, {self.n_mels}, Tm], got {list(mel.shape)}")
+        if mel.dim() != 3 or mel.shape[1] != self.n_mels or mel.shape[2] < 1:
+            raise ValueError(f"mel must be [B, {self.n_mels}, Tm >= 1], got {list(mel.shape)}")
         if self.pad_to_30s:
             mel = pad_or_trim_mel(mel, self.max_frames)  # the release: always one 30 s block
         elif mel.shape[-1] > self.max_frames:
@@ -202,8 +213,7 @@ class AudioEncoder(nn.Module):
                 heads = json.loads(config_json.read_text()).get("encoder_attention_heads")
                 if heads is not None:
                     _check_heads(int(heads), cfg.audio.heads, "encoder_attention_heads", str(config_json))
-            state = _read_hf_weights(path)
-            hf = {k.removeprefix("model."): v for k, v in state.items()}
+            hf = _read_hf_weights(path, ("encoder.",))
         _load_checked(model.encoder, _strip(hf, "encoder."), str(path))
         return model
 
@@ -303,9 +313,6 @@ class VisualEncoder(nn.Module):
         else:
             if vit_path is not None:
                 raise ValueError(f"{path}: vit_path is only for LAVIS .pth checkpoints, got {vit_path}")
-            state = _read_hf_weights(path)
-            # transformers 5 may nest everything under `model.`; older exports do not.
-            hf = {k.removeprefix("model."): v for k, v in state.items()}
-            hf = {k: v for k, v in hf.items() if k.startswith(("vision_model.", "qformer.", "query_tokens"))}
+            hf = _read_hf_weights(path, ("vision_model.", "qformer.", "query_tokens"))
         _load_checked(model, hf, str(path))
         return model

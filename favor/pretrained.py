@@ -2,7 +2,8 @@
 
     whisper_base_files()   -> dir with the CTranslate2 Whisper-base files (hashes checked)
     whisper_base_encoder() -> AudioEncoder with Whisper-base weights, via a safetensors cache
-    smollm2_dir()          -> (dir, gguf filename) of SmolLM2-135M-Instruct for favor/llm.py
+    smollm2_dir()          -> (dir, gguf filename) of SmolLM2-135M-Instruct (hash checked)
+    smollm2_hf_dir()       -> the same model converted once to a cached HF directory (fast loads)
 
 Files are found through importlib.metadata (the packages' own __init__ is never imported: the
 SmolLM2 one imports llama_cpp). Every file is checked against its sha256 before use. Converted
@@ -65,7 +66,7 @@ def cache_dir() -> Path:
     return root
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sha256(path: Path, size: int, mtime_ns: int) -> str:  # size/mtime key the cache
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -162,3 +163,39 @@ def smollm2_dir() -> tuple[Path, str]:
     ``LlamaForCausalLM.from_pretrained(dir, gguf_file=name)`` (needs the ``gguf`` package)."""
     path = locate(SMOLLM2)
     return path.parent, path.name
+
+
+def smollm2_hf_dir() -> Path:
+    """SmolLM2-135M-Instruct as a plain HF directory (safetensors + tokenizer), cached.
+
+    Dequantising the GGUF takes ~40 s on 2 cores; the cached copy loads in well under a second. The
+    directory is named by the GGUF's hash and written atomically (temp dir + rename).
+    """
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    target = cache_dir() / f"smollm2-135m-instruct-{SMOLLM2.sha256[:12]}"
+    if (target / "config.json").is_file():
+        return target
+    directory, gguf = smollm2_dir()
+    model = LlamaForCausalLM.from_pretrained(directory, gguf_file=gguf, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
+    # The weights are dequantised fp32 now; drop the GGUF quantiser marker so save_pretrained accepts it.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(target)
+    except OSError:
+        if not (target / "config.json").is_file():  # not a lost race with another process: re-raise
+            raise
+    finally:
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp)
+    return target

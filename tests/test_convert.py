@@ -229,7 +229,7 @@ def test_lavis_map_covers_every_instructblip_name():
     cfg = get_config("tiny")
     own = set(VisualEncoder(cfg).state_dict())
     produced = set()
-    for src, dst in convert.LAVIS_INSTRUCTBLIP_MAP.items():
+    for dst in convert.LAVIS_INSTRUCTBLIP_MAP.values():
         if dst is None:
             continue
         target = dst.target if isinstance(dst, convert.Chunk) else dst

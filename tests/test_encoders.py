@@ -12,6 +12,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from test_convert import Dims, ct2_bytes, openai_to_ct2, openai_whisper_state
 from transformers import (
     InstructBlipConfig,
     InstructBlipForConditionalGeneration,
@@ -29,7 +30,6 @@ from favor.encoders import (
     pad_or_trim_mel,
     whisper_config,
 )
-from test_convert import Dims, ct2_bytes, openai_to_ct2, openai_whisper_state
 
 # fp32 everywhere; two implementations of the same maths (explicit matmuls vs SDPA, different
 # summation order) differ by a few ulps of O(1) activations: measured <= 2e-6.
@@ -64,8 +64,10 @@ def test_audio_tokens_follow_conv_arithmetic(cfg):
 
 def test_audio_input_errors(cfg):
     enc = AudioEncoder(cfg)
-    with pytest.raises(ValueError, match=r"mel must be \[B, 16, Tm\], got \[1, 80, 10\]"):
+    with pytest.raises(ValueError, match=r"mel must be \[B, 16, Tm >= 1\], got \[1, 80, 10\]"):
         enc(torch.randn(1, 80, 10))
+    with pytest.raises(ValueError, match=r"got \[1, 16, 0\]"):
+        enc(torch.randn(1, cfg.audio.n_mels, 0))
     with pytest.raises(ValueError, match=r"3001 frames, more than Whisper's 30 s context \(3000\)"):
         enc(torch.randn(1, cfg.audio.n_mels, cfg.timing.whisper_mel_frames + 1))
 
@@ -312,9 +314,14 @@ def _hf_reference(model, pixels, ids, mask) -> torch.Tensor:
     return out.qformer_outputs.last_hidden_state[:, :q].reshape(b, t, q, -1)
 
 
-def test_visual_from_hf_dir_matches_instructblip(cfg, tmp_path):
+@pytest.mark.parametrize("shard", [None, "40KB"])
+def test_visual_from_hf_dir_matches_instructblip(cfg, tmp_path, shard):
     model = _tiny_hf_instructblip(cfg)
-    model.save_pretrained(tmp_path)
+    if shard is None:
+        model.save_pretrained(tmp_path)
+    else:  # a sharded checkpoint, read through model.safetensors.index.json
+        model.save_pretrained(tmp_path, max_shard_size=shard)
+        assert (tmp_path / "model.safetensors.index.json").is_file()
     enc = freeze(VisualEncoder.from_pretrained(cfg, tmp_path))
     pixels, ids, mask = _inputs(cfg)
     with torch.no_grad():

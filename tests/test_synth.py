@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -14,10 +15,23 @@ import pytest
 from training.synth import TASKS, SceneOptions, generate, load_manifest, make_demo_clip, make_scene
 from training.synth.font import GLYPH_H, GLYPH_W, GLYPHS, draw_text, text_size
 from training.synth.generate import DEMO_SECONDS
-from training.synth.render import render_frame
+from training.synth.render import render_audio, render_frame
 from training.synth.scene import (
-    AUDIO_GAP, COLOURS, MODEL_FRAME_SECONDS, PULSE_SCALE, SPEECH_SLOT, SPEEDS, SPOKEN_WORDS, VOICES, Event,
-    Scene, Shape, Sound, Speech, Text, clip_seed_key,
+    AUDIO_GAP,
+    COLOURS,
+    MODEL_FRAME_SECONDS,
+    PULSE_SCALE,
+    SPEECH_SLOT,
+    SPEEDS,
+    SPOKEN_WORDS,
+    VOICES,
+    Event,
+    Scene,
+    Shape,
+    Sound,
+    Speech,
+    Text,
+    clip_seed_key,
 )
 from training.synth.speech import SpeechBank
 from training.synth.tasks import audio_signature, caption, sound_description, temporal_questions
@@ -158,7 +172,7 @@ def test_sound_source_answer_is_the_pulsing_shape(run_a):
         # the source's coloured area grows by PULSE_SCALE^2 while its sound plays
         colour = np.array(COLOURS[shape.colour])
 
-        def area(t: float) -> int:
+        def area(t: float, scene: Scene = scene, colour: np.ndarray = colour) -> int:
             k = int(round(t * scene.fps))
             return int((render_frame(scene, k) == colour).all(-1).sum())
 
@@ -184,7 +198,7 @@ def test_scene_invariants_over_many_seeds():
         scene = make_scene(11, "train", i)
         heard = sorted([(s.start, s.start + s.duration) for s in scene.sounds]
                        + [(p.start, p.start + SPEECH_SLOT - AUDIO_GAP) for p in scene.speech])
-        assert all(end <= nxt for (_, end), (nxt, _) in zip(heard, heard[1:])), "audio events overlap"
+        assert all(end <= nxt for (_, end), (nxt, _) in itertools.pairwise(heard)), "audio events overlap"
         assert all(end <= scene.duration for _, end in heard)
         assert len({s.colour for s in scene.shapes}) == len({s.shape for s in scene.shapes}) == len(scene.shapes)
         assert len({s.kind for s in scene.sounds}) == len(scene.sounds)
@@ -194,6 +208,23 @@ def test_scene_invariants_over_many_seeds():
             assert s.duration >= MODEL_FRAME_SECONDS  # a pulse spans at least one 2 FPS frame
             for t in np.arange(s.start, s.start + s.duration, 1 / scene.fps):
                 assert {s.source, s.distractor} <= set(scene.visible(t))
+
+
+def test_soundtrack_is_loud_exactly_at_audio_events(speech_cache):
+    bank = SpeechBank(speech_cache)
+    for i in range(4):
+        scene = make_scene(5, "train", i)
+        mono = render_audio(scene, bank)[0]  # [N]
+        rate = scene.sample_rate
+        spans = [(s.start, s.start + s.duration) for s in scene.sounds] + \
+                [(p.start, p.start + len(bank.say(p.word, p.voice, p.speed, rate)) / rate) for p in scene.speech]
+        loud = np.zeros(mono.shape[0], dtype=bool)
+        for a, b in spans:
+            seg = mono[int(a * rate):int(b * rate)]
+            assert np.sqrt(np.mean(seg**2)) > 5 * scene.noise_level, (scene.clip_id, a)  # >= 14 dB SNR
+            loud[int(a * rate):int(b * rate)] = True
+        # between events only the background hiss remains (its rms is noise_level; 2x allows for sampling)
+        assert np.sqrt(np.mean(mono[~loud] ** 2)) < 2 * scene.noise_level
 
 
 def test_speech_vocabulary_fits_its_slot(speech_cache):

@@ -1,0 +1,218 @@
+"""``favor-export``: checkpoint -> deployable bundle, plus ``verify`` and ``info``.
+
+    favor-export --ckpt favor.pt --out bundle/ [--base-models DIR ...] [--targets onnx,tensorrt,trtllm|all]
+                 [--precision fp32|fp16|bf16|int8] [--max-frames N] [--window K] [--max-batch B]
+                 [--fused-attention/--portable-attention] [--verify]
+    favor-export verify bundle/ [--ckpt favor.pt] [--clips a.mp4 ...]
+    favor-export info bundle/
+
+Errors are one line (what was expected, what arrived, which file) and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Export a FAVOR checkpoint to an ONNX / TensorRT / TensorRT-LLM bundle.")
+console = Console()
+
+
+def _fail(message: str) -> None:
+    console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def resolve_base_models(cfg, base_dirs: list[Path]):
+    """Point each stage's base model at an existing path, looking in ``base_dirs`` by name."""
+    overrides = {}
+    for key in ("audio.pretrained", "visual.pretrained", "llm.pretrained"):
+        section, field = key.split(".")
+        path = getattr(getattr(cfg, section), field)
+        if not path or Path(path).exists():
+            continue
+        found = [d / Path(path).name for d in base_dirs if (d / Path(path).name).exists()]
+        if not found:
+            where = ", ".join(str(d) for d in base_dirs) or "no --base-models given"
+            raise ValueError(f"{section} base model {path} not found (searched: {where}); "
+                             f"pass --base-models DIR containing {Path(path).name}")
+        overrides[key] = str(found[0])
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+def load_for_export(ckpt_path: Path, base_dirs: list[Path] | None = None, tokenizer_dir: Path | None = None,
+                    **overrides):
+    """Checkpoint -> FavorModel (eval) with base models resolved and the tokenizer attached."""
+    from favor.build import build_model, load_tokenizer
+    from favor.checkpoint import apply_weights, base_model_refs, load_checkpoint
+
+    ckpt = load_checkpoint(ckpt_path)
+    cfg = ckpt.config.replace(**overrides) if overrides else ckpt.config
+    if not ckpt.self_contained:
+        cfg = resolve_base_models(cfg, list(base_dirs or []))
+        found = base_model_refs(cfg)
+        for stage, ref in ckpt.base_models.items():
+            want, got = ref.get("sha256"), found.get(stage, {}).get("sha256")
+            if want and got and want != got:
+                raise ValueError(f"{found[stage]['path']}: {stage} base model sha256 {got[:12]}... differs "
+                                 f"from the one {ckpt_path} was trained on ({want[:12]}...)")
+    tok = load_tokenizer(str(tokenizer_dir)) if tokenizer_dir else None
+    model = build_model(cfg, pretrained=not ckpt.self_contained, tokenizer=tok)
+    apply_weights(model, ckpt.weights, str(ckpt_path))
+    return model.eval()
+
+
+def _targets(value: str) -> tuple[str, ...]:
+    from export.bundle import TARGETS
+
+    parts = tuple(p.strip() for p in value.split(",") if p.strip())
+    return TARGETS if parts == ("all",) else parts
+
+
+@app.callback(invoke_without_command=True)
+def export(
+    ctx: typer.Context,
+    ckpt: Path = typer.Option(None, "--ckpt", help="FAVOR checkpoint (.pt or .safetensors)"),
+    out: Path = typer.Option(None, "--out", help="bundle directory to write"),
+    base_models: list[Path] = typer.Option([], "--base-models", help="directories holding base models"),
+    tokenizer: Path = typer.Option(None, "--tokenizer", help="tokenizer dir (default: the LLM base model's)"),
+    targets: str = typer.Option("onnx", help="comma list of onnx,tensorrt,trtllm, or all"),
+    precision: str = typer.Option("fp32", help="fp32 | fp16 | bf16 | int8"),
+    max_frames: int = typer.Option(None, help="longest clip in frames (default: config max_frames)"),
+    window: int = typer.Option(None, help="frames per window (default: the checkpoint's)"),
+    max_batch: int = typer.Option(1, help="largest batch the graphs accept"),
+    fused_attention: bool = typer.Option(False, "--fused-attention/--portable-attention",
+                                         help="emit favor.BlockCausalAttention instead of standard ops"),
+    verify: bool = typer.Option(False, "--verify", help="run favor-export verify after exporting"),
+) -> None:
+    if ctx.invoked_subcommand is not None:
+        return
+    if ckpt is None or out is None:
+        _fail("--ckpt and --out are required (or use the verify / info subcommands)")
+    from export.bundle import ExportOptions, export_bundle
+
+    try:
+        options = ExportOptions(targets=_targets(targets), precision=precision, max_frames=max_frames,
+                                max_batch=max_batch, fused_attention=fused_attention)
+        overrides = {"timing.frames_per_window": window} if window else {}
+        with console.status(f"loading {ckpt}"):
+            model = load_for_export(ckpt, base_models, tokenizer, **overrides)
+        with _progress() as say:
+            manifest = export_bundle(model, out, options, checkpoint=ckpt, progress=say)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    for name, state in manifest["targets"].items():
+        if state != "built":
+            console.print(f"[yellow]{name}:[/yellow] {state}")
+    console.print(f"wrote {out} ({len(manifest['files'])} files)")
+    if verify:
+        _verify(out, model, [])
+
+
+class _progress:
+    """Rich progress: one line per stage, ticking until that stage reports done."""
+
+    def __enter__(self):
+        self.bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                            console=console, transient=False)
+        self.bar.__enter__()
+        self.tasks: dict[str, int] = {}
+        return self.say
+
+    def say(self, stage: str, message: str) -> None:
+        if stage not in self.tasks:
+            self.tasks[stage] = self.bar.add_task(f"{stage}: {message}", total=1)
+        done = message.startswith(("done", "built", "skipped", "wrote"))
+        self.bar.update(self.tasks[stage], description=f"{stage}: {message}", completed=int(done))
+
+    def __exit__(self, *exc):
+        return self.bar.__exit__(*exc)
+
+
+def _verify(bundle: Path, model, clips: list[Path]) -> None:
+    from export.verify import load_clips, verify_bundle
+
+    media = load_clips(clips, model, model.cfg.timing.max_frames) if clips else None
+    with console.status("verifying stages and captions"):
+        report = verify_bundle(model, bundle, clips=media)
+    _print_report(report)
+    if not report["ok"]:
+        _fail(f"{bundle}: parity check failed (see {bundle / 'parity.md'})")
+
+
+def _print_report(report: dict) -> None:
+    t = Table(title="PyTorch vs ONNX Runtime")
+    for col in ("stage", "case", "max abs", "max rel", "tol", "ok"):
+        t.add_column(col)
+    for r in report["stages"]:
+        t.add_row(r["stage"], r["case"], f"{r['max_abs']:.2e}", f"{r['max_rel']:.2e}", f"{r['tolerance']:.0e}",
+                  "yes" if r["ok"] else "[red]NO[/red]")
+    console.print(t)
+    for c in report["captions"]:
+        console.print(f"{c['clip']}: identical fp32={c['ort-fp32_identical']} "
+                      f"int8={c.get('ort-int8_identical', '-')} margin={c['min_margin']:.3g} "
+                      f"text={c['text']!r}")
+
+
+@app.command("verify")
+def verify_cmd(
+    bundle: Path = typer.Argument(..., help="bundle directory"),
+    ckpt: Path = typer.Option(None, "--ckpt", help="checkpoint (default: the one in the manifest)"),
+    base_models: list[Path] = typer.Option([], "--base-models"),
+    tokenizer: Path = typer.Option(None, "--tokenizer"),
+    clips: list[Path] = typer.Option([], "--clips", help="held-out media files for caption identity"),
+) -> None:
+    """Stage parity and caption identity, PyTorch vs ONNX Runtime; writes parity.{json,md}."""
+    from export.manifest import load_manifest
+
+    try:
+        manifest = load_manifest(bundle)
+        source = ckpt or (Path(manifest["checkpoint"]["path"]) if manifest.get("checkpoint") else None)
+        if source is None:
+            raise ValueError(f"{bundle}: the manifest names no checkpoint; pass --ckpt")
+        frames = manifest["config"]["timing"]["frames_per_window"]
+        if tokenizer is None and (bundle / "tokenizer").is_dir():
+            tokenizer = bundle / "tokenizer"
+        model = load_for_export(source, base_models, tokenizer, **{"timing.frames_per_window": frames})
+        _verify(bundle, model, clips)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+
+
+@app.command("info")
+def info_cmd(bundle: Path = typer.Argument(..., help="bundle directory")) -> None:
+    """Print the manifest summary (and check its hashes)."""
+    from export.manifest import load_manifest
+
+    try:
+        m = load_manifest(bundle)
+    except ValueError as err:
+        _fail(str(err))
+    console.print(f"[bold]{bundle}[/bold]: FAVOR {m['model_version']}, preset {m['config']['preset']}, "
+                  f"precision {m['precision']}, attention {m['attention']}, opset {m['opset']}, "
+                  f"verified {m.get('verified', 'no')}")
+    t = Table("stage", "files", "inputs", "outputs", "export s")
+    for name, s in m["stages"].items():
+        size = sum((bundle / f).stat().st_size for f in s["files"]) / 1e6
+        t.add_row(name, f"{len(s['files'])} ({size:.1f} MB)",
+                  ", ".join(f"{i['name']}{i['shape']}" for i in s["inputs"][:4])
+                  + (" ..." if len(s["inputs"]) > 4 else ""),
+                  ", ".join(o["name"] for o in s["outputs"][:2]), str(s["export_seconds"]))
+    console.print(t)
+    console.print("dynamic axes: " + json.dumps(m["dynamic_axes"]))
+    console.print("targets: " + json.dumps(m["targets"]))
+    console.print("toolchain: " + json.dumps({k: v for k, v in m["toolchain"].items() if v}))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

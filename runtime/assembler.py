@@ -1,0 +1,214 @@
+"""Window assembler: frames and audio placed on one clock by presentation time, cut into windows.
+
+Stream time 0 is the first video frame's pts (the first audio pts for audio-only input). Then
+
+    frame slot i   shows the latest decoded frame with pts <= i / fps      (favor.media.load_frames' rule)
+    audio sample k plays at k / sample_rate; a chunk lands at round((pts - t0) x sample_rate)
+    window w       = slots [wF, (w+1)F)  +  samples [round(wF x sr / fps), round((w+1)F x sr / fps))
+
+so variable frame rates, dropped camera frames, audio gaps (zero-filled) and audio that starts late
+or early are all placed by their timestamps, never by counting. A window closes as soon as its last
+slot is known (a frame with a later pts arrived) and its audio is in; audio that stalls more than
+``audio_grace`` seconds of video behind closes the window with silence. At the end of the stream the
+remaining frames close a last, shorter window; the shorter stream is zero-padded, as ``sync.align``.
+
+Cheap by design (runs on the capture thread): no model maths; RGB conversion only for picked frames.
+
+Notation: F frames per window, n frames in a window (n <= F), H x W frame size, sr sample rate.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from runtime.sources import AudioChunk, Frame
+
+# Grid and frame times are compared with this slack: i / fps can land one ulp before a frame whose pts
+# is exactly on the grid (the same tolerance favor.media uses).
+TIME_EPS_S = 1e-6
+# A chunk whose start is this close to the end of the previous one is taken as contiguous: resampler
+# timestamps are rounded to whole samples, so a 1-2 sample jitter is clock noise, not a gap.
+AUDIO_JITTER_SAMPLES = 2
+# Audio waiting for video before the first frame fixes stream time 0 (bounded: a video stream that
+# never delivers must not grow memory without limit).
+MAX_EARLY_AUDIO_CHUNKS = 4096
+
+
+@dataclass
+class FrameSlot:
+    index: int  # global frame index i: shown at i / fps seconds of stream time
+    window: int  # i // F
+    rgb: np.ndarray  # uint8 [H, W, 3]
+
+
+@dataclass
+class Window:
+    index: int
+    start: float  # seconds of stream time
+    end: float
+    first_frame: int  # global index of the window's first frame slot
+    num_frames: int  # n grid frames in this window (F except the last window)
+    frames: np.ndarray | None  # uint8 [n_v, H, W, 3], n_v <= n (None: no video stream)
+    audio: np.ndarray | None  # float32 [samples] covering the n frames (None: no audio stream)
+    closed_at: float  # time.monotonic() when the window became complete
+
+
+class WindowAssembler:
+    """Feed ``push(Frame | AudioChunk)``, then ``push(None)`` at the end; windows go to ``on_window``."""
+
+    def __init__(self, fps: float, frames_per_window: int, sample_rate: int, has_video: bool,
+                 has_audio: bool, on_window: Callable[[Window], None],
+                 on_frame: Callable[[FrameSlot], None] | None = None, audio_grace: float = 1.0):
+        if not (has_video or has_audio):
+            raise ValueError("the assembler needs a video or an audio stream")
+        self.fps, self.F, self.sr = fps, frames_per_window, sample_rate
+        self.has_video, self.has_audio = has_video, has_audio
+        self.on_window, self.on_frame, self.audio_grace = on_window, on_frame, audio_grace
+        self.t0: float | None = None
+        self.early_audio: list[AudioChunk] = []
+        # video: the held frame and the next slot to fill
+        self.prev: Frame | None = None
+        self.last_video_t = -math.inf
+        self.size: tuple[int, int] | None = None  # (width, height) of every output frame
+        self.next_slot = 0
+        self.slots: dict[int, np.ndarray] = {}  # slot index -> rgb, for windows not yet closed
+        # audio: samples [audio_base, audio_base + len(buf)) of stream time, zero where missing
+        self.audio_base = 0
+        self.buf = np.zeros(0, dtype=np.float32)
+        self.audio_end = 0  # one past the last sample written
+        self.audio_done = not has_audio
+        self.next_window = 0
+        self.finished = False
+
+    # -- time grid -----------------------------------------------------------------------------
+    def slot_time(self, i: int) -> float:
+        return i / self.fps
+
+    def sample_at(self, frame_index: int) -> int:  # first audio sample of frame slot i
+        return round(frame_index * self.sr / self.fps)
+
+    # -- input ------------------------------------------------------------------------------------
+    def push(self, item: Frame | AudioChunk | None) -> None:
+        if item is None:
+            self.finish()
+            return
+        if self.t0 is None:
+            if isinstance(item, AudioChunk) and self.has_video:
+                self.early_audio.append(item)
+                del self.early_audio[:-MAX_EARLY_AUDIO_CHUNKS]
+                return
+            self.t0 = item.t
+            for chunk in self.early_audio:
+                self._audio(chunk)
+            self.early_audio.clear()
+        if isinstance(item, Frame):
+            self._video(item)
+        else:
+            self._audio(item)
+        self._close_ready()
+
+    def _pick(self, frame: Frame) -> None:
+        if self.size is None:
+            self.size = (frame.frame.width, frame.frame.height)
+        same = (frame.frame.width, frame.frame.height) == self.size
+        rgb = frame.rgb(None if same else self.size)
+        i = self.next_slot
+        self.slots[i] = rgb
+        self.next_slot += 1
+        if self.on_frame is not None:
+            self.on_frame(FrameSlot(i, i // self.F, rgb))
+
+    def _video(self, frame: Frame) -> None:
+        t = frame.t - self.t0
+        if t <= self.last_video_t:  # out-of-order or duplicate pts: keep the frame already held
+            return
+        while self.slot_time(self.next_slot) < t - TIME_EPS_S:
+            self._pick(self.prev if self.prev is not None else frame)
+        self.prev, self.last_video_t = frame, t
+
+    def _audio(self, chunk: AudioChunk) -> None:
+        start = round((chunk.t - self.t0) * self.sr)
+        if abs(start - self.audio_end) <= AUDIO_JITTER_SAMPLES:
+            start = self.audio_end
+        x = chunk.samples
+        if start < self.audio_base:  # before stream time 0 or in an already closed window
+            x = x[self.audio_base - start:]
+            start = self.audio_base
+        if x.size == 0:
+            return
+        need = start + x.size - self.audio_base
+        if need > self.buf.size:
+            self.buf = np.concatenate([self.buf, np.zeros(need - self.buf.size, np.float32)])
+        self.buf[start - self.audio_base: start - self.audio_base + x.size] = x
+        self.audio_end = max(self.audio_end, start + x.size)
+
+    # -- windows ----------------------------------------------------------------------------------
+    def _audio_ready(self, end_sample: int, end_time: float) -> bool:
+        if self.audio_done or self.audio_end >= end_sample:
+            return True
+        # audio stalled behind video by more than the grace period: close with silence
+        return self.has_video and self.last_video_t > end_time + self.audio_grace
+
+    def _close_ready(self) -> None:
+        while True:
+            w = self.next_window
+            last = (w + 1) * self.F  # one past the window's last slot
+            if self.has_video and self.next_slot < last:
+                return
+            if not self._audio_ready(self.sample_at(last), self.slot_time(last)):
+                return
+            self._emit(w, self.F)
+
+    def _emit(self, w: int, n: int) -> None:
+        first = w * self.F
+        frames = None
+        if self.has_video:
+            picked = [self.slots.pop(i) for i in range(first, first + n) if i in self.slots]
+            frames = np.stack(picked) if picked else None  # [n_v, H, W, 3]
+        audio = None
+        if self.has_audio:
+            a, b = self.sample_at(first), self.sample_at(first + n)
+            audio = np.zeros(b - a, np.float32)  # [samples]: zeros where nothing arrived
+            lo, hi = max(a, self.audio_base), min(b, self.audio_base + self.buf.size)
+            if hi > lo:
+                audio[lo - a: hi - a] = self.buf[lo - self.audio_base: hi - self.audio_base]
+            # keep only what later windows can use
+            cut = min(max(b - self.audio_base, 0), self.buf.size)
+            self.buf, self.audio_base = self.buf[cut:], max(self.audio_base + cut, b)
+        self.next_window = w + 1
+        self.on_window(Window(w, self.slot_time(first), self.slot_time(first + n), first, n, frames,
+                              audio, time.monotonic()))
+
+    def finish(self) -> None:
+        """End of stream: fill the tail slots, then close every window that holds media."""
+        if self.finished:
+            return
+        self.finished = True
+        self.audio_done = True
+        if self.t0 is None:
+            if not self.early_audio:
+                return
+            # a video stream that never delivered a frame: caption the audio alone
+            self.has_video, self.t0 = False, self.early_audio[0].t
+            for chunk in self.early_audio:
+                self._audio(chunk)
+            self.early_audio.clear()
+        if self.prev is not None:
+            duration = self.prev.frame.duration
+            time_base = self.prev.frame.time_base
+            span = float(duration * time_base) if duration and time_base else 1.0 / self.fps
+            end = self.last_video_t + span
+            while (self.slot_time(self.next_slot) < end - TIME_EPS_S
+                   or self.slot_time(self.next_slot) <= self.last_video_t + TIME_EPS_S):
+                self._pick(self.prev)
+        video_frames = self.next_slot if self.has_video else 0
+        audio_frames = math.ceil(self.audio_end * self.fps / self.sr - TIME_EPS_S) if self.has_audio else 0
+        total = max(video_frames, audio_frames)
+        while self.next_window * self.F < total:
+            w = self.next_window
+            self._emit(w, min(self.F, total - w * self.F))

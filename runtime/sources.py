@@ -1,0 +1,240 @@
+"""Live and file media sources through PyAV, and the capture thread that never waits for compute.
+
+    open_source(spec) -> MediaSource: iterates Frame / AudioChunk in demux order
+    Capture(source, assembler, ...): a thread: decode -> (pace) -> assembler -> bounded rings
+
+A spec is a media file, a camera (``/dev/video0`` or an index such as ``0``), a network stream
+(``rtsp://``, ``rtmp://``, ``http(s)://``, ``udp://``, ``tcp://``, ``srt://``) or an ffmpeg lavfi graph
+written ``lavfi:<graph>`` (a test source standing in for a camera).
+
+Audio leaves here as float32 mono at ``sample_rate`` (favor.media's down-mix graph, so the maths is
+the one offline decoding uses); frames stay as decoded ``av.VideoFrame`` objects, converted to RGB only
+when the assembler picks one for the frame grid (a 30 FPS camera sampled at 2 FPS converts 2 frames/s).
+
+Notation: n audio samples; H x W source frame size.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import av
+import numpy as np
+
+from favor.media import _mono_resampler  # the normalised down-mix graph (stereo -> (L+R)/2)
+
+NETWORK_SCHEMES = ("rtsp", "rtsps", "rtmp", "http", "https", "udp", "tcp", "srt", "rtp")
+# A stream that goes silent for this long is treated as lost (ffmpeg's socket timeout is in us).
+NETWORK_TIMEOUT_S = 10.0
+_US_PER_S = 1_000_000
+# Consecutive undecodable packets tolerated before the stream counts as broken: a few corrupt packets
+# are normal on lossy links and in damaged files; a run this long means the data is garbage.
+MAX_CONSECUTIVE_DECODE_ERRORS = 25
+
+
+class SourceError(ValueError):
+    """The input cannot be opened or broke mid-stream. The message names the input."""
+
+
+@dataclass
+class Frame:
+    t: float  # presentation time, seconds on the source clock
+    frame: av.VideoFrame  # decoded, not yet converted
+
+    def rgb(self, size: tuple[int, int] | None = None) -> np.ndarray:
+        """uint8 [H, W, 3]; ``size`` = (width, height) rescales (a resolution change mid-stream)."""
+        if size is None:
+            return self.frame.to_ndarray(format="rgb24")
+        return self.frame.to_ndarray(format="rgb24", width=size[0], height=size[1])
+
+
+@dataclass
+class AudioChunk:
+    t: float  # presentation time of samples[0], seconds on the source clock
+    samples: np.ndarray  # float32 [n] mono at the source's sample_rate
+
+
+def source_kind(spec: str) -> str:
+    """'lavfi', 'camera', 'stream' or 'file'."""
+    if spec.startswith("lavfi:"):
+        return "lavfi"
+    if re.fullmatch(r"\d+", spec) or spec.startswith("/dev/video"):
+        return "camera"
+    if "://" in spec and spec.split("://", 1)[0].lower() in NETWORK_SCHEMES:
+        return "stream"
+    return "file"
+
+
+def _open_container(spec: str, kind: str) -> av.container.InputContainer:
+    try:
+        if kind == "lavfi":
+            return av.open(spec[len("lavfi:"):], format="lavfi")
+        if kind == "camera":
+            device = f"/dev/video{spec}" if spec.isdigit() else spec
+            if not os.path.exists(device):
+                raise SourceError(f"{spec}: camera device {device} not found")
+            return av.open(device, format="v4l2")
+        if kind == "stream":
+            timeout_us = str(int(NETWORK_TIMEOUT_S * _US_PER_S))
+            options = {"timeout": timeout_us, "rw_timeout": timeout_us}
+            if spec.lower().startswith("rtsp"):
+                options["rtsp_transport"] = "tcp"  # UDP drops packets silently on busy links
+            return av.open(spec, options=options, timeout=NETWORK_TIMEOUT_S)
+        if not os.path.exists(spec):
+            raise SourceError(f"{spec}: no such file")
+        if os.path.isdir(spec):
+            raise SourceError(f"{spec}: expected a media file, got a directory")
+        return av.open(spec)
+    except av.FFmpegError as e:
+        reason = getattr(e, "strerror", None) or str(e)
+        raise SourceError(f"{spec}: cannot open as {kind} input ({reason})") from None
+
+
+class MediaSource:
+    """One opened input: its first video and first audio stream, decoded in demux order."""
+
+    def __init__(self, spec: str, sample_rate: int):
+        self.spec, self.kind, self.sample_rate = spec, source_kind(spec), sample_rate
+        self.container = _open_container(spec, self.kind)
+        c = self.container
+        self.video = c.streams.video[0] if c.streams.video else None
+        self.audio = c.streams.audio[0] if c.streams.audio else None
+        if self.video is None and self.audio is None:
+            kinds = ", ".join(s.type for s in c.streams) or "none"
+            c.close()
+            raise SourceError(f"{spec}: no audio or video stream to caption (streams: {kinds})")
+        if self.video is not None:
+            self.video.thread_type = "AUTO"
+        self.skipped_packets = 0  # undecodable packets skipped (corrupt data)
+        self._graph = None
+        self._graph_key = None
+
+    @property
+    def live(self) -> bool:
+        """Cameras and network streams arrive at their own pace; files and lavfi need pacing."""
+        return self.kind in ("camera", "stream")
+
+    def close(self) -> None:
+        self.container.close()
+
+    def _audio_out(self, frame: av.AudioFrame | None) -> Iterator[AudioChunk]:
+        if frame is not None:
+            key = (frame.format.name, frame.layout.name, frame.sample_rate)
+            if self._graph is None or key != self._graph_key:
+                # Input format changed mid-stream (concatenated files, renegotiated streams): flush.
+                if self._graph is not None:
+                    yield from self._audio_out(None)
+                self._graph, self._graph_key = _mono_resampler(self.audio, self.sample_rate), key
+        if self._graph is None:
+            return
+        self._graph.push(frame)
+        while True:
+            try:
+                out = self._graph.pull()
+            except (av.BlockingIOError, av.EOFError):
+                break
+            if out.pts is None:
+                raise SourceError(f"{self.spec}: audio without presentation timestamps")
+            yield AudioChunk(float(out.time), out.to_ndarray().reshape(-1).astype(np.float32))
+        if frame is None:
+            self._graph = None
+
+    def __iter__(self) -> Iterator[Frame | AudioChunk]:
+        streams = [s for s in (self.video, self.audio) if s is not None]
+        errors = 0
+        try:
+            for packet in self.container.demux(streams):
+                try:
+                    decoded = packet.decode()
+                    errors = 0
+                except av.FFmpegError:  # one bad packet: skip it; a run of them is fatal
+                    errors += 1
+                    self.skipped_packets += 1
+                    if errors >= MAX_CONSECUTIVE_DECODE_ERRORS:
+                        raise SourceError(f"{self.spec}: {errors} consecutive undecodable packets; "
+                                          "the data is corrupt") from None
+                    continue
+                for f in decoded:
+                    if isinstance(f, av.VideoFrame):
+                        if f.pts is not None:  # a frame without a time cannot be placed on the grid
+                            yield Frame(float(f.time), f)
+                    else:
+                        yield from self._audio_out(f)
+            yield from self._audio_out(None)
+        except av.FFmpegError as e:
+            reason = getattr(e, "strerror", None) or str(e)
+            what = "camera lost" if self.kind == "camera" else "read error"
+            raise SourceError(f"{self.spec}: {what} mid-stream ({reason})") from None
+
+
+class Ring:
+    """A bounded FIFO shared by one producer and one consumer.
+
+    ``block=False`` (live): a full ring drops its oldest item (latest wins) and counts it, so the
+    producer never waits. ``block=True`` (offline): the producer waits for room instead (nothing lost).
+    """
+
+    def __init__(self, maxlen: int, cond: threading.Condition, block: bool):
+        if maxlen < 1:
+            raise ValueError(f"ring size ({maxlen}) must be >= 1")
+        self.maxlen, self.cond, self.block = maxlen, cond, block
+        self.items: list = []
+        self.dropped: list = []  # items evicted by latest-wins (the consumer accounts for them)
+        self.high_water = 0
+
+    def put(self, item, stop: threading.Event) -> None:
+        with self.cond:
+            while self.block and len(self.items) >= self.maxlen and not stop.is_set():
+                self.cond.wait(0.05)
+            if len(self.items) >= self.maxlen:
+                self.dropped.append(self.items.pop(0))
+            self.items.append(item)
+            self.high_water = max(self.high_water, len(self.items))
+            self.cond.notify_all()
+
+
+class Capture(threading.Thread):
+    """Decode thread: source -> optional real-time pacing -> ``on_media`` (the window assembler).
+
+    ``on_media(item)`` must be cheap (no model compute); it pushes into Rings. ``done`` is set at the
+    end of the stream, after an error (``error``), or when ``stop`` is set.
+    """
+
+    def __init__(self, source: MediaSource, on_media: Callable[[Frame | AudioChunk | None], None],
+                 pace: bool, stop: threading.Event, cond: threading.Condition):
+        super().__init__(name="favor-capture", daemon=True)
+        self.source, self.on_media, self.pace = source, on_media, pace
+        self.stop, self.cond = stop, cond
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        self.wall_start: float | None = None  # wall clock of media time ``media_start``
+        self.media_start: float | None = None
+
+    def _wait_until(self, t: float) -> None:
+        if self.media_start is None:
+            self.media_start, self.wall_start = t, time.monotonic()
+            return
+        delay = self.wall_start + (t - self.media_start) - time.monotonic()
+        if delay > 0:
+            self.stop.wait(delay)
+
+    def run(self) -> None:
+        try:
+            for item in self.source:
+                if self.stop.is_set():
+                    break
+                if self.pace:
+                    self._wait_until(item.t)
+                self.on_media(item)
+            self.on_media(None)  # end of stream: the assembler closes the last window
+        except BaseException as e:  # reported by the consumer, which owns the exit code
+            self.error = e
+        finally:
+            self.done.set()
+            with self.cond:
+                self.cond.notify_all()

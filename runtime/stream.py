@@ -1,0 +1,306 @@
+"""StreamingCaptioner: capture thread -> window assembler -> scheduler -> one worker -> captions.
+
+    capture thread   decode, pace files as live, assemble windows       (never waits for compute)
+        | frame ring (hints: frames to pre-encode)   | window ring (closed windows, bounded)
+    worker (caller's thread)
+        idle:   encode each new frame's visual tokens (incremental; the ViT is the heavy stage)
+        window: scheduler.plan -> drop / merge / take;
+                encode audio (each window's chunk on its own), any frames still missing,
+                fuse (sync -> window -> causal Q-Former -> projector), LLM greedy decode
+
+Realtime vs offline differ only in pacing, ring policy (latest-wins vs back-pressure) and the
+deadline; the maths per window is the same, frame by frame, so without drops both modes give the
+same AV embeddings and captions bit for bit (tested).
+
+Context: the LLM prompt carries the last ``context`` captions as earlier chat turns (favor.prompt's
+release format), so captions read as a story; bounded, so the prompt does not grow with the stream.
+The visual encoder's instruction stays the bare prompt, so frames can be encoded before a window
+closes.
+
+Notation: F frames per window, n frames in a window, Qv visual tokens per frame, Dv visual width,
+Ta audio tokens, Nq queries per window, D LLM width, A AV tokens of a caption (k windows x Nq).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from favor.media import log_mel_spectrogram, preprocess_frames
+from favor.prompt import chat_prompt, clean_answer
+from runtime.assembler import FrameSlot, Window, WindowAssembler
+from runtime.backends import greedy_decode, prompt_embeds
+from runtime.scheduler import DeadlineScheduler, SchedulerStats
+from runtime.sources import Capture, MediaSource, Ring
+
+STAGES = ("visual", "audio", "fusion", "prefill", "decode")
+# Pending closed windows the worker may hold; older ones are evicted (latest wins) and counted.
+MAX_PENDING_WINDOWS = 4
+# Frame hints kept for pre-encoding: two windows' worth, so a busy worker loses hints, not memory.
+FRAME_HINT_WINDOWS = 2
+
+
+@dataclass
+class Caption:
+    index: int
+    start: float  # seconds of stream time
+    end: float
+    text: str
+    windows: list[int]  # window indices covered (more than one when merged)
+    latency: float | None = None  # wall seconds from the (oldest) window's close to this caption
+    llm_input_tokens: int = 0
+    new_tokens: int = 0
+    stages: dict[str, float] = field(default_factory=dict)  # seconds spent after the window closed
+    visual_ahead: float = 0.0  # seconds of visual encoding done before the window closed
+    embeds: torch.Tensor | None = None  # [A, D] the AV embeddings fed to the LLM
+
+    def as_dict(self) -> dict:
+        return {"index": self.index, "start": round(self.start, 3), "end": round(self.end, 3),
+                "text": self.text, "windows": self.windows,
+                "latency": None if self.latency is None else round(self.latency, 4),
+                "llm_input_tokens": self.llm_input_tokens, "new_tokens": self.new_tokens,
+                "stages": {k: round(v, 5) for k, v in self.stages.items()}}
+
+
+class StreamingCaptioner:
+    """Captions windows of one stream with a backend (see runtime.backends)."""
+
+    def __init__(self, backend, prompt: str, max_new_tokens: int = 32, context: int = 1,
+                 incremental: bool = True, ignore_eos: bool = False,
+                 delay_hook: Callable[[], None] | None = None):
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens ({max_new_tokens}) must be >= 1")
+        if context < 0:
+            raise ValueError(f"context ({context}) must be >= 0 previous captions")
+        self.backend, self.cfg = backend, backend.cfg
+        self.prompt, self.max_new_tokens, self.context = prompt, max_new_tokens, context
+        self.incremental, self.ignore_eos = incremental, ignore_eos
+        self.delay_hook = delay_hook  # test-only: simulates a slow device before each caption
+        self.history: list[str] = []
+        self.encoded: dict[int, torch.Tensor] = {}  # frame index -> [Qv, Dv]
+        self.ahead_seconds: dict[int, float] = {}  # window index -> visual seconds spent early
+        self.captions = 0
+        backend.set_instruction(prompt)
+        t = self.cfg.timing
+        # Whisper sees at most 30 s: longer windows are encoded in whole-frame chunks of <= 30 s.
+        self.chunk_frames = math.floor(t.whisper_chunk_seconds * t.video_fps + 1e-9)
+        if self.chunk_frames < 1:
+            raise ValueError(f"fps ({t.video_fps}) too low: one frame spans more than Whisper's "
+                             f"{t.whisper_chunk_seconds} s")
+
+    # -- per-frame work ---------------------------------------------------------------------------
+    def _encode_frame(self, index: int, rgb: np.ndarray) -> None:
+        pixels = preprocess_frames(torch.from_numpy(rgb), self.cfg.visual.image_size)  # [1, 3, S, S]
+        self.encoded[index] = self.backend.encode_frames(pixels)[0]  # [Qv, Dv]
+
+    def on_frame(self, slot: FrameSlot) -> None:
+        """Encode one frame ahead of its window's close (incremental mode)."""
+        if not self.incremental or slot.index in self.encoded:
+            return
+        t0 = time.perf_counter()
+        self._encode_frame(slot.index, slot.rgb)
+        self.ahead_seconds[slot.window] = self.ahead_seconds.get(slot.window, 0.0) + time.perf_counter() - t0
+
+    def forget_before(self, frame_index: int) -> None:
+        for i in [i for i in self.encoded if i < frame_index]:
+            del self.encoded[i]
+
+    # -- per-window work --------------------------------------------------------------------------
+    def _visual(self, w: Window) -> torch.Tensor | None:
+        if w.frames is None:
+            return None
+        n_v = w.frames.shape[0]
+        if self.incremental:  # frame by frame, exactly as ahead of time, so results never depend on timing
+            for k in range(n_v):
+                if w.first_frame + k not in self.encoded:
+                    self._encode_frame(w.first_frame + k, w.frames[k])
+            return torch.stack([self.encoded[w.first_frame + k] for k in range(n_v)])  # [n_v, Qv, Dv]
+        pixels = preprocess_frames(torch.from_numpy(w.frames), self.cfg.visual.image_size)  # [n_v, 3, S, S]
+        return self.backend.encode_frames(pixels)  # [n_v, Qv, Dv]
+
+    def _audio(self, w: Window) -> torch.Tensor | None:
+        if w.audio is None:
+            return None
+        t = self.cfg.timing
+        parts = []
+        for f0 in range(0, w.num_frames, self.chunk_frames):
+            a = round(f0 * t.sample_rate / t.video_fps)
+            b = round(min(f0 + self.chunk_frames, w.num_frames) * t.sample_rate / t.video_fps)
+            chunk = torch.from_numpy(w.audio[a:b])
+            if chunk.shape[0] <= t.n_fft // 2:  # the centred STFT needs more than half a window
+                chunk = torch.nn.functional.pad(chunk, (0, t.n_fft // 2 + 1 - chunk.shape[0]))
+            mel = log_mel_spectrogram(chunk, self.cfg.audio.n_mels, t)  # [M, Tm]
+            parts.append(self.backend.encode_audio(mel))  # [Ta, Da]
+        return torch.cat(parts)  # [Ta, Da]
+
+    def llm_prompt(self) -> str:
+        if not self.context or not self.history:
+            return self.prompt
+        return chat_prompt(self.prompt, [(self.prompt, c) for c in self.history[-self.context:]])
+
+    def caption(self, windows: list[Window]) -> Caption:
+        """One caption for ``windows`` (consecutive; more than one when the scheduler merged)."""
+        if self.delay_hook is not None:
+            self.delay_hook()
+        stages = dict.fromkeys(STAGES, 0.0)
+        embeds = []
+        for w in windows:
+            t0 = time.perf_counter()
+            visual = self._visual(w)
+            t1 = time.perf_counter()
+            audio = self._audio(w)
+            t2 = time.perf_counter()
+            embeds.append(self.backend.fuse(visual, audio, w.num_frames))  # [Nq, D]
+            t3 = time.perf_counter()
+            stages["visual"] += t1 - t0
+            stages["audio"] += t2 - t1
+            stages["fusion"] += t3 - t2
+        av = torch.cat([torch.as_tensor(e) for e in embeds])  # [A, D]
+        full = prompt_embeds(self.backend, self.llm_prompt(), av)  # [L, D]
+        out = greedy_decode(self.backend, full, self.max_new_tokens, self.cfg.llm.eos_token_id,
+                            self.ignore_eos)
+        stages["prefill"], stages["decode"] = out.prefill_s, out.decode_s
+        text = clean_answer(self.backend.tokenizer.decode(out.ids, skip_special_tokens=True))
+        if self.context:
+            self.history = (self.history + [text])[-self.context:]
+        ahead = sum(self.ahead_seconds.pop(w.index, 0.0) for w in windows)
+        self.forget_before(windows[-1].first_frame + windows[-1].num_frames)
+        cap = Caption(self.captions, windows[0].start, windows[-1].end, text, [w.index for w in windows],
+                      llm_input_tokens=full.shape[0], new_tokens=len(out.ids), stages=stages,
+                      visual_ahead=ahead, embeds=av)
+        self.captions += 1
+        return cap
+
+    def warmup(self, scheduler: DeadlineScheduler, rounds: int = 3) -> None:
+        """Caption a black, silent window ``rounds`` times, frames pre-encoded as in streaming, and
+        give the scheduler the cheapest later round as its baseline cost (the first round pays
+        one-off costs; the minimum is what the device does when nothing else interferes)."""
+        t = self.cfg.timing
+        F, S = t.frames_per_window, self.cfg.visual.image_size
+        samples = round(F * t.sample_rate / t.video_fps)
+        costs = []
+        for _ in range(rounds):
+            w = Window(-1, 0.0, t.window_seconds, -F, F, np.zeros((F, S, S, 3), np.uint8),
+                       np.zeros(samples, np.float32), time.monotonic())
+            self.encoded.clear()
+            for k in range(F):
+                self.on_frame(FrameSlot(-F + k, -1, w.frames[k]))
+            t0 = time.perf_counter()
+            cap = self.caption([w])
+            work = sum(cap.stages[s] for s in ("visual", "audio", "fusion"))
+            costs.append((work, time.perf_counter() - t0 - work))
+        later = costs[1:] or costs
+        scheduler.calibrate(min(c[0] for c in later), min(c[1] for c in later))
+        self.history.clear()
+        self.captions = 0
+        self.encoded.clear()
+        self.ahead_seconds.clear()
+
+    # -- the stream loop --------------------------------------------------------------------------
+    def run(self, source: MediaSource, realtime: bool, scheduler: DeadlineScheduler,
+            on_caption: Callable[[Caption], None], stop: threading.Event | None = None,
+            max_pending: int = MAX_PENDING_WINDOWS) -> StreamReport:
+        """Caption ``source`` until it ends, fails (``report.error``) or ``stop`` is set.
+
+        ``realtime``: files are paced by their timestamps, rings drop the oldest item when full,
+        and ``scheduler`` enforces its deadline. Otherwise nothing is dropped and nothing waits.
+        Runs the worker on the calling thread, so Ctrl-C lands here; the capture thread is always
+        stopped and joined before returning or raising.
+        """
+        t = self.cfg.timing
+        stop = stop or threading.Event()
+        cond = threading.Condition()
+        block = not realtime
+        windows = Ring(max_pending, cond, block)
+        frames = Ring(FRAME_HINT_WINDOWS * t.frames_per_window, cond, block)
+        assembler = WindowAssembler(t.video_fps, t.frames_per_window, t.sample_rate,
+                                    source.video is not None, source.audio is not None,
+                                    on_window=lambda w: windows.put(w, stop),
+                                    on_frame=(lambda s: frames.put(s, stop)) if self.incremental else None)
+        pace = realtime and not source.live
+        capture = Capture(source, assembler.push, pace, stop, cond)
+        report = StreamReport(scheduler.stats)
+        pending: list[Window] = []
+        hints: list[FrameSlot] = []
+        settled = -1  # highest window index captioned or dropped: its frames need no pre-encoding
+        hint_cap = FRAME_HINT_WINDOWS * t.frames_per_window
+        capture.start()
+        try:
+            while True:
+                with cond:
+                    while not (pending or hints or windows.items or frames.items or capture.done.is_set()):
+                        cond.wait(0.1)
+                    # Offline: take from a ring only when the worker has nothing of that kind, so
+                    # the blocked ring back-pressures the decoder (memory stays bounded).
+                    new_windows: list[Window] = []
+                    if realtime or not pending:
+                        new_windows, windows.items = windows.items, []
+                    overflow, windows.dropped = windows.dropped, []
+                    if realtime or not hints:
+                        hints += frames.items
+                        frames.items = []
+                    frames.dropped.clear()
+                    cond.notify_all()
+                    finished = capture.done.is_set() and not windows.items and not frames.items
+                scheduler.stats.windows += len(new_windows) + len(overflow)
+                pending += new_windows
+                if len(pending) > max_pending:  # latest wins: the worker's backlog is bounded too
+                    overflow += pending[:-max_pending]
+                    pending = pending[-max_pending:]
+                del hints[:-hint_cap]
+                report.max_pending = max(report.max_pending, len(pending))
+                if overflow:
+                    scheduler.record_drops(overflow, overflow=True)
+                    report.dropped_windows += [w.index for w in overflow]
+                    settled = max(settled, max(w.index for w in overflow))
+                    for w in overflow:
+                        self.ahead_seconds.pop(w.index, None)
+                if pending:
+                    drop, take = scheduler.plan(pending, time.monotonic())
+                    pending = pending[len(drop) + len(take):]
+                    if drop:
+                        scheduler.record_drops(drop, overflow=False)
+                        report.dropped_windows += [w.index for w in drop]
+                    for w in drop + take:
+                        settled = max(settled, w.index)
+                    for w in drop:
+                        self.ahead_seconds.pop(w.index, None)
+                        self.forget_before(w.first_frame + w.num_frames)
+                    if take:
+                        t0 = time.perf_counter()
+                        cap = self.caption(take)
+                        now = time.monotonic()
+                        window_work = sum(cap.stages[s] for s in ("visual", "audio", "fusion"))
+                        scheduler.observe(window_work, time.perf_counter() - t0 - window_work, len(take))
+                        cap.latency = scheduler.record_caption(take, now)
+                        on_caption(cap)
+                    continue
+                if hints:  # idle: pre-encode one frame, then look for due windows again
+                    s = hints.pop(0)
+                    if s.window > settled:
+                        self.on_frame(s)
+                    continue
+                if finished:
+                    break
+        finally:
+            stop.set()
+            capture.join()
+            source.close()
+        report.error = capture.error
+        report.skipped_packets = source.skipped_packets
+        return report
+
+
+@dataclass
+class StreamReport:
+    stats: SchedulerStats
+    error: BaseException | None = None
+    dropped_windows: list[int] = field(default_factory=list)
+    max_pending: int = 0
+    skipped_packets: int = 0

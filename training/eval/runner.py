@@ -1,0 +1,150 @@
+"""Run a FAVOR model over a manifest and score every task by its rule.
+
+    manifest -> ManifestDataset (no pairing) -> Collator -> encode_av -> generate -> predictions
+    predictions -> score_predictions (TASK_RULES) -> {task: {metric, score, n, ...}}
+
+Rules per task (appendix B; synthetic tasks take the rule of their AVEB counterpart):
+    wer      asr, avsr                           WER %, lower is better
+    caption  ac, ic, av_caption, sound_description   CIDEr (primary), BLEU-4, METEOR
+    ocr      ocr                                 TextVQA 1/3 hits, %
+    qa       vqa, temporal_qa, sound_source, spoken_qa, av_matching   word-by-word + yes/no rule, %
+    exact    videoqa (multiple choice), isqa, avm    the paper: "the same measurement is taken for ISQA
+                                                     and AVM" as for multiple-choice Video QA
+    judge    avsd, avssd                         LLM judge when given; else avsd -> caption metrics,
+                                                 avssd -> qa rule on the class name (stated in the result)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from training.eval import metrics as M
+
+TASK_RULES = {
+    "asr": "wer", "avsr": "wer",
+    "ac": "caption", "ic": "caption", "av_caption": "caption", "sound_description": "caption",
+    "ocr": "ocr",
+    "vqa": "qa", "temporal_qa": "qa", "sound_source": "qa", "spoken_qa": "qa", "av_matching": "qa",
+    "videoqa": "exact", "isqa": "exact", "avm": "exact",
+    "avsd": "judge", "avssd": "judge",
+}
+JUDGE_FALLBACK = {"avsd": "caption", "avssd": "qa"}
+LOWER_IS_BETTER = {"wer"}
+
+
+def _references(record: dict) -> list[str]:
+    refs = record.get("references") or [record["reference"]]
+    return [r for r in refs if r]
+
+
+def score_task(task: str, records: Sequence[dict], judge: Callable | None = None) -> dict:
+    """Score one task's records ({prediction, reference, references?, question?}); see TASK_RULES."""
+    if task not in TASK_RULES:
+        raise ValueError(f"no scoring rule for task {task!r}; expected one of {sorted(TASK_RULES)}")
+    if not records:
+        raise ValueError(f"task {task!r}: no predictions to score")
+    rule = TASK_RULES[task]
+    hyps = [r["prediction"] for r in records]
+    out: dict = {"rule": rule, "n": len(records)}
+    if rule == "judge":
+        if judge is not None:
+            hits = [judge(task, r.get("question") or "", r["prediction"], _references(r)[0]) for r in records]
+            return {**out, "metric": "judge_accuracy", "score": 100.0 * M.mean(hits)}
+        rule = JUDGE_FALLBACK[task]
+        out["rule"] = f"{rule} (no judge)"
+    if rule == "wer":
+        return {**out, "metric": "wer", "score": 100.0 * M.wer(hyps, [_references(r)[0] for r in records])}
+    if rule == "caption":
+        caps = M.caption_scores(hyps, [_references(r) for r in records])
+        return {**out, "metric": "cider", "score": caps["cider"], **caps}
+    if rule == "ocr":
+        values = [M.ocr_score(r["prediction"], _references(r)) for r in records]
+    elif rule == "qa":
+        values = [any(M.qa_correct(r["prediction"], ref) for ref in _references(r)) for r in records]
+    else:  # exact
+        values = [any(M.exact_match(r["prediction"], ref) for ref in _references(r)) for r in records]
+    return {**out, "metric": "accuracy", "score": 100.0 * M.mean([float(v) for v in values])}
+
+
+def score_predictions(records: Sequence[dict], judge: Callable | None = None) -> dict[str, dict]:
+    """{task: score_task(...)} over records grouped by their ``task``."""
+    by_task: dict[str, list[dict]] = {}
+    for r in records:
+        by_task.setdefault(r["task"], []).append(r)
+    return {task: score_task(task, rs, judge) for task, rs in sorted(by_task.items())}
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+@torch.inference_mode()
+def predict(model, manifest: str | Path, *, batch_size: int = 4, max_new_tokens: int = 48,
+            limit: int | None = None, tasks: Sequence[str] | None = None, skip_bad: bool = False,
+            progress: Callable[[int, int], None] | None = None) -> list[dict]:
+    """Greedy answers of ``model`` for every sample of ``manifest`` (first human turn as the prompt).
+
+    Samples are batched per task (images batch with images). Returns one record per sample: id, task,
+    question, prediction, reference (the gpt turn) and references (``meta.references`` if present).
+    """
+    from favor.generation import generate, get_settings
+    from training.data import Collator, DataOptions, ManifestDataset, PairingOptions
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size ({batch_size}) must be >= 1")
+    cfg = model.cfg
+    data = ManifestDataset(manifest, cfg, DataOptions(skip_bad=skip_bad, pairing=PairingOptions(enabled=False)))
+    collate = Collator(cfg, model.tokenizer, model.instruction_tokenizer)
+    chosen = [i for i, e in enumerate(data.entries) if tasks is None or e.task in tasks]
+    if limit is not None:
+        chosen = chosen[:limit]
+    chosen.sort(key=lambda i: (data.entries[i].task, i))  # stable: manifest order within a task
+    settings = get_settings("greedy", max_new_tokens=max_new_tokens)
+    device = next(model.parameters()).device
+    model.eval()
+    records: list[dict] = []
+    for start in range(0, len(chosen), batch_size):
+        idx = chosen[start: start + batch_size]
+        batch = collate([data[i] for i in idx])
+        if batch["size"] == 0:
+            continue
+        t = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        av = model.encode_av(t["mel"], t["pixels"], t["instruction_ids"], t["instruction_mask"],
+                             t["modality_mask"], None, t["is_image"], t["visual_lengths"], t["audio_lengths"])
+        preds = generate(model, av, batch["questions"], settings)
+        by_id = {data.entries[i].id: data.entries[i] for i in idx}
+        for sid, task, question, answer, pred in zip(batch["ids"], batch["tasks"], batch["questions"],
+                                                     batch["answers"], preds):
+            meta = by_id[sid].meta
+            records.append({"id": sid, "task": task, "question": meta.get("question") or question,
+                            "prediction": pred, "reference": answer,
+                            "references": meta.get("references") or [answer]})
+        if progress is not None:
+            progress(min(start + batch_size, len(chosen)), len(chosen))
+    return records
+
+
+def write_results(out_dir: str | Path, records: Sequence[dict], scores: dict, info: dict | None = None) -> Path:
+    """predictions.jsonl + scores.json under ``out_dir``; returns the scores path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "predictions.jsonl", "w", encoding="utf-8") as fh:
+        for r in records:
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+    path = out / "scores.json"
+    path.write_text(json.dumps({"info": info or {}, "scores": scores}, indent=2) + "\n")
+    return path
+
+
+def format_table(scores: dict[str, dict]) -> str:
+    """A markdown table: task | metric | score | n."""
+    lines = ["| task | metric | score | n |", "| --- | --- | ---: | ---: |"]
+    for task, s in scores.items():
+        arrow = "↓" if s["metric"] in LOWER_IS_BETTER else "↑"
+        value = "nan" if math.isnan(s["score"]) else f"{s['score']:.1f}"
+        lines.append(f"| {task} | {s['metric']} {arrow} ({s['rule']}) | {value} | {s['n']} |")
+    return "\n".join(lines)

