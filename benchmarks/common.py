@@ -61,6 +61,34 @@ def measure(fn: Callable[[], Any], *, warmup: int = 3, repeats: int = 15, min_se
                   p90_ms=times[min(len(times) - 1, int(0.9 * len(times)))], repeats=len(times), warmup=warmup)
 
 
+def measure_interleaved(fns: dict[str, Callable[[], Any]], *, warmup: int = 3, repeats: int = 15,
+                        device: str | torch.device | None = None) -> dict[str, Timing]:
+    """Time several callables round-robin, one call each per round.
+
+    On a shared machine the load changes over seconds; interleaving gives every backend the same
+    mix of quiet and busy moments, so their ratio stays meaningful even when absolute times drift.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats ({repeats}) must be >= 1 and warmup ({warmup}) >= 0")
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    out = {}
+    for name, ts in times.items():
+        ts.sort()
+        out[name] = Timing(median_ms=statistics.median(ts), min_ms=ts[0],
+                           p90_ms=ts[min(len(ts) - 1, int(0.9 * len(ts)))], repeats=len(ts), warmup=warmup)
+    return out
+
+
 def cpu_model() -> str:
     """The CPU's marketing name (lscpu 'Model name', else /proc/cpuinfo, else platform)."""
     try:
@@ -89,6 +117,8 @@ def machine(device: str = "cpu") -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "device": device,
+        # Other processes competing for the cores inflate medians; record how busy the machine was.
+        "load_avg_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
     if torch.device(device).type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -98,8 +128,9 @@ def machine(device: str = "cpu") -> dict[str, Any]:
 def machine_line(info: dict[str, Any]) -> str:
     """One line naming the machine, for the line above a results table."""
     gpu = f", GPU {info['gpu']}" if "gpu" in info else ""
+    load = f", 1-min load average {info['load_avg_1min']}" if info.get("load_avg_1min") is not None else ""
     return (f"{info['cpu']}, {info['logical_cpus']} logical CPUs, {info['torch_threads']} threads used"
-            f"{gpu}; {info['os']}, Python {info['python']}, torch {info['torch']}")
+            f"{gpu}; {info['os']}, Python {info['python']}, torch {info['torch']}{load}")
 
 
 def git_commit() -> str:

@@ -16,6 +16,7 @@ TensorRT / TensorRT-LLM artefacts when asked, and the manifest that pins them al
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -78,7 +79,7 @@ def example_inputs(wrapper, table: dict[str, profiles.Axis]) -> tuple[torch.Tens
     size = {name: example_size(a) for name, a in table.items()}
     b = size["batch"]
     if wrapper.name == "audio_encoder":
-        return wrapper.example(b, mel_frames=max(size["mel_frames"], 3))
+        return wrapper.example(b, mel_frames=max(size["mel_frames"], 4))
     if wrapper.name == "visual_encoder":
         return wrapper.example(b, frames=size["frames"], instruction=size["instruction"])
     if wrapper.name == "fusion":
@@ -117,8 +118,10 @@ def export_bundle(model: FavorModel, out: str | Path, options: ExportOptions = E
             from export.quantize import quantize_graph
 
             say("decoder.int8", "quantising")
+            start = time.perf_counter()
             q = quantize_graph(out / "decoder.onnx", out / "decoder.int8.onnx")
-            stages["decoder.int8"] = dict(stages["decoder"], files=q, precision="int8")
+            stages["decoder.int8"] = dict(stages["decoder"], files=q, precision="int8",
+                                          export_seconds=round(time.perf_counter() - start, 2))
             files += q
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(str(out / "tokenizer"))

@@ -78,10 +78,10 @@ def _targets(value: str) -> tuple[str, ...]:
 @app.callback(invoke_without_command=True)
 def export(
     ctx: typer.Context,
-    ckpt: Path = typer.Option(None, "--ckpt", help="FAVOR checkpoint (.pt or .safetensors)"),
-    out: Path = typer.Option(None, "--out", help="bundle directory to write"),
-    base_models: list[Path] = typer.Option([], "--base-models", help="directories holding base models"),
-    tokenizer: Path = typer.Option(None, "--tokenizer", help="tokenizer dir (default: the LLM base model's)"),
+    ckpt: Path = typer.Option(None, "--ckpt", help="FAVOR checkpoint (.pt or .safetensors)"),  # noqa: B008
+    out: Path = typer.Option(None, "--out", help="bundle directory to write"),  # noqa: B008
+    base_models: list[Path] = typer.Option([], "--base-models", help="directories holding base models"),  # noqa: B008
+    tokenizer: Path = typer.Option(None, "--tokenizer", help="tokenizer dir (default: the LLM base model's)"),  # noqa: B008
     targets: str = typer.Option("onnx", help="comma list of onnx,tensorrt,trtllm, or all"),
     precision: str = typer.Option("fp32", help="fp32 | fp16 | bf16 | int8"),
     max_frames: int = typer.Option(None, help="longest clip in frames (default: config max_frames)"),
@@ -162,11 +162,11 @@ def _print_report(report: dict) -> None:
 
 @app.command("verify")
 def verify_cmd(
-    bundle: Path = typer.Argument(..., help="bundle directory"),
-    ckpt: Path = typer.Option(None, "--ckpt", help="checkpoint (default: the one in the manifest)"),
-    base_models: list[Path] = typer.Option([], "--base-models"),
-    tokenizer: Path = typer.Option(None, "--tokenizer"),
-    clips: list[Path] = typer.Option([], "--clips", help="held-out media files for caption identity"),
+    bundle: Path = typer.Argument(..., help="bundle directory"),  # noqa: B008
+    ckpt: Path = typer.Option(None, "--ckpt", help="checkpoint (default: the one in the manifest)"),  # noqa: B008
+    base_models: list[Path] = typer.Option([], "--base-models"),  # noqa: B008
+    tokenizer: Path = typer.Option(None, "--tokenizer"),  # noqa: B008
+    clips: list[Path] = typer.Option([], "--clips", help="held-out media files for caption identity"),  # noqa: B008
 ) -> None:
     """Stage parity and caption identity, PyTorch vs ONNX Runtime; writes parity.{json,md}."""
     from export.manifest import load_manifest
@@ -186,7 +186,7 @@ def verify_cmd(
 
 
 @app.command("info")
-def info_cmd(bundle: Path = typer.Argument(..., help="bundle directory")) -> None:
+def info_cmd(bundle: Path = typer.Argument(..., help="bundle directory")) -> None:  # noqa: B008
     """Print the manifest summary (and check its hashes)."""
     from export.manifest import load_manifest
 
@@ -200,7 +200,7 @@ def info_cmd(bundle: Path = typer.Argument(..., help="bundle directory")) -> Non
     t = Table("stage", "files", "inputs", "outputs", "export s")
     for name, s in m["stages"].items():
         size = sum((bundle / f).stat().st_size for f in s["files"]) / 1e6
-        t.add_row(name, f"{len(s['files'])} ({size:.1f} MB)",
+        t.add_row(name, f"{len(s['files'])} ({size:.1f} MB)",  # noqa: B008
                   ", ".join(f"{i['name']}{i['shape']}" for i in s["inputs"][:4])
                   + (" ..." if len(s["inputs"]) > 4 else ""),
                   ", ".join(o["name"] for o in s["outputs"][:2]), str(s["export_seconds"]))

@@ -90,7 +90,13 @@ def _fused_table() -> dict:
         raise ValueError("fused attention export needs favor/onnx_attention.py (the ONNX mapping of "
                          f"favor.BlockCausalAttention), which is not available ({err}); "
                          "use --portable-attention") from None
-    return onnx_attention.custom_translation_table()
+    from favor import ops
+
+    if not ops.available():  # without the kernel the op would silently fall back to the reference maths
+        raise ValueError("fused attention export needs the compiled kernel favor._C (pip install -e . in the "
+                         "repo root); use --portable-attention")
+    onnx_attention.register_schema()  # without a schema the exporter assumes the node has no outputs
+    return onnx_attention.translation_table("custom")
 
 
 def _io(graph: onnx.GraphProto, kind: str) -> list[dict]:
@@ -117,7 +123,7 @@ def export_stage(wrapper: nn.Module, example: tuple[torch.Tensor, ...], table: d
     extra = [n for n in wrapper.input_names if n not in shapes]
     if extra:
         raise ValueError(f"{wrapper.name}: inputs without an axis spec: {extra}")
-    args = dict(zip(wrapper.input_names, example))
+    args = dict(zip(wrapper.input_names, example, strict=False))
     # The decoder's cache arrives as *past: group it the way forward receives it.
     n_named = wrapper.forward.__code__.co_argcount - 1
     named = list(wrapper.input_names[:n_named])

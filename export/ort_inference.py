@@ -46,11 +46,9 @@ def session(path: Path, threads: int | None = None):
     except Exception:  # noqa: BLE001 - metadata is advisory here; the manifest check already ran
         pass
     if props.get("favor.attention") == "fused":
-        from onnxruntime_extensions import get_library_path
+        from favor import onnx_attention
 
-        import favor.onnx_attention  # noqa: F401 - registers the favor.BlockCausalAttention Python kernel
-
-        opts.register_custom_ops_library(get_library_path())
+        opts.register_custom_ops_library(onnx_attention.register_ort_kernel())
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
@@ -74,7 +72,7 @@ class OrtInference:
              ) -> tuple[torch.Tensor, OrtCache]:
         feed = {"inputs_embeds": embeds.astype(np.float32), "attention_mask": mask.astype(np.int64),
                 "position_ids": positions.astype(np.int64)}
-        feed.update(zip(self.cache_names, kv))
+        feed.update(zip(self.cache_names, kv, strict=False))
         logits, *present = self.session.run(None, feed)
         return torch.from_numpy(logits[:, -1]).float(), OrtCache(present, mask)
 
@@ -124,7 +122,7 @@ class OrtBundle:
 
     def _run(self, name: str, *args: torch.Tensor) -> list[torch.Tensor]:
         s = self.stage(name)
-        feed = {i.name: a.detach().cpu().numpy() for i, a in zip(s.get_inputs(), args)}
+        feed = {i.name: a.detach().cpu().numpy() for i, a in zip(s.get_inputs(), args, strict=False)}
         return [torch.from_numpy(o) for o in s.run(None, feed)]
 
     def encode_audio(self, mel: torch.Tensor) -> torch.Tensor:

@@ -55,14 +55,14 @@ class Row:
 
 def _compare(stage: str, case: str, ort: list, ref: list, tol: float) -> Row:
     abs_err = max(float((torch.as_tensor(o).float() - r.float()).abs().max()) if r.numel() else 0.0
-                  for o, r in zip(ort, ref))
+                  for o, r in zip(ort, ref, strict=False))
     scale = max(float(r.float().abs().max()) if r.numel() else 0.0 for r in ref)
     rel = abs_err / max(scale, 1e-30)
     return Row(stage, case, abs_err, rel, tol, rel <= tol)
 
 
 def _run(sess, names, args) -> list[torch.Tensor]:
-    return [torch.from_numpy(o) for o in sess.run(None, {n: a.numpy() for n, a in zip(names, args)})]
+    return [torch.from_numpy(o) for o in sess.run(None, {n: a.numpy() for n, a in zip(names, args, strict=False)})]
 
 
 def window_sweep(n: int, all_counts: bool) -> list[int]:

@@ -134,7 +134,7 @@ def beam_decode(inference: Inference, embeds: torch.Tensor, attention_mask: torc
         new_seqs: list[list[list[int]]] = [[[] for _ in range(K)] for _ in range(B)]
         for b in range(B):
             k = 0
-            for s, i in zip(top[b].tolist(), idx[b].tolist()):
+            for s, i in zip(top[b].tolist(), idx[b].tolist(), strict=False):
                 beam, t = divmod(i, V)
                 if s == float("-inf"):
                     break

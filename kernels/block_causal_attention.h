@@ -18,7 +18,7 @@
 // rowmax S), alpha = 2^(m - m'), l = alpha l + sum 2^(S - m'), O = alpha O + 2^(S - m') V.
 // Finally out = O / l (l == 0 -> 0). Accumulation is fp32 whatever the input dtype.
 //
-// Limits: 1 <= D <= kMaxHeadDim; L % S == 0; innermost (D) stride 1 for q, k, v and out, other
+// Limits: 1 <= D <= kMaxHeadDim (256; 128 on CUDA); L % S == 0; innermost (D) stride 1 for q, k, v and out, other
 // strides arbitrary (so q/k/v may be views of one fused projection); the mask is bytes [B, L] with
 // any strides. fp32 / fp16 / bf16 inputs; out has the input dtype. Indices are int64.
 
@@ -35,7 +35,7 @@
 
 namespace favor {
 
-constexpr int kMaxHeadDim = 256;  // CUDA keeps one row of O in registers/shared memory
+constexpr int kMaxHeadDim = 256;  // CPU tiles live on the stack; CUDA allows 128 (registers)
 constexpr float kLog2e = 1.4426950408889634f;
 
 enum class Orientation : int32_t { kPast = 0, kFuture = 1 };
@@ -75,8 +75,12 @@ inline const char* check_params(const BlockCausalParams& p) {
   return nullptr;
 }
 
-// CPU forward. num_threads <= 0 uses the OpenMP default. Returns nullptr or an error message.
-const char* block_causal_attention_cpu(const BlockCausalParams& p, int num_threads);
+// CPU forward. num_threads <= 0 uses the OpenMP default. The packed K/V workspace is kept under
+// workspace_bytes (<= 0: kDefaultWorkspaceBytes = 32 MiB, about 100 heads of 320 x 128) by
+// processing heads in chunks, at least one head at a time. Returns nullptr or an error message.
+constexpr int64_t kDefaultWorkspaceBytes = int64_t{32} << 20;
+const char* block_causal_attention_cpu(const BlockCausalParams& p, int num_threads,
+                                       int64_t workspace_bytes = 0);
 
 // CUDA forward on device pointers (mask included), enqueued on `stream` (a cudaStream_t).
 // Returns nullptr or an error message. Defined in block_causal_attention.cu.

@@ -1,17 +1,22 @@
 // CPU forward of block-causal attention (maths and limits: block_causal_attention.h).
 //
-// Two parallel phases over a per-thread-of-call workspace:
-//   1. pack, per (b, h): Qs [L, Dp] = q * log2(e)/sqrt(D), Kt [Dp, Lp] (transposed, so a score
-//      micro-tile is broadcast-FMA over keys), V [Lp, Dp]; fp32, zero padded to Dp = D rounded up
-//      to kVec and Lp = L rounded up to kBlockK, so every inner loop has a fixed trip count.
-//   2. attend, per (b, h, tile of kTileQ query rows): walk only the key blocks the tile can see.
+// One parallel loop over work items (b, h, tile of kTileQ query rows), dynamically scheduled:
+//   * the first item of a head packs it (others of that head wait on an atomic flag): Kt [Dp, Lp]
+//     (transposed, so a score micro-tile is broadcast-FMA over keys) and V [Lp, Dp], fp32, zero
+//     padded to Dp = D rounded up to kVec and Lp = L rounded up to kBlockK, so every inner loop has
+//     a fixed trip count. Packing on demand avoids a barrier between a pack and an attend phase,
+//     which costs a whole scheduler slice whenever a core is shared with another process;
+//   * the item loads its q rows (scaled by log2(e)/sqrt(D)) and walks only the visible key blocks.
 // The hot loops (score tile, PV tile, exp) are plain loops with compile-time bounds that GCC/Clang
 // vectorise; FAVOR_CLONES builds them for AVX-512, AVX2+FMA and baseline x86-64 with run-time
 // dispatch, so the wheel stays portable.
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <memory>
+#include <thread>
 #include <vector>
 
 #include "block_causal_attention.h"
@@ -33,6 +38,9 @@ constexpr int64_t kVec = 16;     // pad head dim to a multiple of one AVX-512 re
 constexpr int64_t kTileQ = 32;   // query rows per work item (one release frame of 32 tokens)
 constexpr int64_t kBlockK = 32;  // keys per online-softmax step
 constexpr int64_t kRows = 4;     // query rows per register micro-tile
+// Below this much useful work per thread a parallel region costs more than it saves (~40 us of
+// work at ~100 GFLOP/s against ~10 us to wake and join a thread).
+constexpr double kMinFlopsPerThread = 4e6;
 constexpr float kNegInf = -__builtin_huge_valf();
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -54,7 +62,6 @@ void store(void* base, DType t, int64_t i, float x) {
 }
 
 struct Packed {
-  const float* q;   // [L, Dp], pre-scaled
   const float* kt;  // [Dp, Lp]
   const float* v;   // [Lp, Dp]
 };
@@ -115,8 +122,14 @@ FAVOR_CLONES void softmax_block(float* __restrict s, float* __restrict m, float*
                                 float* __restrict o, int64_t rows, int64_t dp) {
   for (int64_t r = 0; r < rows; ++r) {
     float* __restrict row = s + r * kBlockK;
+    // Reductions over kVec independent lanes: an in-order scalar reduction would not vectorise
+    // without -ffast-math, and lanes keep the result independent of ISA and thread count.
+    float lane[kVec];
+    for (int64_t c = 0; c < kVec; ++c) lane[c] = row[c];
+    for (int64_t c0 = kVec; c0 < kBlockK; c0 += kVec)
+      for (int64_t c = 0; c < kVec; ++c) lane[c] = row[c0 + c] > lane[c] ? row[c0 + c] : lane[c];
     float bmax = kNegInf;
-    for (int64_t c = 0; c < kBlockK; ++c) bmax = row[c] > bmax ? row[c] : bmax;
+    for (int64_t c = 0; c < kVec; ++c) bmax = lane[c] > bmax ? lane[c] : bmax;
     float m_new;
     const float alpha = softmax_rescale(m[r], bmax, &m_new);
     m[r] = m_new;
@@ -124,34 +137,45 @@ FAVOR_CLONES void softmax_block(float* __restrict s, float* __restrict m, float*
       for (int64_t c = 0; c < kBlockK; ++c) row[c] = 0.f;
       continue;
     }
+    for (int64_t c = 0; c < kBlockK; ++c) row[c] = exp2_neg(row[c] - m_new);
+    for (int64_t c = 0; c < kVec; ++c) lane[c] = row[c];
+    for (int64_t c0 = kVec; c0 < kBlockK; c0 += kVec)
+      for (int64_t c = 0; c < kVec; ++c) lane[c] += row[c0 + c];
     float sum = 0.f;
-    for (int64_t c = 0; c < kBlockK; ++c) {
-      row[c] = exp2_neg(row[c] - m_new);
-      sum += row[c];
-    }
+    for (int64_t c = 0; c < kVec; ++c) sum += lane[c];
     l[r] = l[r] * alpha + sum;
     if (alpha != 1.f)
       for (int64_t d = 0; d < dp; ++d) o[r * dp + d] *= alpha;
   }
 }
 
-void pack_head(const BlockCausalParams& p, int64_t b, int64_t h, int64_t dp, int64_t lp, float* qs,
-               float* kt, float* vs) {
+void pack_head(const BlockCausalParams& p, int64_t b, int64_t h, int64_t dp, int64_t lp, float* kt,
+               float* vs) {
   const int64_t L = p.length, D = p.head_dim;
-  const float qscale = p.softmax_scale * kLog2e;  // scores in the log2 domain: exp -> exp2
-  const int64_t qb = b * p.q_stride[0] + h * p.q_stride[1];
   const int64_t kb = b * p.k_stride[0] + h * p.k_stride[1];
   const int64_t vb = b * p.v_stride[0] + h * p.v_stride[1];
-  std::fill(qs, qs + L * dp, 0.f);
   std::fill(kt, kt + dp * lp, 0.f);
   std::fill(vs, vs + lp * dp, 0.f);
   for (int64_t i = 0; i < L; ++i) {
     for (int64_t d = 0; d < D; ++d) {
-      qs[i * dp + d] = load(p.q, p.dtype, qb + i * p.q_stride[2] + d) * qscale;
       kt[d * lp + i] = load(p.k, p.dtype, kb + i * p.k_stride[2] + d);
       vs[i * dp + d] = load(p.v, p.dtype, vb + i * p.v_stride[2] + d);
     }
   }
+}
+
+// Pack head bh once; concurrent callers for the same head wait until it is ready.
+void ensure_packed(std::atomic<int>& state, const BlockCausalParams& p, int64_t bh, int64_t dp, int64_t lp,
+                   float* kt, float* vs) {
+  enum { kEmpty = 0, kPacking = 1, kReady = 2 };
+  if (state.load(std::memory_order_acquire) == kReady) return;
+  int expected = kEmpty;
+  if (state.compare_exchange_strong(expected, kPacking, std::memory_order_acq_rel)) {
+    pack_head(p, bh / p.heads, bh % p.heads, dp, lp, kt, vs);
+    state.store(kReady, std::memory_order_release);
+    return;
+  }
+  while (state.load(std::memory_order_acquire) != kReady) std::this_thread::yield();
 }
 
 void attend_tile(const BlockCausalParams& p, const Packed& pk, const uint8_t* key_ok, int64_t b,
@@ -159,14 +183,19 @@ void attend_tile(const BlockCausalParams& p, const Packed& pk, const uint8_t* ke
   const int64_t L = p.length, S = p.tokens_per_frame;
   const int64_t row1 = std::min(row0 + kTileQ, L);
   const int64_t rows = row1 - row0;
-  alignas(64) float qtile[kTileQ * kVec * (kMaxHeadDim / kVec)];
+  alignas(64) float qtile[kTileQ * kMaxHeadDim];
   alignas(64) float o[kTileQ * kMaxHeadDim];
   alignas(64) float s[kTileQ * kBlockK];
   float m[kTileQ], l[kTileQ];
   int64_t lo_row[kTileQ], hi_row[kTileQ];
-  // Copy the tile's rows and zero the tail so micro-tiles of kRows never read past the tile.
+  // Load the tile's q rows in the log2 domain (exp -> exp2) and zero the padding, so micro-tiles
+  // of kRows rows and Dp columns never read garbage.
+  const float qscale = p.softmax_scale * kLog2e;
+  const int64_t qb = b * p.q_stride[0] + h * p.q_stride[1];
   std::fill(qtile, qtile + kTileQ * dp, 0.f);
-  std::copy(pk.q + row0 * dp, pk.q + row1 * dp, qtile);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t d = 0; d < p.head_dim; ++d)
+      qtile[r * dp + d] = load(p.q, p.dtype, qb + (row0 + r) * p.q_stride[2] + d) * qscale;
   std::fill(o, o + kTileQ * dp, 0.f);
   for (int64_t r = 0; r < kTileQ; ++r) {
     m[r] = kNegInf;
@@ -211,16 +240,21 @@ void attend_tile(const BlockCausalParams& p, const Packed& pk, const uint8_t* ke
 
 }  // namespace
 
-const char* block_causal_attention_cpu(const BlockCausalParams& p, int num_threads) {
+const char* block_causal_attention_cpu(const BlockCausalParams& p, int num_threads, int64_t workspace_bytes) {
   if (const char* err = check_params(p)) return err;
   const int64_t B = p.batch, H = p.heads, L = p.length;
   const int64_t dp = round_up(p.head_dim, kVec), lp = round_up(L, kBlockK);
-  const int64_t per_head = L * dp + dp * lp + lp * dp;
+  const int64_t per_head = dp * lp + lp * dp;  // Kt and V
   const int64_t nkb = lp / kBlockK, ntiles = (L + kTileQ - 1) / kTileQ;
+  // Heads packed per parallel loop: the workspace stays under workspace_bytes whatever the batch
+  // (at least one head); each extra chunk costs one join of the threads.
+  const int64_t cap = workspace_bytes > 0 ? workspace_bytes : kDefaultWorkspaceBytes;
+  const int64_t chunk = std::clamp<int64_t>(cap / (per_head * int64_t{sizeof(float)}), 1, B * H);
   // Reused across calls from the same thread: no page faults on the hot path.
   thread_local std::vector<float> work;
   thread_local std::vector<uint8_t> blocks;
-  work.resize(static_cast<size_t>(B * H * per_head));
+  work.resize(static_cast<size_t>(chunk * per_head));
+  std::unique_ptr<std::atomic<int>[]> packed(new std::atomic<int>[chunk]);
   // Per key block: [any key real, all keys real] (keys >= L count as padding).
   const uint8_t* key_ok = nullptr;
   if (p.key_padding_mask) {
@@ -239,29 +273,36 @@ const char* block_causal_attention_cpu(const BlockCausalParams& p, int num_threa
     key_ok = blocks.data();
   }
   float* base = work.data();
+  int nt = 1;
 #if defined(_OPENMP)
-  const int nt = num_threads > 0 ? num_threads : omp_get_max_threads();
-#pragma omp parallel num_threads(nt)
+  // Useful work upper bound (all pairs visible) decides whether threads pay for themselves.
+  const double flops = 4.0 * B * H * static_cast<double>(L) * L * p.head_dim;
+  nt = num_threads > 0 ? num_threads : omp_get_max_threads();
+  nt = static_cast<int>(std::max<int64_t>(
+      1, std::min<int64_t>({nt, chunk * ntiles, static_cast<int64_t>(flops / kMinFlopsPerThread)})));
+#else
+  (void)num_threads;
 #endif
-  {
+  for (int64_t bh0 = 0; bh0 < B * H; bh0 += chunk) {
+    const int64_t heads = std::min(chunk, B * H - bh0);
+    for (int64_t i = 0; i < heads; ++i) packed[i].store(0, std::memory_order_relaxed);
+    auto run = [&](int64_t item) {
+      const int64_t local = item / ntiles, tile = item % ntiles, bh = bh0 + local, b = bh / H;
+      float* kt = base + local * per_head;
+      float* vs = kt + dp * lp;
+      ensure_packed(packed[local], p, bh, dp, lp, kt, vs);
+      attend_tile(p, Packed{kt, vs}, key_ok ? key_ok + b * nkb * 2 : nullptr, b, bh % H, tile * kTileQ, dp, lp);
+    };
+    const int64_t items = heads * ntiles;
 #if defined(_OPENMP)
-#pragma omp for schedule(static)
-#endif
-    for (int64_t bh = 0; bh < B * H; ++bh) {
-      float* w = base + bh * per_head;
-      pack_head(p, bh / H, bh % H, dp, lp, w, w + L * dp, w + L * dp + dp * lp);
+    if (nt > 1) {
+      // 'past' tiles late in the window see more keys: dynamic scheduling balances them.
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+      for (int64_t item = 0; item < items; ++item) run(item);
+      continue;
     }
-    // 'past' tiles late in the window see more keys: dynamic scheduling balances them.
-#if defined(_OPENMP)
-#pragma omp for schedule(dynamic, 1)
 #endif
-    for (int64_t item = 0; item < B * H * ntiles; ++item) {
-      const int64_t bh = item / ntiles, tile = item % ntiles;
-      const float* w = base + bh * per_head;
-      const Packed pk{w, w + L * dp, w + L * dp + dp * lp};
-      const int64_t b = bh / H;
-      attend_tile(p, pk, key_ok ? key_ok + b * nkb * 2 : nullptr, b, bh % H, tile * kTileQ, dp, lp);
-    }
+    for (int64_t item = 0; item < items; ++item) run(item);
   }
   return nullptr;
 }

@@ -1,19 +1,19 @@
-"""Inference backends for the streaming runtime, and the one greedy decode loop they share.
-
-A backend runs the model's stages on one stream (batch 1), tensors in and out:
+"""Inference backends for the streaming runtime: the model's stages on one stream (batch 1).
 
     set_instruction(prompt)               the visual Q-Former's instruction (fixed per run)
     encode_frames(pixels [n, 3, S, S])    -> visual tokens [n, Qv, Dv]     (n = 1 when incremental)
     encode_audio(mel [M, Tm])             -> audio tokens  [Ta, Da]
     fuse(visual [n_v, Qv, Dv] | None, audio [Ta, Da] | None, num_frames)
                                           -> AV embeddings [Nq, D]          (one window)
-    embed_tokens(ids [L])                 -> [L, D]
-    prefill(embeds [L, D]) -> logits [V];  step(token) -> logits [V]        (KV cache inside)
+    embed_tokens(ids)                     -> [L, D]
+    inference()                           -> favor.captions.Inference (prefill / decode / reorder)
 
-``TorchBackend`` is the eager reference (LoRA merged into the LLM for speed). ``greedy_decode`` is
-the only decode loop, so every backend produces text the same way. TensorRT is import-guarded:
-``make_backend('tensorrt')`` explains what is missing. An ONNX Runtime backend needs the exported
-bundle (export/); it is selected here only when that code is importable.
+Text is decoded by ``favor.captions.greedy_decode`` for every backend (one loop), through
+``TimedInference``, which splits LLM time into prefill and decode for the stage breakdown.
+
+- ``TorchBackend``: eager PyTorch on a checkpoint (LoRA merged into the LLM for speed).
+- ``OnnxRuntimeBackend``: an exported bundle (export/, ``favor-export``) run by ONNX Runtime CPU.
+- TensorRT: not implemented in the runtime; ``make_backend('tensorrt')`` says so in one line.
 
 Notation: n frames, S image size, Qv visual tokens per frame, Ta audio tokens, M mel bins,
 Tm mel frames, Nq queries per window, L prompt length, V vocabulary, D LLM width.
@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import importlib.util
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from favor.captions import TorchInference
+from favor.captions import greedy_decode as captions_greedy_decode
 from favor.checkpoint import load_model
 from favor.generation import instruction_inputs
 from favor.model import FavorModel
@@ -88,8 +90,6 @@ class TorchBackend:
             model.llm.model = merge(model.llm.model)  # one matmul per projection instead of three
         self.lm = model.llm.base
         self._instruction: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._cache = None
-        self._pos = 0
 
     def set_instruction(self, prompt: str) -> None:
         self._instruction = instruction_inputs(self.model.instruction_tokenizer, [prompt],
@@ -116,48 +116,95 @@ class TorchBackend:
     def embed_tokens(self, ids: list[int]) -> torch.Tensor:
         return self.model.llm.embed(torch.tensor(ids, dtype=torch.long))  # [L, D]
 
-    @torch.inference_mode()
-    def prefill(self, embeds: torch.Tensor) -> torch.Tensor:
-        from transformers import DynamicCache
-
-        self._cache = DynamicCache()
-        out = self.lm(inputs_embeds=embeds[None], past_key_values=self._cache, use_cache=True)
-        self._pos = embeds.shape[0]
-        return out.logits[0, -1]  # [V]
-
-    @torch.inference_mode()
-    def step(self, token: int) -> torch.Tensor:
-        ids = torch.tensor([[token]], dtype=torch.long)
-        pos = torch.tensor([[self._pos]], dtype=torch.long)
-        out = self.lm(input_ids=ids, position_ids=pos, past_key_values=self._cache, use_cache=True)
-        self._pos += 1
-        return out.logits[0, -1]  # [V]
+    def inference(self) -> TorchInference:
+        return TorchInference(self.lm)
 
 
-@dataclass
-class Decoded:
-    ids: list[int]
-    prefill_s: float
-    decode_s: float
+class OnnxRuntimeBackend:
+    """An exported bundle (manifest + ONNX graphs) on ONNX Runtime's CPU provider."""
+
+    name = "onnxruntime"
+
+    def __init__(self, path: str | Path, threads: int | None = None, int8: bool = False):
+        from export.ort_inference import OrtBundle
+
+        self.bundle = OrtBundle(path, int8=int8, threads=threads)
+        self.cfg = self.bundle.cfg
+        self.tokenizer = self.bundle.tokenizer()
+        self.instruction_tokenizer = self.tokenizer
+        if self.cfg.visual.instruction_tokenizer:
+            from favor.build import load_tokenizer
+
+            self.instruction_tokenizer = load_tokenizer(self.cfg.visual.instruction_tokenizer)
+        self._instruction: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._inference = None
+
+    def set_instruction(self, prompt: str) -> None:
+        self._instruction = instruction_inputs(self.instruction_tokenizer, [prompt],
+                                               self.cfg.visual.max_instruction_tokens)
+
+    def encode_frames(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self._instruction is None:
+            raise ValueError("set_instruction(prompt) must be called before encode_frames")
+        return self.bundle.encode_visual(pixels[None], *self._instruction)[0]  # [n, Qv, Dv]
+
+    def encode_audio(self, mel: torch.Tensor) -> torch.Tensor:
+        return self.bundle.encode_audio(mel[None])[0]  # [Ta, Da]
+
+    def fuse(self, visual: torch.Tensor | None, audio: torch.Tensor | None, num_frames: int) -> torch.Tensor:
+        cfg = self.cfg
+        present = torch.tensor([[float(visual is not None), float(audio is not None)]])  # [1, 2]
+        # The graph takes both streams: a missing one enters as zeros with its modality mask at 0,
+        # which is what sync.align does with None.
+        if visual is None:
+            visual = torch.zeros(num_frames, cfg.visual.num_query_tokens, cfg.visual_width)
+        if visual.shape[0] < num_frames:  # video ended inside this window: zero frames, as align pads
+            visual = torch.cat([visual, visual.new_zeros(num_frames - visual.shape[0], *visual.shape[1:])])
+        if audio is None:
+            audio = torch.zeros(round(num_frames * cfg.timing.audio_tokens_per_frame), cfg.audio_proj_dim)
+        embeds, mask = self.bundle.fuse(visual[None], audio[None], present)
+        return embeds[0][mask[0].bool()]  # [Nq, D]: the window's rows
+
+    def embed_tokens(self, ids: list[int]) -> torch.Tensor:
+        rows = self.bundle.embedding[np.asarray(ids, dtype=np.int64)]  # [L, D]
+        return torch.from_numpy(np.ascontiguousarray(rows))
+
+    def inference(self):
+        if self._inference is None:
+            self._inference = self.bundle.inference()
+        return self._inference
 
 
-def greedy_decode(backend, embeds: torch.Tensor, max_new_tokens: int, eos_id: int,
-                  ignore_eos: bool = False) -> Decoded:
-    """Greedy tokens after the prompt embeds [L, D]; stops at EOS unless ``ignore_eos`` (benchmarks
-    decode a fixed number of tokens so random-weight models are timed like trained ones)."""
-    t0 = time.perf_counter()
-    logits = backend.prefill(embeds)
-    t1 = time.perf_counter()
-    ids: list[int] = []
-    for _ in range(max_new_tokens):
-        token = int(torch.as_tensor(logits).argmax())
-        if token == eos_id and not ignore_eos:
-            break
-        ids.append(token)
-        if len(ids) == max_new_tokens:
-            break
-        logits = backend.step(token)
-    return Decoded(ids, t1 - t0, time.perf_counter() - t1)
+class TimedInference:
+    """Wraps an ``Inference`` and adds up the seconds spent in prefill and in decode steps."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.prefill_s = self.decode_s = 0.0
+
+    def prefill(self, embeds, attention_mask):
+        t0 = time.perf_counter()
+        out = self.inner.prefill(embeds, attention_mask)
+        self.prefill_s += time.perf_counter() - t0
+        return out
+
+    def decode(self, ids, cache):
+        t0 = time.perf_counter()
+        out = self.inner.decode(ids, cache)
+        self.decode_s += time.perf_counter() - t0
+        return out
+
+    def reorder(self, cache, rows):
+        return self.inner.reorder(cache, rows)
+
+
+def greedy_caption(backend, embeds: torch.Tensor, max_new_tokens: int) -> tuple[list[int], float, float]:
+    """favor.captions' greedy loop on prompt embeds [L, D]: (token ids, prefill s, decode s)."""
+    timed = TimedInference(backend.inference())
+    mask = torch.ones(1, embeds.shape[0], dtype=torch.long)  # [1, L]: one stream, no padding
+    eos = backend.cfg.llm.eos_token_id
+    result = captions_greedy_decode(timed, embeds[None], mask, max_new_tokens, eos)[0]
+    return result.tokens, timed.prefill_s, timed.decode_s
 
 
 def prompt_embeds(backend, prompt: str, av: torch.Tensor) -> torch.Tensor:
@@ -168,9 +215,8 @@ def prompt_embeds(backend, prompt: str, av: torch.Tensor) -> torch.Tensor:
     return torch.cat([pre, torch.as_tensor(av).to(pre.dtype), post])  # [L, D]
 
 
-def onnxruntime_available() -> bool:
-    return importlib.util.find_spec("onnxruntime") is not None and \
-        importlib.util.find_spec("export.runtime_bundle") is not None
+def is_bundle(path: Path) -> bool:
+    return path.is_dir() and (path / "manifest.json").is_file()
 
 
 def tensorrt_available() -> bool:
@@ -178,15 +224,27 @@ def tensorrt_available() -> bool:
 
 
 def make_backend(name: str, model_path: str | Path, fps: float | None = None,
-                 frames_per_window: int | None = None):
-    """Backend by name; 'auto' picks TensorRT, then ONNX Runtime (for an exported bundle), then torch."""
+                 frames_per_window: int | None = None, threads: int | None = None):
+    """Backend by name. 'auto': ONNX Runtime for an exported bundle, torch for a checkpoint."""
     if name not in BACKENDS:
         raise ValueError(f"backend ({name!r}) must be one of {', '.join(BACKENDS)}")
     path = Path(model_path)
-    if name == "tensorrt" or (name == "auto" and tensorrt_available() and path.is_dir()):
-        raise ValueError("backend 'tensorrt' is not available in this build: the runtime's TensorRT path "
-                         "is not implemented (and TensorRT is not installed here); use torch")
-    if name == "onnxruntime" or (name == "auto" and path.is_dir()):
-        raise ValueError(f"{path}: backend 'onnxruntime' needs an exported bundle and export/ support, "
-                         "which this build lacks; use --backend torch with a checkpoint")
+    if name == "tensorrt":
+        why = "TensorRT is not installed" if not tensorrt_available() else "no engine runner is written"
+        raise ValueError(f"backend 'tensorrt' is not available in the runtime ({why}); "
+                         "use onnxruntime (an exported bundle) or torch")
+    if name == "onnxruntime" or (name == "auto" and is_bundle(path)):
+        if not is_bundle(path):
+            raise ValueError(f"{path}: backend 'onnxruntime' needs an exported bundle directory with a "
+                             "manifest.json (make one with `favor-export`)")
+        backend = OnnxRuntimeBackend(path, threads=threads)
+        t = backend.cfg.timing
+        for flag, asked, baked in (("--fps", fps, t.video_fps),
+                                   ("--window", frames_per_window, t.frames_per_window)):
+            if asked is not None and asked != baked:
+                raise ValueError(f"{path}: the bundle was exported for {flag} {baked:g}, got {asked:g}; "
+                                 "re-export, or run the checkpoint on the torch backend")
+        return backend
+    if is_bundle(path):
+        raise ValueError(f"{path}: an exported bundle runs on the onnxruntime backend, not {name}")
     return TorchBackend(load_runtime_model(path, fps, frames_per_window))

@@ -106,8 +106,9 @@ def run(
     from runtime.sources import MediaSource
     from runtime.stream import StreamingCaptioner
 
-    console = Console(highlight=False)
-    err = Console(stderr=True, highlight=False)
+    # soft_wrap: one message = one line, whatever the terminal width (logs and tests grep them)
+    console = Console(highlight=False, soft_wrap=True)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
     for name, value, lo in (("--max-new-tokens", max_new_tokens, 1), ("--max-merge", max_merge, 1),
                             ("--context", context, 0)):
         if value < lo:
@@ -214,14 +215,21 @@ def bench(
     window: str = typer.Option("2,5,10,20", help="comma-separated frames-per-window values"),
     clip: Annotated[Path | None, typer.Option(help="media file (default: a generated clip)")] = None,
     seconds: Annotated[float, typer.Option(help="length of the generated clip")] = 20.0,
-    max_new_tokens: Annotated[int, typer.Option(help="tokens decoded per caption (EOS ignored)")] = 16,
+    max_new_tokens: Annotated[int, typer.Option(help="max tokens decoded per caption")] = 16,
     out: Annotated[Path, typer.Option(help="directory for the .md, .csv and .png")] = Path("benchmarks/out"),
     max_windows: Annotated[int | None, typer.Option(help="stop each cell after this many windows")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's)")] = None,
 ) -> None:
     """Sweep FPS x window x backend; report latency percentiles, throughput and stage times."""
     from runtime import bench as bench_mod
 
-    err = Console(stderr=True, highlight=False)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    if threads is not None:
+        if threads < 1:
+            raise _fail(err, f"--threads ({threads}) must be >= 1", EXIT_USAGE)
+        import torch
+
+        torch.set_num_threads(threads)
     try:
         fps_values = [float(x) for x in fps.split(",") if x]
         window_values = [int(x) for x in window.split(",") if x]

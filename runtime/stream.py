@@ -35,11 +35,11 @@ import torch
 from favor.media import log_mel_spectrogram, preprocess_frames
 from favor.prompt import chat_prompt, clean_answer
 from runtime.assembler import FrameSlot, Window, WindowAssembler
-from runtime.backends import greedy_decode, prompt_embeds
+from runtime.backends import greedy_caption, prompt_embeds
 from runtime.scheduler import DeadlineScheduler, SchedulerStats
 from runtime.sources import Capture, MediaSource, Ring
 
-STAGES = ("visual", "audio", "fusion", "prefill", "decode")
+STAGES = ("visual", "audio", "fusion", "llm_prefill", "llm_decode")
 # Pending closed windows the worker may hold; older ones are evicted (latest wins) and counted.
 MAX_PENDING_WINDOWS = 4
 # Frame hints kept for pre-encoding: two windows' worth, so a busy worker loses hints, not memory.
@@ -72,15 +72,14 @@ class StreamingCaptioner:
     """Captions windows of one stream with a backend (see runtime.backends)."""
 
     def __init__(self, backend, prompt: str, max_new_tokens: int = 32, context: int = 1,
-                 incremental: bool = True, ignore_eos: bool = False,
-                 delay_hook: Callable[[], None] | None = None):
+                 incremental: bool = True, delay_hook: Callable[[], None] | None = None):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens ({max_new_tokens}) must be >= 1")
         if context < 0:
             raise ValueError(f"context ({context}) must be >= 0 previous captions")
         self.backend, self.cfg = backend, backend.cfg
         self.prompt, self.max_new_tokens, self.context = prompt, max_new_tokens, context
-        self.incremental, self.ignore_eos = incremental, ignore_eos
+        self.incremental = incremental
         self.delay_hook = delay_hook  # test-only: simulates a slow device before each caption
         self.history: list[str] = []
         self.encoded: dict[int, torch.Tensor] = {}  # frame index -> [Qv, Dv]
@@ -163,16 +162,14 @@ class StreamingCaptioner:
             stages["fusion"] += t3 - t2
         av = torch.cat([torch.as_tensor(e) for e in embeds])  # [A, D]
         full = prompt_embeds(self.backend, self.llm_prompt(), av)  # [L, D]
-        out = greedy_decode(self.backend, full, self.max_new_tokens, self.cfg.llm.eos_token_id,
-                            self.ignore_eos)
-        stages["prefill"], stages["decode"] = out.prefill_s, out.decode_s
-        text = clean_answer(self.backend.tokenizer.decode(out.ids, skip_special_tokens=True))
+        ids, stages["llm_prefill"], stages["llm_decode"] = greedy_caption(self.backend, full, self.max_new_tokens)
+        text = clean_answer(self.backend.tokenizer.decode(ids, skip_special_tokens=True))
         if self.context:
             self.history = (self.history + [text])[-self.context:]
         ahead = sum(self.ahead_seconds.pop(w.index, 0.0) for w in windows)
         self.forget_before(windows[-1].first_frame + windows[-1].num_frames)
         cap = Caption(self.captions, windows[0].start, windows[-1].end, text, [w.index for w in windows],
-                      llm_input_tokens=full.shape[0], new_tokens=len(out.ids), stages=stages,
+                      llm_input_tokens=full.shape[0], new_tokens=len(ids), stages=stages,
                       visual_ahead=ahead, embeds=av)
         self.captions += 1
         return cap

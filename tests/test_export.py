@@ -15,6 +15,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import make_tokenizer
 from typer.testing import CliRunner
 
 from export.cli import app
@@ -22,8 +23,6 @@ from export.manifest import load_manifest
 from export.ort_inference import OrtBundle
 from favor.build import build_model
 from favor.checkpoint import Checkpoint, checkpoint_from_model, save_checkpoint
-
-from conftest import make_tokenizer
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()

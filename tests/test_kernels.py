@@ -65,6 +65,7 @@ FIXED = [  # edge shapes: one token, one frame, the release shape, the longest w
     (1, 12, 10, 32, 128, "future", False, 3),
     (1, 2, 20, 64, 96, "past", True, 4),
     (3, 5, 13, 25, 71, "future", True, 5),
+    (1, 2, 20, 64, 256, "future", True, 6),  # longest window at the largest head dim
 ]
 
 
@@ -127,15 +128,18 @@ def test_invisible_blocks_are_never_read(orientation):
     torch.testing.assert_close(out[:, :, seen], ref, rtol=0, atol=1e-5)  # fp32 rounding only
 
 
-def test_thread_count_does_not_change_result():
+def test_threads_and_workspace_chunks_do_not_change_result():
     q, k, v, mask = _inputs(2, 5, 6, 13, 64, pad=True, seed=9)
     outs = []
-    for threads in (1, 2):
-        out = torch.empty_like(q)
+    # workspace_bytes=1 packs one head per parallel loop (10 chunks) instead of all 10 at once.
+    for threads, workspace in ((1, 0), (2, 0), (2, 1)):
+        out = torch.full_like(q, float("nan"))
         ops.extension().block_causal_attention(q.numpy(), k.numpy(), v.numpy(), out.numpy(), 13, "future",
-                                               mask.numpy(), num_threads=threads)
+                                               mask.numpy(), num_threads=threads, workspace_bytes=workspace)
         outs.append(out)
-    assert torch.equal(outs[0], outs[1])  # each query tile is computed by one thread, same order
+    _check(outs[0], q, k, v, 13, "future", mask)
+    for out in outs[1:]:  # each query tile is computed by one thread in one fixed order
+        assert torch.equal(outs[0], out)
 
 
 def _bind(q, k, v, out, tpf=4, orientation="past", mask=None, **kw):

@@ -21,7 +21,7 @@ import dataclasses
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 import yaml
@@ -61,7 +61,7 @@ class _DefaultTrain(TyperGroup):
         return super().parse_args(ctx, args)
 
 
-app = typer.Typer(cls=_DefaultTrain, add_completion=False, no_args_is_help=True,
+app = typer.Typer(cls=_DefaultTrain, add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="Fine-tune FAVOR (train) or generate the synthetic audio-visual world (synth).")
 
 
@@ -121,11 +121,15 @@ def load_configs(path: str | Path, overrides: list[str] | None = None) -> tuple[
 
 @app.command()
 def train(
-    config: Path = typer.Option(..., "--config", "-c", help="recipe YAML (training/configs/*.yaml)"),
-    overrides: list[str] = typer.Argument(None, help="dotted key=value overrides, e.g. train.lr=1e-4"),
-    resume: bool = typer.Option(False, "--resume", help="continue from the newest step_* in output_dir"),
-    resume_from: Path | None = typer.Option(None, "--resume-from", help="continue from this step_* dir"),
-    print_config: bool = typer.Option(False, "--print-config", help="print the resolved config and exit"),
+    config: Annotated[Path, typer.Option("--config", "-c", help="recipe YAML (training/configs/*.yaml)")],
+    overrides: Annotated[list[str] | None, typer.Argument(
+        help="dotted key=value overrides, e.g. train.lr=1e-4")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue from the newest step_* in output_dir")]
+    = False,
+    resume_from: Annotated[Path | None, typer.Option("--resume-from", help="continue from this step_* dir")]
+    = None,
+    print_config: Annotated[bool, typer.Option("--print-config", help="print the resolved config, exit")]
+    = False,
 ) -> None:
     """Fine-tune FAVOR: CE + lambda * diversity, AdamW, warmup + cosine, checkpoints, evaluation."""
     try:
@@ -148,14 +152,26 @@ def train(
 
 @app.command()
 def synth(
-    out_dir: Path = typer.Argument(..., help="directory for clips and manifest.jsonl"),
-    num_clips: int = typer.Option(100, "--num-clips", "-n", min=1),
-    seed: int = typer.Option(0, "--seed"),
-    split: str = typer.Option("train", "--split", help="train | heldout | demo (disjoint seed streams)"),
-    workers: int = typer.Option(1, "--workers", "-j", min=1),
+    out_dir: Annotated[Path, typer.Argument(help="output directory; the manifest is OUT_DIR/<split>.jsonl")],
+    num_clips: Annotated[int, typer.Option("--num-clips", "-n", min=1, help="clips to generate")] = 100,
+    seed: Annotated[int, typer.Option(min=0, help="base seed; clip i uses (seed, split, i)")] = 0,
+    split: Annotated[str, typer.Option(help="train | heldout | demo (disjoint seed streams)")] = "train",
+    workers: Annotated[int, typer.Option("--workers", "-j", min=1, help="worker processes")] = 1,
+    varied_audio: Annotated[bool, typer.Option(help="some clips at 44.1 kHz stereo (exercises resampling)")]
+    = False,
 ) -> None:
-    """Generate synthetic audio-visual clips and their manifest (training.synth)."""
+    """Generate synthetic audio-visual clips and their manifest (training.synth.generate)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     from training.synth import generate
 
-    manifest = generate(out_dir, num_clips, seed, split=split, workers=workers)
+    with Progress(TextColumn("[bold]clips"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  transient=True) as bar:
+        task = bar.add_task("clips", total=num_clips)
+        try:
+            manifest = generate(out_dir, num_clips, seed, split=split, workers=workers,
+                                progress=lambda done, total: bar.update(task, completed=done),
+                                varied_audio=varied_audio)
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from None
     typer.echo(str(manifest))

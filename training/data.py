@@ -443,7 +443,7 @@ class Collator:
         a_frames = [audio_frames(int(n), self.cfg) for n in audio_lengths]
         all_images = all(it["is_image"] for it in with_pixels)
         clips = []
-        for it, af in zip(kept, a_frames):
+        for it, af in zip(kept, a_frames, strict=True):
             px = it["pixels"]
             if px is not None and it["is_image"] and not all_images:
                 px = px.expand(max(af, 1), -1, -1, -1)  # image as a static video: [T, 3, S, S]
@@ -451,7 +451,7 @@ class Collator:
         T = max(c.shape[0] for c in clips if c is not None)
         pixels = torch.zeros(len(kept), T, 3, S, S)  # [B, T, 3, S, S]
         lengths = torch.zeros(len(kept), dtype=torch.long)
-        for b, (c, af) in enumerate(zip(clips, a_frames)):
+        for b, (c, af) in enumerate(zip(clips, a_frames, strict=True)):
             if c is None:
                 continue
             pixels[b, : c.shape[0]] = c

@@ -95,14 +95,15 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def trainable_state(model: nn.Module, strategy: Strategy) -> dict[str, torch.Tensor]:
-    """Full trainable tensors on CPU under FavorModel names (collective under FSDP: call on all ranks)."""
+    """Full trainable tensors on CPU under FavorModel names. Collective under FSDP (call on all ranks);
+    there only rank 0 gets the tensors, the others an empty dict."""
     inner = unwrap(model)
     names = [n for n, p in inner.named_parameters() if p.requires_grad]
     if strategy == "fsdp" and dist.is_initialized():
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return {n: full[n] for n in names}
+        return {n: full[n] for n in names if n in full}  # cpu_offload: only rank 0 receives the tensors
     params = dict(inner.named_parameters())
     return {n: params[n].detach().cpu().clone() for n in names}
 

@@ -25,7 +25,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,8 +36,7 @@ from favor.checkpoint import Checkpoint, apply_weights, base_model_refs, load_ch
 from favor.config import FavorConfig
 from favor.generation import generate, get_settings
 from training import distributed as D
-from training.data import (Collator, DataOptions, ManifestDataset, PairingOptions, StreamSampler,
-                           normalise_answer)
+from training.data import Collator, DataOptions, ManifestDataset, PairingOptions, StreamSampler, normalise_answer
 
 STEP_DIR = "step_{:06d}"
 WEIGHTS_FILE = "favor.safetensors"
@@ -185,10 +184,11 @@ class _Cached(nn.Module):
         finally:
             self._keys = self._lengths = None
 
-    def _features(self, b: int, compute) -> torch.Tensor | None:
+    def _features(self, b: int, compute, suffix: str = "") -> torch.Tensor | None:
         key, n = self._keys[b], self._lengths[b]
         if key is None or n == 0:
             return None
+        key += suffix
         out = self.cache.get(key)
         if out is None:
             with torch.no_grad():
@@ -226,10 +226,9 @@ class CachedVisualEncoder(_Cached):
             t = min(self._lengths[b], T)
             n = int(instruction_mask[b].sum())
             ids, mask = instruction_ids[b:b + 1, :n], instruction_mask[b:b + 1, :n]  # [1, Li_b]
-            key = self._keys[b]
-            self._keys[b] = None if key is None else f"{key}|{ids.tolist()}"
             feats.append(self._features(b, lambda b=b, t=t, ids=ids, mask=mask:
-                                        self.inner(pixels[b:b + 1, :t], ids, mask)[0]))
+                                        self.inner(pixels[b:b + 1, :t], ids, mask)[0],
+                                        suffix=f"|{ids.tolist()}"))  # features depend on the prompt
         ref = next(f for f in feats if f is not None)
         out = pixels.new_zeros(B, T, *ref.shape[1:])  # [B, T, Qv, Dv]
         for b, f in enumerate(feats):
@@ -239,11 +238,6 @@ class CachedVisualEncoder(_Cached):
 
 
 # ---------------------------------------------------------------------------------------------- recipe
-
-
-def _dataclass_from(kind, d: dict):
-    names = {f.name for f in dataclasses.fields(kind)}
-    return kind(**{k: v for k, v in d.items() if k in names})
 
 
 def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
@@ -263,7 +257,6 @@ class StepLog:
     samples_per_s: float  # global samples / wall time of the step, data loading included
     samples: int = 0
     skipped: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class FinetuneRecipe:
@@ -325,6 +318,15 @@ class FinetuneRecipe:
             self._load_train_state(resume_dir / STATE_FILE)
         if self.info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+            if resume_dir is not None:
+                self._truncate_metrics(self.step)
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop records logged after the checkpoint resumed from: the resumed run writes them again."""
+        path = self.out / "metrics.jsonl"
+        if path.is_file():
+            keep = [x for x in path.read_text().splitlines() if x and json.loads(x).get("step", 0) <= step]
+            path.write_text("".join(x + "\n" for x in keep))
 
     def _install_caches(self, model) -> dict[str, FeatureCache]:
         tc, caches = self.tc, {}
@@ -497,6 +499,8 @@ class FinetuneRecipe:
                 count += batch["size"]
             correct: dict[str, list[int]] = {}
             samples = []
+            if self.strategy == "fsdp":
+                model.unshard()  # encode_av reads root-level sharded parameters outside forward()
             for start in range(0, min(n, tc.eval_generate), tc.batch_size):
                 idx = range(start, min(n, tc.eval_generate, start + tc.batch_size))
                 batch = self.collator([self.eval_set[i] for i in idx])
@@ -509,10 +513,13 @@ class FinetuneRecipe:
                                          batch["is_image"], batch["visual_lengths"], batch["audio_lengths"])
                     preds = generate(model, av, batch["questions"],
                                      get_settings("greedy", max_new_tokens=tc.max_new_tokens))
-                for task, pred, ref, sid in zip(batch["tasks"], preds, batch["answers"], batch["ids"]):
+                for task, pred, ref, sid in zip(batch["tasks"], preds, batch["answers"], batch["ids"],
+                                                strict=True):
                     hit = int(normalise_answer(pred) == normalise_answer(ref))
                     correct.setdefault(task, []).append(hit)
                     samples.append({"id": sid, "task": task, "prediction": pred, "reference": ref})
+        if self.strategy == "fsdp":
+            model.reshard()
         model.train(was_training)
         metrics = {"kind": "eval", "step": self.step, "eval_loss": losses / max(count, 1),
                    "eval_ce": ce / max(count, 1), "eval_samples": count}

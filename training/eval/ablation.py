@@ -80,9 +80,12 @@ def build_tokenizer(manifests: Sequence[Path], out_dir: Path):
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
+    from training.data import IMAGE_PREFIX, MATCH_NO, MATCH_QUESTIONS, MATCH_YES
+
     pre = pre_tokenizers.Whitespace()
     seen: dict[str, None] = {}
-    texts = [PROMPT_TEXT.lower(), "yes no"]
+    # the prompt's fixed strings and the questions / answers training's pairing writes
+    texts = [t.lower() for t in (PROMPT_TEXT, *MATCH_QUESTIONS, MATCH_YES, MATCH_NO, IMAGE_PREFIX, ", and")]
     for m in manifests:
         for line in Path(m).read_text(encoding="utf-8").splitlines():
             texts += [t["value"].lower() for t in json.loads(line)["conversation"]]
@@ -213,7 +216,7 @@ def run_one(config: Path, work: Path, variant: str, seed: int, paths: dict[str, 
     tmp = result_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     tmp.replace(result_path)  # a result.json exists only for a finished run
-    return result
+    return json.loads(result_path.read_text())  # the same object a later call reads back
 
 
 def _worker(job: tuple) -> dict:
@@ -222,14 +225,15 @@ def _worker(job: tuple) -> dict:
 
 
 def run(config: Path, work: Path, variants: Sequence[str] = VARIANTS, seeds: Sequence[int] = (0, 1, 2), *,
-        train_clips: int = 240, heldout_clips: int = 30, data_seed: int = 0, jobs: int = 1,
+        train_clips: int = 200, heldout_clips: int = 20, data_seed: int = 0, jobs: int = 1,
         overrides: Sequence[str] = (), eval_limit: int | None = None, log=print) -> list[dict]:
     """Every (variant, seed); finished ones are read back, the rest run in ``jobs`` 1-thread processes."""
     for v in variants:
         variant_overrides(v, 1)  # unknown names fail before any work
     torch.set_num_threads(1)
     paths = prepare(work, train_clips, heldout_clips, data_seed, workers=max(1, jobs))
-    pending = [(config, work, v, s, paths, tuple(overrides), eval_limit) for v in variants for s in seeds]
+    # seed-major: a stopped ablation has whole seeds (every variant) rather than whole variants
+    pending = [(config, work, v, s, paths, tuple(overrides), eval_limit) for s in seeds for v in variants]
     log(f"ablation: {len(pending)} runs under {work}")
     if jobs == 1:
         results = []
@@ -303,7 +307,9 @@ def _cell(s: dict | None) -> str:
 
 def table(agg: dict[str, dict[str, dict]]) -> str:
     """Markdown: one row per variant, ours (mean ± std over seeds) then the paper's number per column."""
-    tasks = sorted({t for v in agg.values() for t in v}, key=lambda t: (t not in PAPER_COLUMNS, t))
+    order = list(PAPER_COLUMNS)  # the paper's column order first, then tasks it has no column for
+    tasks = sorted({t for v in agg.values() for t in v},
+                   key=lambda t: (order.index(t) if t in order else len(order), t))
     head = ["variant"]
     for t in tasks:
         metric = next(v[t]["metric"] for v in agg.values() if t in v)

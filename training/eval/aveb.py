@@ -98,11 +98,11 @@ class _Writer:
     def rel(self, path: Path | None) -> str | None:
         return None if path is None else os.path.relpath(Path(path).resolve(), self.out.parent.resolve())
 
-    def add(self, id: str, task: str, question: str, answer: str, *, video=None, audio=None, image=None,
-            **meta) -> None:
-        self.rows.append({"id": id, "task": task, "video": self.rel(video), "audio": self.rel(audio),
+    def add(self, sample_id: str, task: str, prompt: str, answer: str, /, *, video=None, audio=None,
+            image=None, **meta) -> None:
+        self.rows.append({"id": sample_id, "task": task, "video": self.rel(video), "audio": self.rel(audio),
                           "image": self.rel(image),
-                          "conversation": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}],
+                          "conversation": [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}],
                           "meta": meta})
 
     def skip(self, reason: str) -> None:
@@ -362,7 +362,7 @@ def spokencoco(root: Path, out: Path, limit: int | None = None, json_name: str =
             continue
         usable.append((stem, images[stem], wav, d["captions"][0]["text"]))
     rng = np.random.default_rng(seed)
-    for i, (stem, image, wav, text) in enumerate(usable):
+    for i, (stem, image, _, _) in enumerate(usable):
         matched = len(usable) < 2 or rng.random() >= 0.5
         j = i if matched else (i + 1 + int(rng.integers(len(usable) - 1))) % len(usable)
         w.add(f"spokencoco-{stem}", "avm", PROMPTS["avm"], "yes" if matched else "no", image=image,

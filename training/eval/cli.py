@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -26,18 +27,18 @@ def _fail(message: str) -> None:
 
 @app.command()
 def run(
-    checkpoint: Path = typer.Argument(..., help="FAVOR checkpoint (.safetensors / .pt)"),
-    manifest: Path = typer.Argument(..., help="JSONL manifest (synthetic or converted AVEB)"),
-    out: Path = typer.Option(Path("runs/eval"), "--out", "-o", help="directory for predictions and scores"),
-    tokenizer: Path | None = typer.Option(None, help="tokenizer dir, when the checkpoint's LLM has none"),
-    batch_size: int = typer.Option(4, min=1),
-    max_new_tokens: int = typer.Option(48, min=1),
-    limit: int | None = typer.Option(None, min=1, help="first N samples only"),
-    task: list[str] = typer.Option(None, "--task", help="only these tasks (repeatable)"),
-    skip_bad: bool = typer.Option(False, help="skip samples whose media cannot be decoded"),
-    judge_url: str | None = typer.Option(None, help="OpenAI-compatible base URL for AVSD / VGGSS (off)"),
-    judge_model: str = typer.Option("gpt-3.5-turbo", help="judge model name"),
-    judge_key_env: str = typer.Option("OPENAI_API_KEY", help="environment variable holding the judge key"),
+    checkpoint: Annotated[Path, typer.Argument(help="FAVOR checkpoint (.safetensors / .pt)")],
+    manifest: Annotated[Path, typer.Argument(help="JSONL manifest (synthetic or converted AVEB)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="directory for predictions and scores")] = Path("runs/eval"),
+    tokenizer: Annotated[Path | None, typer.Option(help="tokenizer dir, when the checkpoint's LLM has none")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 4,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 48,
+    limit: Annotated[int | None, typer.Option(min=1, help="first N samples only")] = None,
+    task: Annotated[list[str] | None, typer.Option("--task", help="only these tasks (repeatable)")] = None,
+    skip_bad: Annotated[bool, typer.Option(help="skip samples whose media cannot be decoded")] = False,
+    judge_url: Annotated[str | None, typer.Option(help="OpenAI-compatible base URL for AVSD / VGGSS (off)")] = None,
+    judge_model: Annotated[str, typer.Option(help="judge model name")] = "gpt-3.5-turbo",
+    judge_key_env: Annotated[str, typer.Option(help="environment variable holding the judge key")] = "OPENAI_API_KEY",
 ) -> None:
     """Greedy answers for every sample, scored per task by the paper's rules."""
     from rich.console import Console
@@ -70,11 +71,11 @@ def run(
 
 @app.command()
 def convert(
-    name: str = typer.Argument(..., help="librispeech | audiocaps | flickr30k | textvqa | gqa | nextqa | how2 | "
-                                         "avsd | vggss | spokencoco"),
-    root: Path = typer.Argument(..., help="your local copy of that set, in its published layout"),
-    out: Path = typer.Argument(..., help="manifest to write (.jsonl)"),
-    limit: int | None = typer.Option(None, min=1, help="first N samples only"),
+    name: Annotated[str, typer.Argument(help="librispeech | audiocaps | flickr30k | textvqa | gqa | nextqa | how2 | "
+                                         "avsd | vggss | spokencoco")],
+    root: Annotated[Path, typer.Argument(help="your local copy of that set, in its published layout")],
+    out: Annotated[Path, typer.Argument(help="manifest to write (.jsonl)")],
+    limit: Annotated[int | None, typer.Option(min=1, help="first N samples only")] = None,
 ) -> None:
     """Convert one AVEB test set to a JSONL manifest (media paths relative to the manifest)."""
     from training.eval.aveb import convert as run_convert
@@ -90,10 +91,10 @@ def convert(
 
 @app.command()
 def synth(
-    out_dir: Path = typer.Argument(..., help="directory for the held-out clips and heldout.jsonl"),
-    num_clips: int = typer.Option(20, "--num-clips", "-n", min=1),
-    seed: int = typer.Option(0),
-    workers: int = typer.Option(1, "--workers", "-j", min=1),
+    out_dir: Annotated[Path, typer.Argument(help="directory for the held-out clips and heldout.jsonl")],
+    num_clips: Annotated[int, typer.Option("--num-clips", "-n", min=1)] = 20,
+    seed: Annotated[int, typer.Option()] = 0,
+    workers: Annotated[int, typer.Option("--workers", "-j", min=1)] = 1,
 ) -> None:
     """Write a synthetic AVEB test set (the held-out split: disjoint from every training seed stream)."""
     from training.synth import generate
@@ -103,22 +104,23 @@ def synth(
 
 @app.command()
 def ablation(
-    config: Path = typer.Option(Path("training/configs/ablation.yaml"), "--config", "-c"),
-    work_dir: Path = typer.Option(Path("runs/ablation"), "--work-dir"),
-    variants: list[str] = typer.Option(None, "--variant", help="subset of variants (repeatable)"),
-    seeds: list[int] = typer.Option([0, 1, 2], "--seed", help="seeds (repeatable)"),
-    train_clips: int = typer.Option(240, min=1),
-    heldout_clips: int = typer.Option(30, min=1),
-    jobs: int = typer.Option(1, min=1, help="parallel 1-thread training processes"),
-    eval_limit: int | None = typer.Option(None, min=1, help="score only the first N held-out samples"),
-    overrides: list[str] = typer.Argument(None, help="dotted key=value overrides, e.g. train.steps=100"),
-    results_md: Path | None = typer.Option(None, "--results-md", help="also write the table here"),
+    config: Annotated[Path, typer.Option("--config", "-c")] = Path("training/configs/ablation.yaml"),
+    work_dir: Annotated[Path, typer.Option("--work-dir")] = Path("runs/ablation"),
+    variants: Annotated[list[str] | None, typer.Option("--variant", help="subset of variants (repeatable)")] = None,
+    seeds: Annotated[list[int] | None, typer.Option("--seed", help="seeds (repeatable; default 0 1 2)")] = None,
+    train_clips: Annotated[int, typer.Option(min=1)] = 200,
+    heldout_clips: Annotated[int, typer.Option(min=1)] = 20,
+    jobs: Annotated[int, typer.Option(min=1, help="parallel 1-thread training processes")] = 1,
+    eval_limit: Annotated[int | None, typer.Option(min=1, help="score only the first N held-out samples")] = None,
+    overrides: Annotated[list[str] | None,
+                         typer.Argument(help="dotted key=value overrides, e.g. train.steps=100")] = None,
+    results_md: Annotated[Path | None, typer.Option("--results-md", help="also write the table here")] = None,
 ) -> None:
     """Train and evaluate the full model and its ablations over seeds (resumable), then print the table."""
     from training.eval import ablation as A
 
     try:
-        A.run(config, work_dir, variants or A.VARIANTS, seeds, train_clips=train_clips,
+        A.run(config, work_dir, variants or A.VARIANTS, seeds or (0, 1, 2), train_clips=train_clips,
               heldout_clips=heldout_clips, jobs=jobs, overrides=overrides or [], eval_limit=eval_limit,
               log=typer.echo)
     except ValueError as e:
@@ -144,8 +146,8 @@ def _table(work_dir: Path, out: Path | None) -> None:
 
 @app.command()
 def table(
-    work_dir: Path = typer.Argument(..., help="an ablation work dir"),
-    out: Path | None = typer.Option(None, "--out", help="write the markdown table (and a .json beside it)"),
+    work_dir: Annotated[Path, typer.Argument(help="an ablation work dir")],
+    out: Annotated[Path | None, typer.Option("--out", help="write the markdown table (and a .json beside it)")] = None,
 ) -> None:
     """Aggregate finished ablation runs: mean ± std over seeds per task, beside the paper's numbers."""
     _table(work_dir, out)

@@ -139,7 +139,7 @@ def meteor(hyps: Sequence[str], refs: Sequence[str | Sequence[str]], synonyms: b
     if synonyms and wn is None:
         raise ValueError("meteor: synonyms=True needs WordNet (apt-get install wordnet-base), none found")
     scores = [meteor_score([words(r) for r in rs], words(h), wordnet=wn or _NoWordNet())
-              for h, rs in zip(hyps, _as_lists(refs))]
+              for h, rs in zip(hyps, _as_lists(refs), strict=True)]
     return 100.0 * sum(scores) / len(scores)
 
 

@@ -118,7 +118,7 @@ def predict(model, manifest: str | Path, *, batch_size: int = 4, max_new_tokens:
         preds = generate(model, av, batch["questions"], settings)
         by_id = {data.entries[i].id: data.entries[i] for i in idx}
         for sid, task, question, answer, pred in zip(batch["ids"], batch["tasks"], batch["questions"],
-                                                     batch["answers"], preds):
+                                                     batch["answers"], preds, strict=True):
             meta = by_id[sid].meta
             records.append({"id": sid, "task": task, "question": meta.get("question") or question,
                             "prediction": pred, "reference": answer,

@@ -1,0 +1,358 @@
+"""``favor-rt bench``: what this machine sustains, per FPS x window size x backend.
+
+For each cell the clip is decoded and assembled once (timed: the "decode" stage), then every window
+goes through the runtime's own code path, exactly as in a stream that keeps up:
+
+    frames of window w are encoded as they "arrive" (StreamingCaptioner.on_frame, timed, not latency)
+    the window closes -> caption([w]) (timed: this is the end-of-window-to-caption latency)
+
+Reported per cell (formulas):
+    latency p50 / p95 / max   seconds from window close to caption (incremental visual encoding)
+    throughput                media seconds / wall seconds of all work (decode + visual + caption)
+                              = 1 / real-time factor; >= 1 means the stream is sustainable
+    LLM input tokens          prompt text + Nq AV tokens per window (+ carried previous caption)
+    stage seconds per window  decode (media), visual (all frames), audio, fusion, LLM prefill, decode
+    peak RSS                  VmHWM after resetting it at the start of the cell (/proc/self/clear_refs)
+
+Backends: torch (eager), onnxruntime (exported fp32 bundle), onnxruntime-int8 (the same bundle
+with the dynamically quantised int8 decoder); bundles are exported once per cell into <out>/bundles.
+Presets run with random weights (timing does not depend on weight values; the number of decoded
+tokens does, so it is reported). Outputs: <out>/bench_<name>.{md,csv,jsonl,png}.
+
+Notation: F frames per window, W windows, Nq queries per window.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from runtime.assembler import FrameSlot, Window, WindowAssembler
+from runtime.sources import MediaSource
+from runtime.stream import StreamingCaptioner
+from runtime.synthclip import write_clip
+
+BENCH_PROMPT = "Describe what happens in the video and the audio."
+CLIP_SIZE = (320, 240)  # camera-like frames: resizing to the model's input is part of the work
+CLIP_FPS = 25.0
+_KB_PER_MB = 1024
+
+
+@dataclass
+class Cell:
+    preset: str
+    backend: str
+    fps: float
+    frames_per_window: int
+    window_seconds: float
+    windows: int = 0
+    latency_p50: float = math.nan
+    latency_p95: float = math.nan
+    latency_max: float = math.nan
+    throughput: float = math.nan  # media s per wall s
+    llm_input_tokens: float = math.nan  # mean per window
+    new_tokens: float = math.nan  # mean per caption
+    stages: dict[str, float] = field(default_factory=dict)  # mean seconds per window
+    peak_rss_mb: float = math.nan
+    note: str = ""
+
+
+def machine() -> dict:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "commit": commit,
+            "load_avg_1m": os.getloadavg()[0], "dtype": "float32"}
+
+
+def _reset_peak_rss() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux)
+    except OSError:
+        pass
+
+
+def _peak_rss_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / _KB_PER_MB
+    except OSError:
+        pass
+    return math.nan
+
+
+def synthetic_tokenizer(vocab_size: int):
+    """A word-level tokenizer sized to a random-weight LLM (no hub: nothing to download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>"] + sorted(set((BENCH_PROMPT + " USER : < Img > / ASSISTANT").lower()
+                                                   .replace(".", " . ").split()))
+    words += [f"w{i}" for i in range(vocab_size - len(words))]
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", pad_token="</s>")
+
+
+def retimed(model, fps: float, frames_per_window: int):
+    """The same weights on another frame grid: only the causal Q-Former's block size depends on it."""
+    from favor.model import FavorModel
+    from favor.qformer import CausalQFormer
+
+    cfg = model.cfg.replace(**{"timing.video_fps": float(fps), "timing.frames_per_window": frames_per_window})
+    qformer = CausalQFormer(cfg)
+    qformer.load_state_dict(model.qformer.state_dict())
+    new = FavorModel(cfg, model.audio_encoder, model.visual_encoder, qformer, model.projector, model.llm,
+                     tokenizer=model.tokenizer, instruction_tokenizer=model.instruction_tokenizer)
+    new.audio_proj.load_state_dict(model.audio_proj.state_dict())
+    return new.eval()
+
+
+def assemble(clip: Path, fps: float, frames_per_window: int, sample_rate: int
+             ) -> tuple[list[Window], list[FrameSlot], float]:
+    """Decode + assemble the whole clip; returns windows, frame slots and the seconds it took."""
+    windows: list[Window] = []
+    slots: list[FrameSlot] = []
+    t0 = time.perf_counter()
+    source = MediaSource(str(clip), sample_rate)
+    a = WindowAssembler(fps, frames_per_window, sample_rate, source.video is not None,
+                        source.audio is not None, windows.append, slots.append)
+    try:
+        for item in source:
+            a.push(item)
+        a.push(None)
+    finally:
+        source.close()
+    return windows, slots, time.perf_counter() - t0
+
+
+def run_cell(backend, preset: str, clip: Path, max_new_tokens: int, max_windows: int | None) -> Cell:
+    t = backend.cfg.timing
+    cell = Cell(preset, backend.name, t.video_fps, t.frames_per_window, t.window_seconds)
+    windows, slots, decode_s = assemble(clip, t.video_fps, t.frames_per_window, t.sample_rate)
+    cap = StreamingCaptioner(backend, BENCH_PROMPT, max_new_tokens=max_new_tokens, context=1)
+    by_window: dict[int, list[FrameSlot]] = {}
+    for s in slots:
+        by_window.setdefault(s.window, []).append(s)
+    # warm-up: one caption (allocations, lazy init), then forget it
+    for s in by_window.get(0, []):
+        cap.on_frame(s)
+    cap.caption(windows[:1])
+    cap.history.clear()
+    cap.encoded.clear()
+    cap.ahead_seconds.clear()
+    _reset_peak_rss()
+    use = windows[:max_windows] if max_windows else windows
+    latencies, stage_sums, ahead_total, caption_total = [], {}, 0.0, 0.0
+    tokens_in, tokens_out = [], []
+    for w in use:
+        t0 = time.perf_counter()
+        for s in by_window.get(w.index, []):
+            cap.on_frame(s)
+        t1 = time.perf_counter()
+        c = cap.caption([w])
+        t2 = time.perf_counter()
+        ahead_total += t1 - t0
+        caption_total += t2 - t1
+        latencies.append(t2 - t1)
+        for k, v in c.stages.items():
+            stage_sums[k] = stage_sums.get(k, 0.0) + v
+        stage_sums["visual"] = stage_sums.get("visual", 0.0) + c.visual_ahead
+        tokens_in.append(c.llm_input_tokens)
+        tokens_out.append(c.new_tokens)
+    n = len(use)
+    media_s = sum(w.end - w.start for w in use)
+    decode_share = decode_s * n / max(len(windows), 1)  # decode time of the windows measured
+    cell.windows = n
+    cell.latency_p50 = statistics.median(latencies)
+    cell.latency_p95 = _quantile(latencies, 0.95)
+    cell.latency_max = max(latencies)
+    cell.throughput = media_s / (decode_share + ahead_total + caption_total)
+    cell.llm_input_tokens = statistics.mean(tokens_in)
+    cell.new_tokens = statistics.mean(tokens_out)
+    cell.stages = {"decode": decode_share / n, **{k: v / n for k, v in stage_sums.items()}}
+    cell.peak_rss_mb = _peak_rss_mb()
+    return cell
+
+
+def _quantile(values: list[float], q: float) -> float:
+    """Linear-interpolated quantile (numpy's default 'linear' method)."""
+    v = sorted(values)
+    pos = q * (len(v) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
+
+
+# -- the sweep ------------------------------------------------------------------------------------
+
+STAGE_COLUMNS = ("decode", "visual", "audio", "fusion", "llm_prefill", "llm_decode")
+
+
+def _preset_model(preset: str):
+    from favor.build import build_model
+    from favor.config import get_config
+
+    cfg = get_config(preset)
+    torch.manual_seed(0)
+    return build_model(cfg, pretrained=False, tokenizer=synthetic_tokenizer(cfg.llm.vocab_size))
+
+
+def _backend(name: str, base, model_path: Path | None, fps: float, frames_per_window: int, out: Path):
+    from runtime.backends import TorchBackend, make_backend
+
+    if model_path is not None:
+        return make_backend(name, model_path, fps, frames_per_window)
+    model = retimed(base, fps, frames_per_window)
+    if name == "torch":
+        return TorchBackend(model)
+    if name in ("onnxruntime", "onnxruntime-int8"):
+        from export.bundle import ExportOptions, export_bundle
+        from runtime.backends import OnnxRuntimeBackend
+
+        int8 = name.endswith("int8")
+        bundle = out / "bundles" / f"{base.cfg.preset}_{fps:g}fps_{frames_per_window}f{'_int8' if int8 else ''}"
+        if not (bundle / "manifest.json").is_file():
+            export_bundle(model, bundle, ExportOptions(precision="int8" if int8 else "fp32"))
+        backend = OnnxRuntimeBackend(bundle, threads=torch.get_num_threads(), int8=int8)
+        backend.name = name
+        return backend
+    return make_backend(name, out, fps, frames_per_window)  # names what is missing in one line
+
+
+def main(preset: str, model: Path | None, backends: list[str], fps_values: list[float],
+         window_values: list[int], clip: Path | None, seconds: float, max_new_tokens: int, out: Path,
+         max_windows: int | None, console) -> list[Cell]:
+    if not backends or not fps_values or not window_values:
+        raise ValueError("bench needs at least one backend, one --fps and one --window value")
+    out.mkdir(parents=True, exist_ok=True)
+    if clip is None:
+        clip = out / f"synthetic_{seconds:g}s.mp4"
+        if not clip.exists():
+            write_clip(clip, seconds, fps=CLIP_FPS, size=CLIP_SIZE)
+    elif not clip.is_file():
+        raise ValueError(f"{clip}: clip not found")
+    name = model.stem if model is not None else preset
+    base = None if model is not None else _preset_model(preset)
+    info = machine()
+    console.print(f"bench {name} on {info['cpu']} ({info['cores']} cores, {info['torch_threads']} torch threads), "
+                  f"clip {clip}")
+    cells: list[Cell] = []
+    for backend_name in backends:
+        for fps in fps_values:
+            for F in window_values:
+                try:
+                    backend = _backend(backend_name, base, model, fps, F, out)
+                except ValueError as e:  # e.g. a window longer than the Q-Former's position table
+                    cell = Cell(name, backend_name, fps, F, F / fps, note=str(e).split(";")[0])
+                else:
+                    cell = run_cell(backend, name, clip, max_new_tokens, max_windows)
+                cells.append(cell)
+                console.print(_summary(cell))
+    write_outputs(cells, out / f"bench_{name}", info, clip)
+    return cells
+
+
+def _summary(c: Cell) -> str:
+    if c.note:
+        return f"  {c.backend:11s} {c.fps:g} FPS x {c.frames_per_window:2d}: n/a ({c.note})"
+    return (f"  {c.backend:11s} {c.fps:g} FPS x {c.frames_per_window:2d} ({c.window_seconds:g} s): "
+            f"p50 {c.latency_p50:.3f} s, p95 {c.latency_p95:.3f} s, max {c.latency_max:.3f} s, "
+            f"throughput {c.throughput:.2f}x real time, {c.llm_input_tokens:.0f} LLM tokens in, "
+            f"peak RSS {c.peak_rss_mb:.0f} MB")
+
+
+def write_outputs(cells: list[Cell], stem: Path, info: dict, clip: Path) -> None:
+    header = ["preset", "backend", "fps", "frames_per_window", "window_s", "windows", "latency_p50_s",
+              "latency_p95_s", "latency_max_s", "throughput_x", "llm_input_tokens", "new_tokens",
+              *[f"{s}_s" for s in STAGE_COLUMNS], "peak_rss_mb", "note"]
+    rows = []
+    for c in cells:
+        rows.append([c.preset, c.backend, f"{c.fps:g}", c.frames_per_window, f"{c.window_seconds:g}", c.windows,
+                     *(f"{x:.4f}" for x in (c.latency_p50, c.latency_p95, c.latency_max)),
+                     f"{c.throughput:.3f}", f"{c.llm_input_tokens:.1f}", f"{c.new_tokens:.1f}",
+                     *(f"{c.stages.get(s, math.nan):.4f}" for s in STAGE_COLUMNS),
+                     f"{c.peak_rss_mb:.0f}", c.note])
+    with open(stem.with_suffix(".csv"), "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        w.writerows(rows)
+    with open(stem.with_suffix(".jsonl"), "w") as fh:
+        for c in cells:
+            fh.write(json.dumps({**asdict(c), "machine": info, "clip": str(clip)}) + "\n")
+    md = [f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} "
+          f"({info['torch_threads']} threads, {info['dtype']}), commit {info['commit']}, "
+          f"1-min load average at start {info['load_avg_1m']:.1f}. Clip: {clip.name}.", "",
+          "| backend | FPS | F | window s | latency p50 / p95 / max s | throughput x | LLM tokens in | "
+          "decode / visual / audio / fusion / prefill / LLM decode s per window | peak RSS MB |",
+          "|---|---|---|---|---|---|---|---|---|"]
+    for c in cells:
+        if c.note:
+            md.append(f"| {c.backend} | {c.fps:g} | {c.frames_per_window} | {c.window_seconds:g} | n/a: {c.note} "
+                      "| | | | |")
+            continue
+        stages = " / ".join(f"{c.stages.get(s, math.nan):.3f}" for s in STAGE_COLUMNS)
+        md.append(f"| {c.backend} | {c.fps:g} | {c.frames_per_window} | {c.window_seconds:g} | "
+                  f"{c.latency_p50:.3f} / {c.latency_p95:.3f} / {c.latency_max:.3f} | {c.throughput:.2f} | "
+                  f"{c.llm_input_tokens:.0f} | {stages} | {c.peak_rss_mb:.0f} |")
+    stem.with_suffix(".md").write_text("\n".join(md) + "\n")
+    plot(cells, stem.with_suffix(".png"))
+
+
+def plot(cells: list[Cell], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [c for c in cells if not c.note]
+    fig, (ax_lat, ax_thr) = plt.subplots(1, 2, figsize=(11, 4.2))
+    styles = {b: s for b, s in zip(sorted({c.backend for c in ok}), ("-o", "--s", ":^"), strict=False)}
+    for (backend, F) in sorted({(c.backend, c.frames_per_window) for c in ok}):
+        row = sorted((c for c in ok if c.backend == backend and c.frames_per_window == F), key=lambda c: c.fps)
+        fps = [c.fps for c in row]
+        label = f"{backend}, F={F}"
+        ax_lat.plot(fps, [c.latency_p95 for c in row], styles[backend], label=label)
+        ax_thr.plot(fps, [c.throughput for c in row], styles[backend], label=label)
+    ax_lat.set(xscale="log", yscale="log", xlabel="FPS", ylabel="p95 window latency (s)",
+               title="end-of-window to caption")
+    ax_thr.set(xscale="log", yscale="log", xlabel="FPS", ylabel="media s per wall s",
+               title="throughput (1 / real-time factor)")
+    ax_thr.axhline(1.0, color="grey", lw=0.8)
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    ticks = sorted({c.fps for c in ok})
+    for ax in (ax_lat, ax_thr):
+        ax.grid(True, which="both", alpha=0.3)
+        ax.set_xticks(ticks)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    ax_lat.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

