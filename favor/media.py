@@ -131,7 +131,7 @@ def media_info(path: PathLike) -> MediaInfo:
 # ----------------------------------------------------------------------------------------------- audio
 
 
-def _mono_resampler(stream: av.audio.stream.AudioStream, sample_rate: int) -> av.filter.Graph:
+def mono_resampler(stream: av.audio.stream.AudioStream, sample_rate: int) -> av.filter.Graph:
     """abuffer -> aresample (normalised down-mix matrix) -> flt mono at sample_rate -> sink."""
     graph = av.filter.Graph()
     src = graph.add_abuffer(template=stream)
@@ -178,7 +178,7 @@ def load_audio(path: PathLike, sample_rate: int) -> torch.Tensor:
                     if graph is not None:
                         graph.push(None)
                         _drain(graph, chunks)
-                    graph, layout = _mono_resampler(stream, sample_rate), key
+                    graph, layout = mono_resampler(stream, sample_rate), key
                 graph.push(frame)
                 _drain(graph, chunks)
             if graph is not None:

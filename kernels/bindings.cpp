@@ -158,10 +158,11 @@ py::dict build_info() {
   d["max_threads"] = 1;
 #endif
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(FAVOR_NO_CLONES)
-  d["isa_dispatch"] = "x86-64-v4 | x86-64-v3 | baseline (target_clones)";
+  d["isa_dispatch"] = "x86-64-v4 | x86-64-v3 | baseline, chosen at run time";
 #else
   d["isa_dispatch"] = "compiler default";
 #endif
+  d["micro_kernels"] = favor::cpu_micro_kernels();
   d["max_head_dim"] = favor::kMaxHeadDim;
   d["compiler"] = __VERSION__;
   return d;

@@ -82,6 +82,10 @@ constexpr int64_t kDefaultWorkspaceBytes = int64_t{32} << 20;
 const char* block_causal_attention_cpu(const BlockCausalParams& p, int num_threads,
                                        int64_t workspace_bytes = 0);
 
+// Name of the CPU micro-kernels this process uses (e.g. "kAvx512 8x32"); FAVOR_CPU_ISA=avx2 or
+// baseline forces a narrower set (read once per process).
+const char* cpu_micro_kernels();
+
 // CUDA forward on device pointers (mask included), enqueued on `stream` (a cudaStream_t).
 // Returns nullptr or an error message. Defined in block_causal_attention.cu.
 const char* block_causal_attention_cuda(const BlockCausalParams& p, void* stream);

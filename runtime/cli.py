@@ -129,7 +129,7 @@ def run(
         raise _fail(err, f"{model_path}: model not found (pass --model PATH or set ${MODEL_ENV})", EXIT_USAGE)
 
     try:
-        engine = make_backend(backend, model_path, fps, window)
+        engine = make_backend(backend, model_path, fps, window, threads=threads)
         captioner = StreamingCaptioner(engine, prompt, max_new_tokens, context, incremental)
         source = MediaSource(input, engine.cfg.timing.sample_rate)
     except (ValueError, FileNotFoundError) as e:  # SourceError and MediaError are ValueErrors

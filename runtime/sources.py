@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import av
 import numpy as np
 
-from favor.media import _mono_resampler  # the normalised down-mix graph (stereo -> (L+R)/2)
+from favor.media import mono_resampler  # the normalised down-mix graph (stereo -> (L+R)/2)
 
 NETWORK_SCHEMES = ("rtsp", "rtsps", "rtmp", "http", "https", "udp", "tcp", "srt", "rtp")
 # A stream that goes silent for this long is treated as lost (ffmpeg's socket timeout is in us).
@@ -129,7 +129,7 @@ class MediaSource:
                 # Input format changed mid-stream (concatenated files, renegotiated streams): flush.
                 if self._graph is not None:
                     yield from self._audio_out(None)
-                self._graph, self._graph_key = _mono_resampler(self.audio, self.sample_rate), key
+                self._graph, self._graph_key = mono_resampler(self.audio, self.sample_rate), key
         if self._graph is None:
             return
         self._graph.push(frame)

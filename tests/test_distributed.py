@@ -15,7 +15,7 @@ from test_data import make_world
 from favor.build import build_model
 from favor.checkpoint import load_checkpoint
 from training import distributed as D
-from training.recipe import weights_digest
+from training.features import weights_digest
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "training" / "configs" / "tiny.yaml"

@@ -13,16 +13,8 @@ from test_data import make_world
 from favor.build import build_model
 from favor.checkpoint import load_checkpoint, load_model
 from training.cli import app, load_configs
-from training.recipe import (
-    CachedAudioEncoder,
-    CachedVisualEncoder,
-    FeatureCache,
-    FinetuneRecipe,
-    check_base_paths,
-    find_latest_checkpoint,
-    module_fingerprint,
-    warmup_cosine,
-)
+from training.features import CachedAudioEncoder, CachedVisualEncoder, FeatureCache, module_fingerprint
+from training.recipe import FinetuneRecipe, check_base_paths, find_latest_checkpoint, warmup_cosine
 
 CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"
 TINY = CONFIGS / "tiny.yaml"

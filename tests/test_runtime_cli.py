@@ -27,6 +27,13 @@ ROOT = Path(__file__).resolve().parents[1]
 WINDOW_S = 0.3  # tiny preset: 3 frames per window at 10 FPS
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    before = torch.get_num_threads()  # `run --threads 1` in-process sets it for the whole process
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
     d = tmp_path_factory.mktemp("model")
@@ -170,3 +177,35 @@ def test_bench_writes_table_csv_and_plot(tmp_path):
     assert float(ok["llm_input_tokens"]) > get_config("tiny").qformer.num_queries
     assert (tmp_path / "bench_tiny.png").stat().st_size > 0
     assert "| torch | 10 | 3 |" in (tmp_path / "bench_tiny.md").read_text()
+
+
+def test_source_lost_mid_stream_exits_1_with_captions_kept(tiny_ckpt, tmp_path, monkeypatch):
+    from runtime import sources
+
+    real_iter = sources.MediaSource.__iter__
+
+    def dies_after_a_second(self):  # a camera unplugged mid-run: the read fails
+        for item in real_iter(self):
+            if item.t > 1.0:
+                raise sources.SourceError(f"{self.spec}: camera lost mid-stream (Input/output error)")
+            yield item
+
+    monkeypatch.setattr(sources.MediaSource, "__iter__", dies_after_a_second)
+    clip = write_clip(tmp_path / "cam.mp4", 3.0)
+    srt = tmp_path / "cam.srt"
+    r = cli(tiny_ckpt, clip, "--offline", "--srt", srt)
+    assert r.exit_code == 1
+    assert "camera lost mid-stream" in r.stderr and "captions so far are saved" in r.stderr
+    cues = parse_srt(srt)
+    assert len(cues) == 3 and cues[-1].end <= 1.0 + 1e-9  # the windows completed before the loss
+
+
+@pytest.mark.parametrize("backend, message", [("tensorrt", "not available"),
+                                              ("onnxruntime", "needs an exported bundle"),
+                                              ("cuda", "must be one of")])
+def test_unavailable_backends_are_one_line_errors(tiny_ckpt, tmp_path, backend, message):
+    clip = write_clip(tmp_path / "c.mp4", 0.5)
+    r = cli(tiny_ckpt, clip, "--offline", "--backend", backend)
+    assert r.exit_code == EXIT_USAGE
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0]
