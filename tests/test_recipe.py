@@ -274,3 +274,23 @@ def test_synth_subcommand_output_trains(tmp_path, tiny_cfg, tokenizer):
         batch = collate([ds[k] for k in keys])
         assert batch["size"] == len(keys)
         assert torch.isfinite(model(batch)["loss"])
+
+
+def test_pack_stores_half_and_loads_back(tmp_path, tokenizer):
+    from typer.testing import CliRunner
+
+    from favor.checkpoint import checkpoint_from_model, save_checkpoint
+    from favor.config import get_config
+
+    model = build_model(get_config("tiny"), pretrained=False, tokenizer=tokenizer)
+    src = save_checkpoint(checkpoint_from_model(model), tmp_path / "full.safetensors")
+    out = tmp_path / "half.safetensors"
+    result = CliRunner().invoke(app, ["pack", str(src), str(out), "--dtype", "float16"])
+    assert result.exit_code == 0, result.output
+    packed = load_checkpoint(out)
+    assert all(v.dtype == torch.float16 for v in packed.weights.values())
+    assert out.stat().st_size < src.stat().st_size * 0.6
+    for k, v in load_checkpoint(src).weights.items():  # fp16 keeps ~3 significant digits
+        torch.testing.assert_close(packed.weights[k].float(), v, rtol=1e-3, atol=1e-4)
+    bad = CliRunner().invoke(app, ["pack", str(tmp_path / "missing.safetensors"), str(out)])
+    assert bad.exit_code == 2 and "missing.safetensors" in bad.output

@@ -4,6 +4,7 @@
     favor-train --config training/configs/demo.yaml --resume
     torchrun --nproc_per_node 2 -m training --config training/configs/tiny.yaml train.distributed=ddp
     favor-train synth data/synth --num-clips 200 --seed 0
+    favor-train pack runs/demo/final.safetensors favor/assets/demo/favor-demo.safetensors --dtype float16
 
 ``train`` is the default command, so ``favor-train --config X`` and ``favor-train train --config X`` are
 the same. A config YAML has two sections:
@@ -155,7 +156,7 @@ def synth(
     out_dir: Annotated[Path, typer.Argument(help="output directory; the manifest is OUT_DIR/<split>.jsonl")],
     num_clips: Annotated[int, typer.Option("--num-clips", "-n", min=1, help="clips to generate")] = 100,
     seed: Annotated[int, typer.Option(min=0, help="base seed; clip i uses (seed, split, i)")] = 0,
-    split: Annotated[str, typer.Option(help="train | heldout | demo (disjoint seed streams)")] = "train",
+    split: Annotated[str, typer.Option(help="train | heldout (disjoint seed streams)")] = "train",
     workers: Annotated[int, typer.Option("--workers", "-j", min=1, help="worker processes")] = 1,
     varied_audio: Annotated[bool, typer.Option(help="some clips at 44.1 kHz stereo (exercises resampling)")]
     = False,
@@ -175,3 +176,31 @@ def synth(
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None
     typer.echo(str(manifest))
+
+
+@app.command()
+def pack(
+    checkpoint: Annotated[Path, typer.Argument(help="a FAVOR checkpoint (e.g. RUN/final.safetensors)")],
+    out: Annotated[Path, typer.Argument(help="output .safetensors or .pt")],
+    dtype: Annotated[str, typer.Option(help="storage dtype of floating weights: float32 | float16 | bfloat16")]
+    = "float16",
+) -> None:
+    """Re-save a checkpoint with its floating weights stored in a smaller dtype (loading casts back).
+
+    The embedded demo model is packed this way: fp16 halves its size; the model computes in fp32.
+    """
+    import torch
+
+    from favor.checkpoint import load_checkpoint, save_checkpoint
+
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if dtype not in dtypes:
+        raise typer.BadParameter(f"dtype must be one of {sorted(dtypes)}, got {dtype!r}")
+    try:
+        ckpt = load_checkpoint(checkpoint)
+    except (FileNotFoundError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    ckpt.weights = {k: v.to(dtypes[dtype]) if v.is_floating_point() else v for k, v in ckpt.weights.items()}
+    ckpt.extra = {**ckpt.extra, "packed_from": checkpoint.name, "storage_dtype": dtype}
+    typer.echo(str(save_checkpoint(ckpt, out)))
