@@ -294,3 +294,25 @@ def test_pack_stores_half_and_loads_back(tmp_path, tokenizer):
         torch.testing.assert_close(packed.weights[k].float(), v, rtol=1e-3, atol=1e-4)
     bad = CliRunner().invoke(app, ["pack", str(tmp_path / "missing.safetensors"), str(out)])
     assert bad.exit_code == 2 and "missing.safetensors" in bad.output
+
+
+def test_init_from_starts_at_a_previous_runs_weights(tmp_path, tokenizer):
+    from favor.checkpoint import checkpoint_from_model, save_checkpoint
+    from favor.config import get_config
+
+    cfg = get_config("tiny")
+    source = build_model(cfg, pretrained=False, tokenizer=tokenizer)
+    for p in source.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.3)
+    ckpt = save_checkpoint(checkpoint_from_model(source), tmp_path / "stage1.safetensors")
+    _, tc = load_configs(TINY, [f"train.init_from={ckpt}", f"train.output_dir={tmp_path / 'run'}",
+                                "train.train_manifest=unused.jsonl"])
+    recipe = FinetuneRecipe(cfg, tc, tokenizer=tokenizer, pretrained=False)
+    with pytest.raises((FileNotFoundError, ValueError)):  # no manifest; weights were applied before data setup
+        recipe.setup()
+    for name, p in source.trainable_state_dict().items():
+        assert torch.equal(dict(recipe.inner.named_parameters())[name], p), name
+    other = get_config("tiny", **{"qformer.dropout": 0.1})
+    with pytest.raises(ValueError, match="config differs"):
+        FinetuneRecipe(other, tc, tokenizer=tokenizer, pretrained=False).setup()

@@ -84,6 +84,9 @@ class TrainConfig:
     fsdp_bf16: bool = False  # FSDP mixed precision: bf16 parameters, fp32 reductions
     progress: bool = True
     tokenizer: str | None = None  # LLM tokenizer dir when model.llm.pretrained does not provide one
+    # Start from another run's FAVOR checkpoint (fresh optimiser and schedule), like the release's stage 2
+    # loading the stage-1 delta; unlike --resume it does not continue that run's state.
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -162,6 +165,12 @@ class FinetuneRecipe:
         model.to(self.info.device)
         self.caches = self._install_caches(model)
         resume_dir = self._resume_dir()
+        if tc.init_from and resume_dir is None:  # a resumed run already holds weights past init_from
+            init = load_checkpoint(tc.init_from)
+            if init.config.to_dict() != self.cfg.to_dict():
+                raise ValueError(f"{tc.init_from}: its model config differs from this run's (same preset and "
+                                 "overrides are required to continue from it)")
+            apply_weights(model, init.weights, tc.init_from)
         if resume_dir is not None:
             ckpt = load_checkpoint(resume_dir / WEIGHTS_FILE)
             apply_weights(model, ckpt.weights, str(resume_dir / WEIGHTS_FILE))
