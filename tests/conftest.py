@@ -39,3 +39,18 @@ def tiny_cfg():
 @pytest.fixture
 def tokenizer():
     return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """A self-contained tiny checkpoint (random weights) with its tokenizer beside it."""
+    from favor.build import build_model
+    from favor.checkpoint import checkpoint_from_model, save_checkpoint
+
+    d = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    model = build_model(get_config("tiny"), pretrained=False, tokenizer=make_tokenizer())
+    path = save_checkpoint(checkpoint_from_model(model, self_contained=True, hash_base_models=False),
+                           d / "tiny.safetensors")
+    model.tokenizer.save_pretrained(d / "tiny.tokenizer")
+    return path

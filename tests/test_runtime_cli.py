@@ -13,11 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tokenizer
 from typer.testing import CliRunner
 
-from favor.build import build_model
-from favor.checkpoint import checkpoint_from_model, save_checkpoint
 from favor.config import get_config
 from runtime.cli import EXIT_INTERRUPTED, EXIT_USAGE, app
 from runtime.synthclip import write_clip
@@ -32,17 +29,6 @@ def _restore_torch_threads():
     before = torch.get_num_threads()  # `run --threads 1` in-process sets it for the whole process
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    d = tmp_path_factory.mktemp("model")
-    torch.manual_seed(0)
-    model = build_model(get_config("tiny"), pretrained=False, tokenizer=make_tokenizer())
-    path = save_checkpoint(checkpoint_from_model(model, self_contained=True, hash_base_models=False),
-                           d / "tiny.safetensors")
-    model.tokenizer.save_pretrained(d / "tiny.tokenizer")
-    return path
 
 
 def cli(ckpt, *args):

@@ -9,8 +9,6 @@ import pytest
 import torch
 from conftest import make_tokenizer
 
-from favor.build import build_model
-from favor.checkpoint import checkpoint_from_model, save_checkpoint
 from favor.config import get_config
 from favor.generation import generate, get_settings
 from runtime.backends import TorchBackend, greedy_caption, load_runtime_model, make_backend, prompt_embeds
@@ -30,17 +28,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    d = tmp_path_factory.mktemp("model")
-    torch.manual_seed(0)
-    model = build_model(get_config("tiny"), pretrained=False, tokenizer=make_tokenizer())
-    path = save_checkpoint(checkpoint_from_model(model, self_contained=True, hash_base_models=False),
-                           d / "tiny.safetensors")
-    model.tokenizer.save_pretrained(d / "tiny.tokenizer")
-    return path
 
 
 @pytest.fixture(scope="module")
