@@ -35,7 +35,7 @@ def resolve_base_models(cfg, base_dirs: list[Path]):
     for key in ("audio.pretrained", "visual.pretrained", "llm.pretrained"):
         section, field = key.split(".")
         path = getattr(getattr(cfg, section), field)
-        if not path or Path(path).exists():
+        if not path or Path(path).exists() or path.startswith("pypi:"):  # pinned wheels resolve in favor.build
             continue
         found = [d / Path(path).name for d in base_dirs if (d / Path(path).name).exists()]
         if not found:

@@ -41,6 +41,9 @@ def test_round_trip_bit_exact(model, tokenizer, tmp_path, suffix):
 
 def test_pt_loads_with_weights_only(model, tmp_path):
     path = save_checkpoint(checkpoint_from_model(model), tmp_path / "c.pt")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's private 0600
     blob = torch.load(path, weights_only=True)  # must not need pickled classes
     assert blob["meta"]["format"] == "favor-checkpoint"
 

