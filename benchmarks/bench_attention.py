@@ -129,7 +129,7 @@ def main(windows: Annotated[int, typer.Option(help="windows per call (the Q-Form
          threads: Annotated[str, typer.Option(help="torch/kernel thread counts, one section each")] = "2,1",
          sweep: Annotated[str, typer.Option(help="frames per window (first thread count only)")] = "1,2,5,10,15,20",
          flex: Annotated[bool, typer.Option(help="include compiled FlexAttention (slow compile)")] = True,
-         out: Annotated[Path, typer.Option(help="Markdown results section")] = HERE / "RESULTS_attention.md",
+         out: Annotated[Path, typer.Option(help="Markdown results section")] = HERE / "out" / "RESULTS_attention.md",
          jsonl: Annotated[Path, typer.Option(help="JSON-lines log")] = HERE / "results" / "bench_attention.jsonl",
          ) -> None:
     cfg = get_config("favor-13b")
@@ -173,7 +173,8 @@ def main(windows: Annotated[int, typer.Option(help="windows per call (the Q-Form
         for r in records:
             append_jsonl(jsonl, {"bench": "attention", "machine": info, **r})
     text = "\n".join(sections)
-    out.write_text(text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)  # a section to paste into benchmarks/RESULTS.md
     print(text)
 
 

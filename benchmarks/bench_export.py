@@ -4,7 +4,7 @@ those of the trained model; parity on trained weights is favor-export verify's j
     PYTHONPATH=. python benchmarks/bench_export.py --presets demo small --out /tmp/bench_export
 
 Writes one JSON line per stage (preset, stage, seconds, MB, device, torch, commit) to
-benchmarks/results_export.jsonl and prints a markdown table. Time = wall clock of
+benchmarks/results/results_export.jsonl and prints a markdown table. Time = wall clock of
 torch.onnx.export(dynamo=True) incl. decompositions and ONNX optimisation, on this machine's CPU.
 """
 
@@ -55,7 +55,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--presets", nargs="+", default=["demo", "small"])
     ap.add_argument("--out", type=Path, default=Path("/tmp/bench_export"))
-    ap.add_argument("--jsonl", type=Path, default=Path(__file__).parent / "results_export.jsonl")
+    ap.add_argument("--jsonl", type=Path, default=Path(__file__).parent / "results" / "results_export.jsonl")
     args = ap.parse_args()
     rows = []
     for preset in args.presets:

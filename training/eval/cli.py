@@ -5,7 +5,7 @@
     favor-eval convert librispeech /data/LibriSpeech data/aveb/asr.jsonl
     favor-eval synth data/aveb_synth --num-clips 20                # a synthetic held-out test set
     favor-eval ablation --config training/configs/ablation.yaml --work-dir runs/ablation
-    favor-eval table runs/ablation --out benchmarks/RESULTS_eval.md
+    favor-eval table runs/ablation --out runs/ablation/table.md   # then paste into benchmarks/RESULTS.md
 """
 
 from __future__ import annotations
