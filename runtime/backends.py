@@ -13,7 +13,9 @@ Text is decoded by ``favor.captions.greedy_decode`` for every backend (one loop)
 
 - ``TorchBackend``: eager PyTorch on a checkpoint (LoRA merged into the LLM for speed).
 - ``OnnxRuntimeBackend``: an exported bundle (export/, ``favor-export``) run by ONNX Runtime CPU.
-- TensorRT: not implemented in the runtime; ``make_backend('tensorrt')`` says so in one line.
+- ``TensorRTBackend`` (runtime/trt_backend.py): the bundle's TensorRT engines + TensorRT-LLM decoder, built
+  only when tensorrt, tensorrt_llm and CUDA are all present (unverified on hardware). TensorRT-LLM owns
+  its decode loop, so that backend has ``generate`` instead of ``inference``; ``caption_tokens`` picks.
 
 Notation: n frames, S image size, Qv visual tokens per frame, Ta audio tokens, M mel bins,
 Tm mel frames, Nq queries per window, L prompt length, V vocabulary, D LLM width.
@@ -21,7 +23,6 @@ Tm mel frames, Nq queries per window, L prompt length, V vocabulary, D LLM width
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from pathlib import Path
 
@@ -215,36 +216,55 @@ def prompt_embeds(backend, prompt: str, av: torch.Tensor) -> torch.Tensor:
     return torch.cat([pre, torch.as_tensor(av).to(pre.dtype), post])  # [L, D]
 
 
+def caption_tokens(backend, prompt: str, av: torch.Tensor, max_new_tokens: int
+                   ) -> tuple[list[int], int, float, float]:
+    """Greedy caption of one prompt around AV rows [A, D]: (ids, prompt length, prefill s, decode s).
+
+    TensorRT-LLM decodes inside its engine (``backend.generate``); every other backend runs
+    favor.captions' loop on the spliced prompt embeddings."""
+    if hasattr(backend, "generate"):
+        return backend.generate(prompt, av, max_new_tokens)
+    full = prompt_embeds(backend, prompt, av)  # [L, D]
+    ids, prefill_s, decode_s = greedy_caption(backend, full, max_new_tokens)
+    return ids, full.shape[0], prefill_s, decode_s
+
+
 def is_bundle(path: Path) -> bool:
     return path.is_dir() and (path / "manifest.json").is_file()
 
 
-def tensorrt_available() -> bool:
-    return importlib.util.find_spec("tensorrt") is not None
+def _check_bundle_timing(backend, path: Path, fps: float | None, frames_per_window: int | None):
+    """A bundle's timing is baked in at export: refuse a different --fps / --window."""
+    t = backend.cfg.timing
+    for flag, asked, baked in (("--fps", fps, t.video_fps), ("--window", frames_per_window, t.frames_per_window)):
+        if asked is not None and asked != baked:
+            raise ValueError(f"{path}: the bundle was exported for {flag} {baked:g}, got {asked:g}; "
+                             "re-export, or run the checkpoint on the torch backend")
+    return backend
 
 
 def make_backend(name: str, model_path: str | Path, fps: float | None = None,
                  frames_per_window: int | None = None, threads: int | None = None):
-    """Backend by name. 'auto': ONNX Runtime for an exported bundle, torch for a checkpoint."""
+    """Backend by name. 'auto': ONNX Runtime for an exported bundle, torch for a checkpoint (never TensorRT)."""
     if name not in BACKENDS:
         raise ValueError(f"backend ({name!r}) must be one of {', '.join(BACKENDS)}")
     path = Path(model_path)
     if name == "tensorrt":
-        why = "TensorRT is not installed" if not tensorrt_available() else "no engine runner is written"
-        raise ValueError(f"backend 'tensorrt' is not available in the runtime ({why}); "
-                         "use onnxruntime (an exported bundle) or torch")
+        from runtime.trt_backend import TensorRTBackend, unavailable_reason
+
+        why = unavailable_reason()
+        if why:
+            raise ValueError(f"backend 'tensorrt' is not available ({why}); "
+                             "use onnxruntime (an exported bundle) or torch")
+        if not is_bundle(path):
+            raise ValueError(f"{path}: backend 'tensorrt' needs an exported bundle directory with a "
+                             "manifest.json and its engines (favor-export --targets tensorrt,trtllm)")
+        return _check_bundle_timing(TensorRTBackend(path), path, fps, frames_per_window)
     if name == "onnxruntime" or (name == "auto" and is_bundle(path)):
         if not is_bundle(path):
             raise ValueError(f"{path}: backend 'onnxruntime' needs an exported bundle directory with a "
                              "manifest.json (make one with `favor-export`)")
-        backend = OnnxRuntimeBackend(path, threads=threads)
-        t = backend.cfg.timing
-        for flag, asked, baked in (("--fps", fps, t.video_fps),
-                                   ("--window", frames_per_window, t.frames_per_window)):
-            if asked is not None and asked != baked:
-                raise ValueError(f"{path}: the bundle was exported for {flag} {baked:g}, got {asked:g}; "
-                                 "re-export, or run the checkpoint on the torch backend")
-        return backend
+        return _check_bundle_timing(OnnxRuntimeBackend(path, threads=threads), path, fps, frames_per_window)
     if is_bundle(path):
         raise ValueError(f"{path}: an exported bundle runs on the onnxruntime backend, not {name}")
     return TorchBackend(load_runtime_model(path, fps, frames_per_window))

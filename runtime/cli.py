@@ -81,7 +81,8 @@ def run(
     input: Annotated[str, typer.Argument(help="media file, camera (/dev/video0 or an index), "
                                               "rtsp/http/udp URL, or lavfi:<graph>")],
     model: Annotated[Path | None, typer.Option(help="FAVOR checkpoint (default: the demo model)")] = None,
-    backend: Annotated[str, typer.Option(help="auto | torch | onnxruntime | tensorrt")] = "auto",
+    backend: Annotated[str, typer.Option(
+        help="auto | torch | onnxruntime | tensorrt (a bundle with built engines, NVIDIA GPU)")] = "auto",
     fps: Annotated[float | None, typer.Option(help="frames sampled per second (default: the model's)")] = None,
     window: Annotated[int | None, typer.Option(help="frames per window (default: the model's)")] = None,
     prompt: Annotated[str, typer.Option(help="question asked about every window")] = DEFAULT_PROMPT,
