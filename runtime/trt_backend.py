@@ -295,7 +295,7 @@ class TensorRTBackend:
         axes = self.manifest["dynamic_axes"]
         self.engines = {s: TrtEngine(trt, runtime, p, s, self.manifest["stages"][s], axes) for s, p in paths.items()}
         self.stream = torch.cuda.Stream()
-        self.runner = ModelRunner.from_dir(str(llm_dir), stream=self.stream)
+        self.runner = ModelRunner.from_dir(str(llm_dir))
         self.embedding = torch.from_numpy(load_file(str(self.path / EMBED_FILE))["weight"])  # [V, D]
         self._instruction: tuple[torch.Tensor, torch.Tensor] | None = None
 
