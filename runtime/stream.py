@@ -35,7 +35,7 @@ import torch
 from favor.media import log_mel_spectrogram, preprocess_frames
 from favor.prompt import chat_prompt, clean_answer
 from runtime.assembler import FrameSlot, Window, WindowAssembler
-from runtime.backends import greedy_caption, prompt_embeds
+from runtime.backends import caption_tokens
 from runtime.scheduler import DeadlineScheduler, SchedulerStats
 from runtime.sources import Capture, MediaSource, Ring
 
@@ -161,15 +161,15 @@ class StreamingCaptioner:
             stages["audio"] += t2 - t1
             stages["fusion"] += t3 - t2
         av = torch.cat([torch.as_tensor(e) for e in embeds])  # [A, D]
-        full = prompt_embeds(self.backend, self.llm_prompt(), av)  # [L, D]
-        ids, stages["llm_prefill"], stages["llm_decode"] = greedy_caption(self.backend, full, self.max_new_tokens)
+        ids, n_in, stages["llm_prefill"], stages["llm_decode"] = caption_tokens(
+            self.backend, self.llm_prompt(), av, self.max_new_tokens)
         text = clean_answer(self.backend.tokenizer.decode(ids, skip_special_tokens=True))
         if self.context:
             self.history = (self.history + [text])[-self.context:]
         ahead = sum(self.ahead_seconds.pop(w.index, 0.0) for w in windows)
         self.forget_before(windows[-1].first_frame + windows[-1].num_frames)
         cap = Caption(self.captions, windows[0].start, windows[-1].end, text, [w.index for w in windows],
-                      llm_input_tokens=full.shape[0], new_tokens=len(ids), stages=stages,
+                      llm_input_tokens=n_in, new_tokens=len(ids), stages=stages,
                       visual_ahead=ahead, embeds=av)
         self.captions += 1
         return cap
