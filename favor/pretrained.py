@@ -99,19 +99,20 @@ def locate(entry: PackagedFile) -> Path:
 
 
 def _atomic_symlink_dir(target: Path, links: dict[str, Path]) -> Path:
-    """A directory of symlinks built beside ``target`` and renamed into place."""
-    if target.is_dir() and all((target / n).resolve() == p.resolve() for n, p in links.items()):
+    """A directory of symlinks, named by where they point, built aside and renamed into place.
+
+    The name carries a digest of the link targets, so each environment (venv) gets its own
+    directory and no process ever deletes one another process may be reading."""
+    key = hashlib.sha256("\n".join(f"{n}={links[n].resolve()}" for n in sorted(links)).encode())
+    target = target.with_name(f"{target.name}-{key.hexdigest()[:12]}")
+    if target.is_dir():
         return target
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     for name, src in links.items():
-        (tmp / name).symlink_to(src)
-    if target.exists():  # stale (e.g. the venv moved): replace it
-        for child in target.iterdir():
-            child.unlink()
-        target.rmdir()
+        (tmp / name).symlink_to(src.resolve())
     try:
         tmp.rename(target)
-    except OSError:  # another process won the race; its links are equally valid
+    except OSError:  # another process made the same directory first; its links are identical
         for child in tmp.iterdir():
             child.unlink()
         tmp.rmdir()

@@ -175,3 +175,24 @@ def test_smollm2_loads_as_llama():
         logits = model(torch.tensor([[1, 504, 3458, 2]])).logits
     assert logits.shape == (1, 4, model.config.vocab_size)
     assert torch.isfinite(logits).all()
+
+
+def test_symlink_dirs_never_clobber_each_other(tmp_path):
+    """Two environments (different link targets) get two directories; re-creating one is a no-op.
+
+    Regression: one shared directory was deleted and rebuilt by whichever venv called last, so a
+    parallel process of another venv could find it missing mid-read."""
+    from favor.pretrained import _atomic_symlink_dir
+
+    srcs = []
+    for env in ("venv_a", "venv_b"):
+        f = tmp_path / env / "model.bin"
+        f.parent.mkdir()
+        f.write_bytes(env.encode())
+        srcs.append(f)
+    a = _atomic_symlink_dir(tmp_path / "ct2", {"model.bin": srcs[0]})
+    b = _atomic_symlink_dir(tmp_path / "ct2", {"model.bin": srcs[1]})
+    assert a != b
+    assert (a / "model.bin").read_bytes() == b"venv_a" and (b / "model.bin").read_bytes() == b"venv_b"
+    assert _atomic_symlink_dir(tmp_path / "ct2", {"model.bin": srcs[0]}) == a
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp litter
