@@ -8,6 +8,7 @@ ValueError naming the file and line on anything malformed; tests read every outp
 
 from __future__ import annotations
 
+import abc
 import json
 import os
 import re
@@ -41,7 +42,7 @@ def _cue_text(text: str) -> str:
     return "\n".join(lines) or "..."
 
 
-class CaptionWriter:
+class CaptionWriter(abc.ABC):
     """Base: opens ``path`` for writing (truncating), appends a durable record per caption."""
 
     header = ""
@@ -64,8 +65,9 @@ class CaptionWriter:
         self.count += 1
         self._append(self.format(start, end, text, record))
 
+    @abc.abstractmethod
     def format(self, start: float, end: float, text: str, record: dict | None) -> str:
-        raise NotImplementedError
+        """One caption in this writer's format."""
 
     def close(self) -> None:
         if not self.fh.closed:
