@@ -48,7 +48,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # Grid times and frame times are compared with this slack: fps is a float, so i / fps can land one ulp
 # before a frame whose pts is exactly on the grid. One microsecond is far below any frame interval.
-_TIME_EPS_S = 1e-6
+TIME_EPS_S = 1e-6
 # Frames are resized in chunks of this many so a long high-resolution clip never needs a full
 # float32 copy at source size (120 frames of 1080p would be 3 GB).
 _PREPROCESS_CHUNK_FRAMES = 16
@@ -281,7 +281,7 @@ def _decoded(c: av.container.InputContainer, stream, start: float) -> Iterator[a
         c.seek(math.floor(start / stream.time_base), stream=stream, backward=True)
         frames = c.decode(stream)
         first = next(frames, None)
-        if first is not None and (_frame_time(first) is None or _frame_time(first) <= start + _TIME_EPS_S):
+        if first is not None and (_frame_time(first) is None or _frame_time(first) <= start + TIME_EPS_S):
             yield first
             yield from frames
             return
@@ -289,84 +289,145 @@ def _decoded(c: av.container.InputContainer, stream, start: float) -> Iterator[a
     yield from c.decode(stream)
 
 
+def frame_duration(frame: av.VideoFrame, stream: av.video.stream.VideoStream) -> float:
+    """Seconds ``frame`` stays on screen: its own duration, else one source frame interval, else 0.
+
+    A frame without a duration is shown until the source's next frame would be, so it lasts one frame
+    interval of the source (1 / the stream's average rate). Not one interval of the sampling grid: that
+    is the model's rate and says nothing about the media; at 2 FPS over a 30 FPS source it would stretch
+    a 10-s clip to 10.47 s and add a 21st slot that the audio and the container duration do not have.
+    With no average rate either (e.g. VFR in NUT), 0: the last frame fills only the slots up to its own
+    pts, and nothing is invented past the last timestamp seen.
+    """
+    if frame.duration and frame.time_base is not None:
+        return float(frame.duration * frame.time_base)
+    rate = stream.average_rate
+    return 1.0 / float(rate) if rate else 0.0
+
+
+class FrameGrid:
+    """Frame sampling by presentation time, on timestamps alone: ``load_frames`` and the runtime's
+    window assembler both pick frames through this one rule.
+
+    Slot i of the grid is at t_i = start + i / fps and shows the latest frame with pts <= t_i; slots
+    before the first frame show the first frame. Push frames in decode order; ``finish`` then gives the
+    slots the last frame fills until it ends (pts + duration, and at least the slot at its own pts).
+    Variable frame rate works because only pts matter, never frame counts.
+    """
+
+    def __init__(self, fps: float, start: float = 0.0):
+        if not fps > 0:
+            raise ValueError(f"fps must be > 0 frames per second, got {fps}")
+        self.fps, self.start = fps, start
+        self.next = 0  # first slot not yet given a frame
+        self.held_t = -math.inf  # pts (seconds) of the frame on screen: the last one accepted
+        self.held_duration = 0.0  # its duration (seconds; favor.media.frame_duration)
+
+    def time(self, i: int) -> float:
+        """Seconds at which slot ``i`` is sampled."""
+        return self.start + i / self.fps
+
+    def push(self, t: float, duration: float) -> int | None:
+        """A frame with pts ``t`` arrived: the number of slots that close before it.
+
+        Those slots show the frame held so far (this one, when none is held yet); then this frame is
+        held. None: ``t`` is not after the held frame's pts (out of order or duplicate), so the frame
+        is dropped and the held one kept.
+        """
+        if t <= self.held_t:
+            return None
+        n = self._fill(lambda s: s < t - TIME_EPS_S)
+        self.held_t, self.held_duration = t, duration
+        return n
+
+    def finish(self) -> int:
+        """End of stream: the number of slots the held frame fills until it ends (0 if none held)."""
+        if self.held_t == -math.inf:
+            return 0
+        end, held = self.held_t + self.held_duration, self.held_t
+        return self._fill(lambda s: s < end - TIME_EPS_S or s <= held + TIME_EPS_S)
+
+    def _fill(self, before) -> int:
+        first = self.next
+        while before(self.time(self.next)):
+            self.next += 1
+        return self.next - first
+
+
 def load_frames(
     path: PathLike, fps: float, max_frames: int | None = None, start: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample RGB frames at ``fps`` by presentation time.
+    """Sample RGB frames at ``fps`` by presentation time (the ``FrameGrid`` rule), from ``start`` s.
 
-    Target times are t_i = start + i / fps, i = 0, 1, ...; target i gets the latest decoded frame with
-    pts <= t_i (a target before the first frame gets the first frame). Sampling stops at the end of the
-    stream (last pts + that frame's duration) or after ``max_frames``. Variable frame rate works because
-    only pts matter, never frame counts.
-
-    Returns frames uint8 [T, H, W, 3] and timestamps float64 [T]: the pts (seconds) of the frame picked
-    for each target (repeated when fps exceeds the source rate). Frames that change size mid-stream are
-    scaled to the first picked frame's size.
+    Sampling stops at the end of the stream (last pts + that frame's duration, see ``frame_duration``)
+    or after ``max_frames``. Returns frames uint8 [T, H, W, 3] and timestamps float64 [T]: the pts
+    (seconds) of the frame picked for each slot (repeated when fps exceeds the source rate). Frames that
+    change size mid-stream are scaled to the first picked frame's size.
     """
-    if not fps > 0:
-        raise ValueError(f"fps must be > 0 frames per second, got {fps}")
     if max_frames is not None and max_frames < 1:
         raise ValueError(f"max_frames must be >= 1 or None, got {max_frames}")
     if start < 0:
         raise ValueError(f"start must be >= 0 seconds, got {start}")
-    limit = math.inf if max_frames is None else max_frames
-    picked: list[np.ndarray] = []
-    times: list[float] = []
-
+    grid = FrameGrid(fps, start)
+    picker = _Picker(math.inf if max_frames is None else max_frames)
     with _open(path) as c:
         stream = _video_stream(c, path)
-        default_duration = 1.0 / float(stream.average_rate) if stream.average_rate else 0.0
-        prev: av.VideoFrame | None = None
-        prev_time = -math.inf
-        prev_rgb: np.ndarray | None = None  # rgb of prev, converted once even if picked many times
-        size: tuple[int, int] | None = None  # (width, height) of the output
-        last_duration = 0.0  # seconds the last decoded frame stays on screen, if the file says
-
-        def take(frame: av.VideoFrame, t: float) -> None:
-            nonlocal prev_rgb, size
-            if prev_rgb is None:
-                if size is None:
-                    size = (frame.width, frame.height)
-                prev_rgb = frame.to_ndarray(format="rgb24", width=size[0], height=size[1])  # [H, W, 3]
-            picked.append(prev_rgb)
-            times.append(t)
-
-        def target() -> float:
-            return start + len(picked) / fps
-
         try:
             for frame in _decoded(c, stream, start):
                 t = _frame_time(frame)
                 if t is None:
                     raise MediaError(f"{path}: video frame without a presentation timestamp")
-                if t <= prev_time:  # out-of-order or duplicate pts: keep the one already held
-                    continue
-                # Every target before this frame's pts shows the previous frame (or, before the first
-                # frame, this one).
-                while len(picked) < limit and target() < t - _TIME_EPS_S:
-                    if prev is None:
-                        prev, prev_time, prev_rgb = frame, t, None
-                    take(prev, prev_time)
-                if len(picked) >= limit:
+                n = grid.push(t, frame_duration(frame, stream))
+                if n is not None and picker.show(frame, t, n):
                     break
-                if prev is not frame:  # (it already is when it filled targets before the first pts)
-                    prev, prev_time, prev_rgb = frame, t, None
-                last_duration = float(frame.duration * frame.time_base) if frame.duration else 0.0
         except av.FFmpegError as e:
-            n = len(picked)
+            n = len(picker.picked)
             raise MediaError(f"{path}: video decode error after {n} sampled frames ({_reason(e)})") from None
-
-        if prev is None:
+        if picker.held is None:
             raise MediaError(f"{path}: video stream decoded to no frames")
-        end = prev_time + (last_duration or default_duration)
-        # Tail: targets until the end of the last frame (at least the last frame's own pts).
-        while len(picked) < limit and (target() < end - _TIME_EPS_S or target() <= prev_time + _TIME_EPS_S):
-            take(prev, prev_time)
-        if not picked:
+        if not picker.full():
+            picker.take(grid.finish())
+        if not picker.picked:
+            end = grid.held_t + grid.held_duration
             raise MediaError(f"{path}: start ({start} s) is at or past the end of the video ({end:.3f} s)")
+    frames = torch.from_numpy(np.stack(picker.picked))  # [T, H, W, 3]
+    return frames, torch.tensor(picker.times, dtype=torch.float64)
 
-    frames = torch.from_numpy(np.stack(picked))  # [T, H, W, 3]
-    return frames, torch.tensor(times, dtype=torch.float64)
+
+class _Picker:
+    """The RGB frames ``load_frames`` collects: the held frame, converted once however often picked."""
+
+    def __init__(self, limit: float):
+        self.limit = limit
+        self.picked: list[np.ndarray] = []  # uint8 [H, W, 3] each
+        self.times: list[float] = []
+        self.held: av.VideoFrame | None = None
+        self.held_t = 0.0
+        self.rgb: np.ndarray | None = None  # rgb of held, once converted
+        self.size: tuple[int, int] | None = None  # (width, height) of the output
+
+    def full(self) -> bool:
+        return len(self.picked) >= self.limit
+
+    def show(self, frame: av.VideoFrame, t: float, n: int) -> bool:
+        """``n`` slots close before ``frame`` (pts ``t``): the held frame fills them; True when full."""
+        if self.held is None:
+            self.held, self.held_t = frame, t
+        self.take(n)
+        if self.full():
+            return True
+        if self.held is not frame:
+            self.held, self.held_t, self.rgb = frame, t, None
+        return False
+
+    def take(self, n: int) -> None:
+        for _ in range(int(min(n, self.limit - len(self.picked)))):
+            if self.rgb is None:
+                if self.size is None:
+                    self.size = (self.held.width, self.held.height)
+                self.rgb = self.held.to_ndarray(format="rgb24", width=self.size[0], height=self.size[1])
+            self.picked.append(self.rgb)
+            self.times.append(self.held_t)
 
 
 def load_image(path: PathLike) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 Stream time 0 is the first video frame's pts (the first audio pts for audio-only input). Then
 
-    frame slot i   shows the latest decoded frame with pts <= i / fps      (favor.media.load_frames' rule)
+    frame slot i   shows the latest decoded frame with pts <= i / fps      (favor.media.FrameGrid, the
+                   rule load_frames uses; the last frame lasts its favor.media.frame_duration)
     audio sample k plays at k / sample_rate; a chunk lands at round((pts - t0) x sample_rate)
     window w       = slots [wF, (w+1)F)  +  samples [round(wF x sr / fps), round((w+1)F x sr / fps))
 
@@ -26,11 +27,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from favor.media import TIME_EPS_S, FrameGrid
 from runtime.sources import AudioChunk, Frame
 
-# Grid and frame times are compared with this slack: i / fps can land one ulp before a frame whose pts
-# is exactly on the grid (the same tolerance favor.media uses).
-TIME_EPS_S = 1e-6
 # A chunk whose start is this close to the end of the previous one is taken as contiguous: resampler
 # timestamps are rounded to whole samples, so a 1-2 sample jitter is clock noise, not a gap.
 AUDIO_JITTER_SAMPLES = 2
@@ -72,8 +71,8 @@ class WindowAssembler:
         self.t0: float | None = None
         self.early_audio: list[AudioChunk] = []
         # video: the held frame and the next slot to fill
+        self.grid = FrameGrid(fps)  # on stream time (t0 = 0)
         self.prev: Frame | None = None
-        self.last_video_t = -math.inf
         self.size: tuple[int, int] | None = None  # (width, height) of every output frame
         self.next_slot = 0
         self.slots: dict[int, np.ndarray] = {}  # slot index -> rgb, for windows not yet closed
@@ -86,8 +85,12 @@ class WindowAssembler:
         self.finished = False
 
     # -- time grid -----------------------------------------------------------------------------
+    @property
+    def last_video_t(self) -> float:  # stream time of the held frame (-inf before the first)
+        return self.grid.held_t
+
     def slot_time(self, i: int) -> float:
-        return i / self.fps
+        return self.grid.time(i)
 
     def sample_at(self, frame_index: int) -> int:  # first audio sample of frame slot i
         return round(frame_index * self.sr / self.fps)
@@ -124,12 +127,12 @@ class WindowAssembler:
             self.on_frame(FrameSlot(i, i // self.F, rgb))
 
     def _video(self, frame: Frame) -> None:
-        t = frame.t - self.t0
-        if t <= self.last_video_t:  # out-of-order or duplicate pts: keep the frame already held
+        n = self.grid.push(frame.t - self.t0, frame.duration)
+        if n is None:  # out-of-order or duplicate pts: keep the frame already held
             return
-        while self.slot_time(self.next_slot) < t - TIME_EPS_S:
+        for _ in range(n):
             self._pick(self.prev if self.prev is not None else frame)
-        self.prev, self.last_video_t = frame, t
+        self.prev = frame
 
     def _audio(self, chunk: AudioChunk) -> None:
         start = round((chunk.t - self.t0) * self.sr)
@@ -198,14 +201,8 @@ class WindowAssembler:
             for chunk in self.early_audio:
                 self._audio(chunk)
             self.early_audio.clear()
-        if self.prev is not None:
-            duration = self.prev.frame.duration
-            time_base = self.prev.frame.time_base
-            span = float(duration * time_base) if duration and time_base else 1.0 / self.fps
-            end = self.last_video_t + span
-            while (self.slot_time(self.next_slot) < end - TIME_EPS_S
-                   or self.slot_time(self.next_slot) <= self.last_video_t + TIME_EPS_S):
-                self._pick(self.prev)
+        for _ in range(self.grid.finish()):  # the last frame, until it ends
+            self._pick(self.prev)
         video_frames = self.next_slot if self.has_video else 0
         audio_frames = math.ceil(self.audio_end * self.fps / self.sr - TIME_EPS_S) if self.has_audio else 0
         total = max(video_frames, audio_frames)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import av
 import numpy as np
 
-from favor.media import mono_resampler  # the normalised down-mix graph (stereo -> (L+R)/2)
+from favor.media import frame_duration, mono_resampler  # mono_resampler: stereo -> (L+R)/2
 
 NETWORK_SCHEMES = ("rtsp", "rtsps", "rtmp", "http", "https", "udp", "tcp", "srt", "rtp")
 # A stream that goes silent for this long is treated as lost (ffmpeg's socket timeout is in us).
@@ -45,6 +45,7 @@ class SourceError(ValueError):
 class Frame:
     t: float  # presentation time, seconds on the source clock
     frame: av.VideoFrame  # decoded, not yet converted
+    duration: float = 0.0  # seconds on screen (favor.media.frame_duration); 0 = not known
 
     def rgb(self, size: tuple[int, int] | None = None) -> np.ndarray:
         """uint8 [H, W, 3]; ``size`` = (width, height) rescales (a resolution change mid-stream)."""
@@ -162,7 +163,7 @@ class MediaSource:
                 for f in decoded:
                     if isinstance(f, av.VideoFrame):
                         if f.pts is not None:  # a frame without a time cannot be placed on the grid
-                            yield Frame(float(f.time), f)
+                            yield Frame(float(f.time), f, frame_duration(f, self.video))
                     else:
                         yield from self._audio_out(f)
             yield from self._audio_out(None)

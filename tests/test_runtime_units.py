@@ -18,7 +18,8 @@ FPS, F, SR = 10.0, 3, 1000  # 0.1 s per frame slot, 0.3 s windows, 100 samples p
 
 def frame(t: float, value: int) -> Frame:
     rgb = np.full((4, 6, 3), value, np.uint8)  # odd size on purpose
-    return Frame(t, av.VideoFrame.from_ndarray(rgb, format="rgb24"))
+    # each frame lasts one 10 FPS source interval, as favor.media.frame_duration gives for such a source
+    return Frame(t, av.VideoFrame.from_ndarray(rgb, format="rgb24"), 1.0 / FPS)
 
 
 def chunk(t: float, n: int, value: float) -> AudioChunk:
