@@ -31,7 +31,7 @@ from favor import prompt_table
 from favor.config import FavorConfig
 
 
-def session(path: Path, threads: int | None = None):
+def session(path: Path, threads: int | None = None, providers: tuple[str, ...] | None = None):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -49,7 +49,8 @@ def session(path: Path, threads: int | None = None):
         from favor import onnx_attention
 
         opts.register_custom_ops_library(onnx_attention.register_ort_kernel())
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    # providers: runtime/selection.py's choice (CUDA first when onnxruntime-gpu offers it), else CPU
+    return ort.InferenceSession(str(path), opts, providers=list(providers or ["CPUExecutionProvider"]))
 
 
 @dataclass
@@ -99,13 +100,14 @@ class OrtInference:
 class OrtBundle:
     """An exported bundle, checked against its manifest, with sessions opened on first use."""
 
-    def __init__(self, path: str | Path, int8: bool = False, threads: int | None = None,
-                 check_hashes: bool = True):
+    def __init__(self, path: str | Path, int8: bool = False, threads: int | dict[str, int] | None = None,
+                 check_hashes: bool = True, providers: tuple[str, ...] | None = None):
         self.path = Path(path)
         self.manifest = load_manifest(self.path, check_hashes=check_hashes)
         self.cfg = FavorConfig.from_dict(self.manifest["config"])
         self.int8 = int8
-        self.threads = threads
+        self.threads = threads  # one count for every stage, or {stage: n} (export/threads.py)
+        self.providers = providers
         self._sessions: dict[str, object] = {}
         self._embedding: np.ndarray | None = None
         if int8 and "decoder.int8" not in self.manifest["stages"]:
@@ -116,8 +118,10 @@ class OrtBundle:
             if name not in self.manifest["stages"]:
                 raise ValueError(f"{self.path}: the bundle has no {name} stage "
                                  f"(has {sorted(self.manifest['stages'])})")
+            threads = (self.threads.get(name.split(".")[0]) if isinstance(self.threads, dict)
+                       else self.threads)  # "decoder.int8" takes the decoder's count
             self._sessions[name] = session(self.path / self.manifest["stages"][name]["files"][0],
-                                           self.threads)
+                                           threads, self.providers)
         return self._sessions[name]
 
     def _run(self, name: str, *args: torch.Tensor) -> list[torch.Tensor]:
