@@ -237,145 +237,23 @@ def _on_grid(t: float, fps: float) -> float:
 
 def sample_scene(rng: np.random.Generator, options: SceneOptions, *, split: str, seed: int,
                  index: int) -> Scene:
+    """One clip's scene from its RNG. The draws happen in a fixed order (golden-tested): every step
+    below takes ``rng`` in turn, so reordering them would change every generated clip."""
     o = options
     num_frames = int(rng.integers(math.ceil(o.min_seconds * o.fps), math.floor(o.max_seconds * o.fps) + 1))
     duration = num_frames / o.fps
     varied = o.varied_audio and rng.random() < 1 / 3
     sample_rate, channels = (VARIED_SAMPLE_RATE, 2) if varied else (o.sample_rate, 1)
-
-    # 1. Event counts: the required four, then random extras while they fit a random fill level.
-    def sound_len() -> float:
-        return round(float(rng.uniform(*SOUND_SECONDS)), 3)
-
-    counts = {"shape": 2, "source": 1, "plain": 0, "speech": 1, "text": 0, "disappear": 0}
-    durations = {"source": [sound_len()], "plain": []}
-    slot = {"shape": VISUAL_SLOT, "text": VISUAL_SLOT, "disappear": VISUAL_SLOT, "speech": SPEECH_SLOT}
-
-    def used() -> float:
-        fixed = sum(slot[k] * counts[k] for k in slot)
-        return fixed + sum(d + AUDIO_GAP for k in ("source", "plain") for d in durations[k])
-
-    if rng.random() < TEXT_PROBABILITY and used() + VISUAL_SLOT <= duration - LEAD - TAIL:
-        counts["text"] = 1  # printed text is favoured: the uniform fill below alone shows it in ~40% of clips
-    budget = (duration - LEAD - TAIL) * rng.uniform(0.6, 1.0)
-    limits = {"shape": MAX_SHAPES, "speech": MAX_SPEECH, "text": MAX_TEXTS}
-    too_big: set[str] = set()  # kinds that no longer fit; cheaper kinds may still
-    while True:
-        options_left = [k for k, lim in limits.items() if counts[k] < lim]
-        if counts["source"] + counts["plain"] < len(SOUNDS):
-            options_left += ["source", "plain"]
-        if counts["disappear"] < min(MAX_DISAPPEAR, counts["shape"] - 1):
-            options_left.append("disappear")
-        options_left = [k for k in options_left if k not in too_big]
-        if not options_left:
-            break
-        k = options_left[rng.integers(len(options_left))]
-        extra = sound_len() if k in ("source", "plain") else None
-        cost = (extra + AUDIO_GAP) if extra is not None else slot[k]
-        if used() + cost > budget:
-            too_big.add(k)
-            continue
-        counts[k] += 1
-        if extra is not None:
-            durations[k].append(extra)
-
-    # 2. Content: distinct colours, shape types, sound kinds and words within a clip, so every answer is
-    # unambiguous ("the circle", "the chime").
-    n_shapes = counts["shape"]
-    colours = [list(COLOURS)[i] for i in rng.permutation(len(COLOURS))[:n_shapes]]
-    kinds = [SHAPES[i] for i in rng.permutation(len(SHAPES))[:n_shapes]]
-    sound_kinds = [SOUNDS[i] for i in rng.permutation(len(SOUNDS))[:counts["source"] + counts["plain"]]]
-    words = [SPOKEN_WORDS[i] for i in rng.permutation(len(SPOKEN_WORDS))[:counts["speech"]]]
-    printed = [PRINTED[i] for i in rng.permutation(len(PRINTED))[:counts["text"]]]
-
-    # 3. Specs with prerequisites, ordered by a random topological sort.
-    specs: list[dict] = [{"kind": "appear", "index": i, "slot": VISUAL_SLOT, "needs": set()}
-                         for i in range(n_shapes)]
-    sound_specs = []
-    for j, d in enumerate(durations["source"]):
-        src, dis = (int(v) for v in rng.choice(n_shapes, size=2, replace=False))
-        sound_specs.append({"kind": "sound", "index": j, "slot": d + AUDIO_GAP, "duration": d,
-                            "source": src, "distractor": dis, "needs": {("appear", src), ("appear", dis)}})
-    for j, d in enumerate(durations["plain"]):
-        sound_specs.append({"kind": "sound", "index": len(durations["source"]) + j, "slot": d + AUDIO_GAP,
-                            "duration": d, "source": None, "distractor": None, "needs": set()})
-    specs += sound_specs
-    for i in rng.permutation(n_shapes)[:counts["disappear"]]:
-        i = int(i)
-        needs = {("appear", i)} | {("sound", s["index"]) for s in sound_specs
-                                   if i in (s["source"], s["distractor"])}
-        specs.append({"kind": "disappear", "index": i, "slot": VISUAL_SLOT, "needs": needs})
-    specs += [{"kind": "speech", "index": j, "slot": SPEECH_SLOT, "needs": set()} for j in range(len(words))]
-    specs += [{"kind": "text", "index": j, "slot": VISUAL_SLOT, "needs": {("text", j - 1)} if j else set()}
-              for j in range(len(printed))]
-
-    order: list[dict] = []
-    done: set[tuple[str, int]] = set()
-    pending = list(specs)
-    while pending:
-        ready = [s for s in pending if s["needs"] <= done]
-        pick = ready[int(rng.integers(len(ready)))]
-        pending.remove(pick)
-        order.append(pick)
-        done.add((pick["kind"], pick["index"]))
-
-    # 4. Times: spread the free time randomly between events, then snap onsets to the frame grid.
-    free = duration - LEAD - TAIL - sum(s["slot"] for s in order)
-    assert free >= -1e-9, (free, duration)
-    gaps = rng.dirichlet(np.ones(len(order))) * max(free, 0.0)
-    t = LEAD
-    for s, gap in zip(order, gaps, strict=True):
-        t += float(gap)
-        s["t"] = _on_grid(t, o.fps)
-        t += s["slot"]
-    when = {(s["kind"], s["index"]): s["t"] for s in order}
-
-    # 5. Geometry: 2 x 2 cells above the text band, one shape per cell.
-    shape_h = int(round(o.height * (1 - TEXT_BAND)))
-    cell_w, cell_h = o.width / 2, shape_h / 2
-    cells = rng.permutation(4)
-    shapes = []
-    for i in range(n_shapes):
-        cx, cy = divmod(int(cells[i]), 2)
-        radius = float(rng.uniform(*SHAPE_FILL)) * min(cell_w, cell_h)
-        margin = radius * PULSE_SCALE + OUTLINE_PX  # a pulsing shape still stays inside its cell
-        lo_x, hi_x = cx * cell_w + margin, (cx + 1) * cell_w - margin
-        lo_y, hi_y = cy * cell_h + margin, (cy + 1) * cell_h - margin
-        lo_x, hi_x = (lo_x, hi_x) if lo_x < hi_x else ((lo_x + hi_x) / 2,) * 2
-        lo_y, hi_y = (lo_y, hi_y) if lo_y < hi_y else ((lo_y + hi_y) / 2,) * 2
-        speed, angle = rng.uniform(0, MAX_SPEED), rng.uniform(0, 2 * math.pi)
-        shapes.append(Shape(
-            shape=kinds[i], colour=colours[i], start=when[("appear", i)],
-            end=when.get(("disappear", i), duration),
-            cell=(round(lo_x, 3), round(lo_y, 3), round(hi_x, 3), round(hi_y, 3)),
-            x0=round(float(rng.uniform(lo_x, hi_x)), 3), y0=round(float(rng.uniform(lo_y, hi_y)), 3),
-            vx=round(float(speed * math.cos(angle)), 3), vy=round(float(speed * math.sin(angle)), 3),
-            radius=round(radius, 3)))
-
-    band_top = shape_h
-    band_h = o.height - shape_h
-    texts = []
-    for j, word in enumerate(printed):
-        units = len(word) * (GLYPH_W + GAP) - GAP
-        scale = max(1, min(int(band_h * 0.8) // GLYPH_H, int(o.width * 0.9) // units))
-        tw, th = units * scale, GLYPH_H * scale
-        start = when[("text", j)]
-        end = min(start + float(rng.uniform(*TEXT_SECONDS)), duration)
-        if j + 1 < len(printed):  # the next text replaces this one
-            end = min(end, when[("text", j + 1)])
-        texts.append(Text(text=word, start=start, end=round(end, 6), top=band_top + (band_h - th) // 2,
-                          left=int(rng.integers(0, o.width - tw + 1)), scale=scale))
-
-    sounds = []
-    for s in sorted(sound_specs, key=lambda s: s["index"]):
-        sounds.append(Sound(kind=sound_kinds[s["index"]], start=s["t"], duration=s["duration"],
-                            source=s["source"], distractor=s["distractor"],
-                            pitch=round(float(rng.uniform(0.97, 1.03)), 4),
-                            gain=round(float(rng.uniform(0.35, 0.6)), 3)))
-    speech = [Speech(word=w, start=when[("speech", j)], voice=VOICES[int(rng.integers(len(VOICES)))],
-                     speed=SPEEDS[int(rng.integers(len(SPEEDS)))], gain=round(float(rng.uniform(0.5, 0.8)), 3))
-              for j, w in enumerate(words)]
-
+    counts, durations = _event_counts(rng, duration)
+    content = _content(rng, counts)
+    sound_specs = _sound_specs(rng, durations, counts["shape"])
+    order = _topological_order(rng, _specs(rng, counts, sound_specs, content))
+    when = _place_onsets(rng, order, duration, o.fps)
+    shape_h = int(round(o.height * (1 - TEXT_BAND)))  # the text band lies below the shapes
+    shapes = _shapes(rng, o, shape_h, content, when, duration)
+    texts = _texts(rng, o, shape_h, content["printed"], when, duration)
+    sounds = _sounds(rng, sound_specs, content["sound_kinds"])
+    speech = _speech(rng, content["words"], when)
     events = tuple(Event(t=s["t"], kind=s["kind"], index=s["index"]) for s in order)
     assert all(a.t < b.t for a, b in itertools.pairwise(events)), events
     level = int(rng.integers(10, 50))
@@ -387,3 +265,185 @@ def sample_scene(rng: np.random.Generator, options: SceneOptions, *, split: str,
         background=tuple(int(np.clip(level + d, 0, 255)) for d in tint),
         noise_level=round(float(rng.uniform(0.002, 0.01)), 4), noise_seed=int(rng.integers(2**31)),
         shapes=tuple(shapes), texts=tuple(texts), sounds=tuple(sounds), speech=tuple(speech), events=events)
+
+
+# Seconds of timeline each kind of visual / speech event owns (sounds own their length + AUDIO_GAP).
+_SLOT = {"shape": VISUAL_SLOT, "text": VISUAL_SLOT, "disappear": VISUAL_SLOT, "speech": SPEECH_SLOT}
+
+
+def _sound_len(rng: np.random.Generator) -> float:
+    return round(float(rng.uniform(*SOUND_SECONDS)), 3)
+
+
+def _event_counts(rng: np.random.Generator, duration: float) -> tuple[dict[str, int], dict[str, list[float]]]:
+    """Step 1, event counts: the required four, then random extras while they fit a random fill level.
+
+    Returns counts per kind and the sound durations (s) of sourced and plain sounds."""
+    counts = {"shape": 2, "source": 1, "plain": 0, "speech": 1, "text": 0, "disappear": 0}
+    durations = {"source": [_sound_len(rng)], "plain": []}
+
+    def used() -> float:
+        fixed = sum(_SLOT[k] * counts[k] for k in _SLOT)
+        return fixed + sum(d + AUDIO_GAP for k in ("source", "plain") for d in durations[k])
+
+    if rng.random() < TEXT_PROBABILITY and used() + VISUAL_SLOT <= duration - LEAD - TAIL:
+        counts["text"] = 1  # printed text is favoured: the uniform fill below alone shows it in ~40% of clips
+    budget = (duration - LEAD - TAIL) * rng.uniform(0.6, 1.0)
+    too_big: set[str] = set()  # kinds that no longer fit; cheaper kinds may still
+    while options_left := [k for k in _kinds_below_limit(counts) if k not in too_big]:
+        k = options_left[rng.integers(len(options_left))]
+        extra = _sound_len(rng) if k in ("source", "plain") else None
+        cost = (extra + AUDIO_GAP) if extra is not None else _SLOT[k]
+        if used() + cost > budget:
+            too_big.add(k)
+            continue
+        counts[k] += 1
+        if extra is not None:
+            durations[k].append(extra)
+    return counts, durations
+
+
+def _kinds_below_limit(counts: dict[str, int]) -> list[str]:
+    """Event kinds a clip may still add one more of (in a fixed order: the draw indexes this list)."""
+    limits = {"shape": MAX_SHAPES, "speech": MAX_SPEECH, "text": MAX_TEXTS}
+    kinds = [k for k, lim in limits.items() if counts[k] < lim]
+    if counts["source"] + counts["plain"] < len(SOUNDS):
+        kinds += ["source", "plain"]
+    if counts["disappear"] < min(MAX_DISAPPEAR, counts["shape"] - 1):
+        kinds.append("disappear")
+    return kinds
+
+
+def _content(rng: np.random.Generator, counts: dict[str, int]) -> dict[str, list[str]]:
+    """Step 2: distinct colours, shape types, sound kinds and words within a clip, so every answer is
+    unambiguous ("the circle", "the chime")."""
+    n_shapes = counts["shape"]
+    return {
+        "colours": [list(COLOURS)[i] for i in rng.permutation(len(COLOURS))[:n_shapes]],
+        "kinds": [SHAPES[i] for i in rng.permutation(len(SHAPES))[:n_shapes]],
+        "sound_kinds": [SOUNDS[i] for i in rng.permutation(len(SOUNDS))[:counts["source"] + counts["plain"]]],
+        "words": [SPOKEN_WORDS[i] for i in rng.permutation(len(SPOKEN_WORDS))[:counts["speech"]]],
+        "printed": [PRINTED[i] for i in rng.permutation(len(PRINTED))[:counts["text"]]],
+    }
+
+
+def _sound_specs(rng: np.random.Generator, durations: dict[str, list[float]], n_shapes: int) -> list[dict]:
+    """Step 3a: sourced sounds (a pulsing shape and a distractor, both on screen) then plain ones."""
+    specs = []
+    for j, d in enumerate(durations["source"]):
+        src, dis = (int(v) for v in rng.choice(n_shapes, size=2, replace=False))
+        specs.append({"kind": "sound", "index": j, "slot": d + AUDIO_GAP, "duration": d,
+                      "source": src, "distractor": dis, "needs": {("appear", src), ("appear", dis)}})
+    for j, d in enumerate(durations["plain"]):
+        specs.append({"kind": "sound", "index": len(durations["source"]) + j, "slot": d + AUDIO_GAP,
+                      "duration": d, "source": None, "distractor": None, "needs": set()})
+    return specs
+
+
+def _specs(rng: np.random.Generator, counts: dict[str, int], sound_specs: list[dict],
+           content: dict[str, list[str]]) -> list[dict]:
+    """Step 3b: every event with its prerequisites ("needs": events that must come before it)."""
+    n_shapes = counts["shape"]
+    specs: list[dict] = [{"kind": "appear", "index": i, "slot": VISUAL_SLOT, "needs": set()}
+                         for i in range(n_shapes)]
+    specs += sound_specs
+    for i in rng.permutation(n_shapes)[:counts["disappear"]]:
+        i = int(i)
+        needs = {("appear", i)} | {("sound", s["index"]) for s in sound_specs
+                                   if i in (s["source"], s["distractor"])}
+        specs.append({"kind": "disappear", "index": i, "slot": VISUAL_SLOT, "needs": needs})
+    specs += [{"kind": "speech", "index": j, "slot": SPEECH_SLOT, "needs": set()}
+              for j in range(len(content["words"]))]
+    specs += [{"kind": "text", "index": j, "slot": VISUAL_SLOT, "needs": {("text", j - 1)} if j else set()}
+              for j in range(len(content["printed"]))]
+    return specs
+
+
+def _topological_order(rng: np.random.Generator, specs: list[dict]) -> list[dict]:
+    """Step 3c: a random order in which every event follows its prerequisites."""
+    order: list[dict] = []
+    done: set[tuple[str, int]] = set()
+    pending = list(specs)
+    while pending:
+        ready = [s for s in pending if s["needs"] <= done]
+        pick = ready[int(rng.integers(len(ready)))]
+        pending.remove(pick)
+        order.append(pick)
+        done.add((pick["kind"], pick["index"]))
+    return order
+
+
+def _place_onsets(rng: np.random.Generator, order: list[dict], duration: float,
+                  fps: float) -> dict[tuple[str, int], float]:
+    """Step 4: spread the free time randomly between events, then snap onsets to the frame grid.
+
+    Sets each spec's "t" and returns {(kind, index): onset s}."""
+    free = duration - LEAD - TAIL - sum(s["slot"] for s in order)
+    assert free >= -1e-9, (free, duration)
+    gaps = rng.dirichlet(np.ones(len(order))) * max(free, 0.0)
+    t = LEAD
+    for s, gap in zip(order, gaps, strict=True):
+        t += float(gap)
+        s["t"] = _on_grid(t, fps)
+        t += s["slot"]
+    return {(s["kind"], s["index"]): s["t"] for s in order}
+
+
+def _shapes(rng: np.random.Generator, o: SceneOptions, shape_h: int, content: dict[str, list[str]],
+            when: dict[tuple[str, int], float], duration: float) -> list[Shape]:
+    """Step 5: geometry, 2 x 2 cells above the text band (``shape_h`` px tall), one shape per cell."""
+    cell_w, cell_h = o.width / 2, shape_h / 2
+    cells = rng.permutation(4)
+    shapes = []
+    for i, (kind, colour) in enumerate(zip(content["kinds"], content["colours"], strict=True)):
+        cx, cy = divmod(int(cells[i]), 2)
+        radius = float(rng.uniform(*SHAPE_FILL)) * min(cell_w, cell_h)
+        margin = radius * PULSE_SCALE + OUTLINE_PX  # a pulsing shape still stays inside its cell
+        lo_x, hi_x = _span(cx * cell_w + margin, (cx + 1) * cell_w - margin)
+        lo_y, hi_y = _span(cy * cell_h + margin, (cy + 1) * cell_h - margin)
+        speed, angle = rng.uniform(0, MAX_SPEED), rng.uniform(0, 2 * math.pi)
+        shapes.append(Shape(
+            shape=kind, colour=colour, start=when[("appear", i)],
+            end=when.get(("disappear", i), duration),
+            cell=(round(lo_x, 3), round(lo_y, 3), round(hi_x, 3), round(hi_y, 3)),
+            x0=round(float(rng.uniform(lo_x, hi_x)), 3), y0=round(float(rng.uniform(lo_y, hi_y)), 3),
+            vx=round(float(speed * math.cos(angle)), 3), vy=round(float(speed * math.sin(angle)), 3),
+            radius=round(radius, 3)))
+    return shapes
+
+
+def _span(lo: float, hi: float) -> tuple[float, float]:
+    """The range a shape's centre may take in one axis; a cell too small for it pins it to the middle."""
+    return (lo, hi) if lo < hi else ((lo + hi) / 2,) * 2
+
+
+def _texts(rng: np.random.Generator, o: SceneOptions, band_top: int, printed: list[str],
+           when: dict[tuple[str, int], float], duration: float) -> list[Text]:
+    """Printed words, centred vertically in the band below ``band_top`` px; each replaces the last."""
+    band_h = o.height - band_top
+    texts = []
+    for j, word in enumerate(printed):
+        units = len(word) * (GLYPH_W + GAP) - GAP
+        scale = max(1, min(int(band_h * 0.8) // GLYPH_H, int(o.width * 0.9) // units))
+        tw, th = units * scale, GLYPH_H * scale
+        start = when[("text", j)]
+        end = min(start + float(rng.uniform(*TEXT_SECONDS)), duration)
+        if j + 1 < len(printed):  # the next text replaces this one
+            end = min(end, when[("text", j + 1)])
+        texts.append(Text(text=word, start=start, end=round(end, 6), top=band_top + (band_h - th) // 2,
+                          left=int(rng.integers(0, o.width - tw + 1)), scale=scale))
+    return texts
+
+
+def _sounds(rng: np.random.Generator, sound_specs: list[dict], sound_kinds: list[str]) -> list[Sound]:
+    return [Sound(kind=sound_kinds[s["index"]], start=s["t"], duration=s["duration"],
+                  source=s["source"], distractor=s["distractor"],
+                  pitch=round(float(rng.uniform(0.97, 1.03)), 4),
+                  gain=round(float(rng.uniform(0.35, 0.6)), 3))
+            for s in sorted(sound_specs, key=lambda s: s["index"])]
+
+
+def _speech(rng: np.random.Generator, words: list[str], when: dict[tuple[str, int], float]) -> list[Speech]:
+    return [Speech(word=w, start=when[("speech", j)], voice=VOICES[int(rng.integers(len(VOICES)))],
+                   speed=SPEEDS[int(rng.integers(len(SPEEDS)))], gain=round(float(rng.uniform(0.5, 0.8)), 3))
+            for j, w in enumerate(words)]
