@@ -187,6 +187,7 @@ class FavorConfig:
     def __post_init__(self) -> None:
         if self.audio_proj_dim is None:
             self.audio_proj_dim = self.visual.qformer_width
+        validate(self)  # ranges first: the derived sizes below must not be computed from nonsense
         if self.tokens_per_window > self.qformer.max_positions:
             raise ValueError(
                 f"tokens per window ({self.tokens_per_window}) exceed the Q-Former position table "
@@ -224,8 +225,12 @@ class FavorConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FavorConfig:
+        if not isinstance(d, dict):
+            raise ValueError(f"config must be an object, got {type(d).__name__}")
         d = dict(d)
         version = d.pop("format_version", FORMAT_VERSION)
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise ValueError(f"config format_version ({version!r}) must be an integer")
         if version > FORMAT_VERSION:
             raise ValueError(f"config format version {version} is newer than supported ({FORMAT_VERSION})")
         known = {f.name for f in dataclasses.fields(cls)}
@@ -237,6 +242,7 @@ class FavorConfig:
         for name, kind in sub.items():
             if name in d:
                 d[name] = _build(kind, d[name])
+        check_fields(cls, {k: v for k, v in d.items() if k not in sub})
         return cls(**d)
 
     def replace(self, **overrides: Any) -> FavorConfig:
@@ -254,22 +260,111 @@ class FavorConfig:
 
 
 def _build(kind: type, d: dict[str, Any]) -> Any:
+    if not isinstance(d, dict):
+        raise ValueError(f"{kind.__name__} must be an object, got {type(d).__name__}")
     known = {f.name for f in dataclasses.fields(kind)}
     unknown = set(d) - known
     if unknown:
         raise ValueError(f"unknown {kind.__name__} fields: {sorted(unknown)}")
     d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    check_fields(kind, d)
     return kind(**d)
 
 
+# -- field ranges: checked before anything is built (a checkpoint's or bundle's config is untrusted) --
+# Upper bounds sit ~10x above the largest model of each family (EVA ViT-g 40 layers / 1408 wide,
+# Whisper large 32 x 1280, Vicuna-13B 40 x 5120, 32k vocab, 4k positions), so no real config is
+# refused and no absurd one (10^9 layers, a negative width) reaches an allocation.
+MAX_LAYERS = 512
+MAX_WIDTH = 1 << 16  # hidden and FFN sizes
+MAX_HEADS = 1024
+MAX_TOKENS = 1 << 20  # vocabularies, position tables, token counts
+MAX_PIXELS = 1 << 13  # image side
+_LAYERS, _WIDTH, _HEADS, _TOKENS = (1, MAX_LAYERS), (1, MAX_WIDTH), (1, MAX_HEADS), (1, MAX_TOKENS)
+_PROBABILITY = (0.0, 1.0)
+_EPS = (0.0, 1.0)  # a normalisation epsilon: positive and small
+FIELD_RANGES: dict[str, dict[str, tuple[float, float]]] = {
+    "TimingConfig": {"video_fps": (0.0, 1000.0), "frames_per_window": _TOKENS, "max_frames": _TOKENS,
+                     "sample_rate": (1000, 384_000), "n_fft": (2, 1 << 16), "hop_length": (1, 1 << 16),
+                     "audio_conv_stride": (1, 64), "whisper_chunk_seconds": (1, 3600)},
+    "AudioEncoderConfig": {"d_model": _WIDTH, "layers": _LAYERS, "heads": _HEADS, "ffn_dim": _WIDTH,
+                           "n_mels": (1, 1024)},
+    "VisualEncoderConfig": {"image_size": (1, MAX_PIXELS), "patch_size": (1, MAX_PIXELS),
+                            "vit_width": _WIDTH, "vit_layers": _LAYERS, "vit_heads": _HEADS,
+                            "vit_mlp_dim": _WIDTH, "vit_ln_eps": _EPS, "qformer_width": _WIDTH,
+                            "qformer_layers": _LAYERS, "qformer_heads": _HEADS, "qformer_ffn_dim": _WIDTH,
+                            "qformer_cross_attention_freq": _LAYERS, "num_query_tokens": (1, 4096),
+                            "qformer_vocab_size": _TOKENS, "max_instruction_tokens": _TOKENS},
+    "QFormerConfig": {"hidden": _WIDTH, "layers": _LAYERS, "heads": _HEADS, "ffn_dim": _WIDTH,
+                      "encoder_heads": _HEADS, "num_queries": (1, 4096), "max_positions": _TOKENS,
+                      "dropout": _PROBABILITY, "ln_eps": _EPS},
+    "LLMConfig": {"hidden": _WIDTH, "layers": _LAYERS, "heads": _HEADS, "kv_heads": _HEADS,
+                  "ffn_dim": _WIDTH, "vocab_size": _TOKENS, "rms_eps": _EPS, "rope_theta": (1.0, 1e9),
+                  "max_positions": _TOKENS, "bos_token_id": (0, MAX_TOKENS), "eos_token_id": (0, MAX_TOKENS),
+                  "lora_r": (1, MAX_WIDTH), "lora_alpha": (1e-6, 1e6), "lora_dropout": _PROBABILITY},
+    "FavorConfig": {"audio_proj_dim": _WIDTH, "diversity_loss_weight": (0.0, 1e6)},
+}
+_OPEN_BELOW = {"video_fps", "vit_ln_eps", "ln_eps", "rms_eps"}  # must be > their lower bound
+# Widths that attention splits into heads: (section, width, heads); the fused width is checked apart.
+_HEAD_SPLITS = (("audio", "d_model", "heads"), ("visual", "vit_width", "vit_heads"),
+                ("visual", "qformer_width", "qformer_heads"), ("qformer", "hidden", "heads"),
+                ("llm", "hidden", "heads"), ("llm", "heads", "kv_heads"), ("visual", "image_size", "patch_size"))
+
+
+def check_fields(kind: type, values: dict[str, Any]) -> None:
+    """Types and ranges of one config section's raw values (before the dataclass is built)."""
+    from favor.validate import check_number
+
+    ranges = FIELD_RANGES.get(kind.__name__, {})
+    for f in dataclasses.fields(kind):
+        if f.name not in values:
+            continue
+        v, name, annotation = values[f.name], f"{kind.__name__}.{f.name}", str(f.type)
+        if annotation in ("bool",) and not isinstance(v, bool):
+            raise ValueError(f"{name} ({v!r}) must be true or false")
+        if annotation.startswith("str") and not (v is None and "None" in annotation or isinstance(v, str)):
+            raise ValueError(f"{name} ({v!r}) must be a string")
+        if f.name in ranges and not (v is None and "None" in annotation):
+            lo, hi = ranges[f.name]
+            check_number(name, v, lo, hi, integer=annotation.startswith("int"), lo_open=f.name in _OPEN_BELOW)
+
+
+def validate(cfg: FavorConfig) -> None:
+    """Every field's range, then the relations between fields (heads divide widths, rates line up)."""
+    for section in (cfg.timing, cfg.audio, cfg.visual, cfg.qformer, cfg.llm):
+        check_fields(type(section), dataclasses.asdict(section))
+    check_fields(FavorConfig, {"audio_proj_dim": cfg.audio_proj_dim,
+                               "diversity_loss_weight": cfg.diversity_loss_weight})
+    for section, width, heads in _HEAD_SPLITS:
+        w, h = getattr(getattr(cfg, section), width), getattr(getattr(cfg, section), heads)
+        if w % h:
+            raise ValueError(f"{section}.{width} ({w}) must be a multiple of {section}.{heads} ({h})")
+    if cfg.fused_width % cfg.qformer.encoder_heads:
+        raise ValueError(f"the fused width ({cfg.fused_width}) must be a multiple of "
+                         f"qformer.encoder_heads ({cfg.qformer.encoder_heads})")
+    t = cfg.timing
+    # A frame slot must hold at least one audio token, and Whisper's context at least one frame.
+    lowest, highest = 1 / t.whisper_chunk_seconds, t.audio_token_rate
+    if not lowest <= t.video_fps <= highest:
+        raise ValueError(f"video_fps ({t.video_fps:g}) must be in [{lowest:g}, {highest:g}] frames per second "
+                         f"(at least one frame per {t.whisper_chunk_seconds} s Whisper context, at most one per "
+                         f"{highest:g} Hz audio token)")
+    for name in ("bos_token_id", "eos_token_id"):
+        if getattr(cfg.llm, name) >= cfg.llm.vocab_size:
+            raise ValueError(f"llm.{name} ({getattr(cfg.llm, name)}) must be < llm.vocab_size ({cfg.llm.vocab_size})")
+
+
 def _favor_13b() -> FavorConfig:
-    # The release: Whisper large-v2, EVA ViT-g + InstructBLIP Q-Former, Vicuna-13B, 'future' mask.
-    return FavorConfig(preset="favor-13b", qformer=QFormerConfig(orientation="future"))
+    # The release: Whisper large-v2 on a fixed 30-s block (its weights were trained on those features),
+    # EVA ViT-g + InstructBLIP Q-Former, Vicuna-13B, 'future' mask.
+    return FavorConfig(preset="favor-13b", audio=AudioEncoderConfig(pad_to_30s=True),
+                       qformer=QFormerConfig(orientation="future"))
 
 
 def _favor_7b() -> FavorConfig:
     return FavorConfig(
         preset="favor-7b",
+        audio=AudioEncoderConfig(pad_to_30s=True),
         qformer=QFormerConfig(orientation="future"),
         llm=LLMConfig(hidden=4096, layers=32, heads=32, kv_heads=32, ffn_dim=11008),
     )

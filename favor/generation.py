@@ -1,30 +1,20 @@
-"""Text generation from AV embeddings: greedy, beam and sampling, plus the release's settings.
+"""Text generation from AV embeddings: the presets (greedy, beam, sample, the release's settings) run
+through the one decode loop, ``favor.captions`` (the same loop every runtime backend uses).
 
-The torch path uses transformers' ``generate`` on spliced ``inputs_embeds`` (left padded, so every
-row continues from its ``ASSISTANT:``).
+transformers' ``generate`` is not called here; tests/test_captions.py keeps it as the reference that
+greedy decoding must equal.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
 import torch
 
+from favor.captions import GenerationSettings, TorchInference, caption
 from favor.model import AVEmbeddings, FavorModel
-from favor.prompt import clean_answer, inference_ids
 
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    max_new_tokens: int = 64
-    num_beams: int = 1
-    do_sample: bool = False
-    top_p: float = 1.0
-    temperature: float = 1.0
-    repetition_penalty: float = 1.0
-    length_penalty: float = 1.0
-
+__all__ = ["GENERATION_PRESETS", "GenerationSettings", "generate", "get_settings", "instruction_inputs"]
 
 GENERATION_PRESETS = {
     "greedy": GenerationSettings(),
@@ -64,16 +54,7 @@ def generate(model: FavorModel, av: AVEmbeddings, prompts: list[str],
     """Answers for each prompt given that sample's AV embeddings (release post-processing applied)."""
     if model.tokenizer is None:
         raise ValueError("the model has no tokenizer; build it with favor.build.build_model")
-    tok = model.tokenizer
-    spliced = model.llm.splice([inference_ids(tok, p) for p in prompts], av.embeds, av.mask,
-                               left_pad=True)
-    eos = model.cfg.llm.eos_token_id
-    out = model.llm.model.generate(
-        inputs_embeds=spliced.embeds, attention_mask=spliced.attention_mask,
-        max_new_tokens=settings.max_new_tokens, num_beams=settings.num_beams,
-        do_sample=settings.do_sample, top_p=settings.top_p, temperature=settings.temperature,
-        repetition_penalty=settings.repetition_penalty, length_penalty=settings.length_penalty,
-        eos_token_id=eos, pad_token_id=eos,
-    )
-    # With inputs_embeds only, generate returns just the new tokens.
-    return [clean_answer(tok.decode(row, skip_special_tokens=True)) for row in out]
+    embedding = model.llm.base.get_input_embeddings().weight.detach()  # [V, D]
+    results = caption(TorchInference(model.llm.model), embedding, model.tokenizer, model.cfg.llm, prompts,
+                      av.embeds, av.mask, settings)
+    return [r.text for r in results]

@@ -48,6 +48,25 @@ def diversity_loss(queries: torch.Tensor, window_mask: torch.Tensor) -> torch.Te
     return (per_window * w).sum() / w.sum().clamp(min=1.0)
 
 
+def resolve_instruction_tokenizer(cfg: FavorConfig, instruction_tokenizer, tokenizer):
+    """The tokenizer for the visual Q-Former's instruction text.
+
+    The LLM tokenizer stands in only when the Q-Former's word table was built for it (same size: the
+    demo, tiny and small presets). For 7B/13B the InstructBLIP Q-Former has BERT's 30,523-row table
+    while Llama ids reach 31,999: those ids would address the wrong rows (or none), so a missing
+    ``visual.instruction_tokenizer`` is an error instead of a silent fallback.
+    """
+    if instruction_tokenizer is not None or tokenizer is None:
+        return instruction_tokenizer
+    v, llm = cfg.visual.qformer_vocab_size, cfg.llm.vocab_size
+    if v != llm:
+        raise ValueError(f"visual.instruction_tokenizer is not set and the LLM tokenizer cannot stand in: "
+                         f"the visual Q-Former's word table has {v} rows, the LLM vocabulary {llm} ids; "
+                         f"set visual.instruction_tokenizer to the Q-Former's tokenizer directory "
+                         f"(bert-base-uncased for InstructBLIP)")
+    return tokenizer
+
+
 class FavorModel(nn.Module):
     def __init__(self, cfg: FavorConfig, audio_encoder: nn.Module, visual_encoder: nn.Module,
                  qformer: CausalQFormer, projector: Projector, llm: LLM, *, tokenizer=None,
@@ -61,8 +80,17 @@ class FavorModel(nn.Module):
         self.projector = projector
         self.llm = llm
         self.tokenizer = tokenizer  # LLM tokenizer (text <-> ids); not a module, not saved
-        self.instruction_tokenizer = instruction_tokenizer or tokenizer
+        self._instruction_tokenizer = instruction_tokenizer
         self.configure_trainable()
+
+    @property
+    def instruction_tokenizer(self):
+        """The visual Q-Former's instruction tokenizer (see ``resolve_instruction_tokenizer``)."""
+        return resolve_instruction_tokenizer(self.cfg, self._instruction_tokenizer, self.tokenizer)
+
+    @instruction_tokenizer.setter
+    def instruction_tokenizer(self, value) -> None:
+        self._instruction_tokenizer = value
 
     # -- trainable parts --------------------------------------------------------------------------
     def configure_trainable(self) -> None:

@@ -168,11 +168,17 @@ class CausalQFormer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        # BERT _init_weights: normal(0, 0.02) weights, zero biases, LayerNorm (1, 0).
+        # Inside the BERT Q-Former, BERT _init_weights: normal(0, 0.02) weights, zero biases,
+        # LayerNorm (1, 0); the query tokens normal(0, 0.02) (FAVOR-SPEC.md section 4). The position
+        # table is the release's plain top-level nn.Embedding (video_frame_position_embedding), which
+        # BERT's init never reaches: PyTorch's default N(0, 1). Same draw order as before, so only
+        # the table's scale changed.
         for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
+            if isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, mean=0.0, std=1.0)
+            elif isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=0.02)
-                if isinstance(m, nn.Linear) and m.bias is not None:
+                if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
