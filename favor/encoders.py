@@ -36,15 +36,10 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from favor import convert
 from favor.config import FavorConfig
+from favor.media import DYNAMIC_RANGE, LOG_SCALE, SILENT_MEL
 
 # Attention backend for both encoders: SDPA exports to ONNX (flash-attention ops do not).
 ATTN_IMPLEMENTATION = "sdpa"
-
-# Whisper's log-mel normalisation (whisper/audio.py): log10 clamped at 1e-10, an 8-decade
-# (80 dB) dynamic range below the clip's peak, then (x + 4) / 4.
-_LOG10_FLOOR = -10.0
-_DYNAMIC_RANGE = 8.0
-_LOG_OFFSET, _LOG_SCALE = 4.0, 4.0
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -60,8 +55,7 @@ def whisper_silence_level(mel: torch.Tensor) -> torch.Tensor:
     max(floor, peak - range) in raw units; in normalised units peak' = (peak + 4) / 4.
     """
     peak = mel.amax(dim=(1, 2), keepdim=True)  # normalised units
-    floor = (_LOG10_FLOOR + _LOG_OFFSET) / _LOG_SCALE
-    return torch.clamp(peak - _DYNAMIC_RANGE / _LOG_SCALE, min=floor)
+    return torch.clamp(peak - DYNAMIC_RANGE / LOG_SCALE, min=SILENT_MEL)
 
 
 def pad_or_trim_mel(mel: torch.Tensor, frames: int) -> torch.Tensor:

@@ -46,6 +46,13 @@ from favor.config import TimingConfig
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
+# Whisper's log-mel normalisation (whisper/audio.py): power floored at 1e-10 (log10 -10), values clamped
+# to an 8-decade (80 dB) dynamic range below the clip's peak, then mapped by (x + 4) / 4.
+LOG10_FLOOR = -10.0  # log10 units
+DYNAMIC_RANGE = 8.0  # log10 units (decades) = 80 dB
+LOG_OFFSET, LOG_SCALE = 4.0, 4.0
+SILENT_MEL = (LOG10_FLOOR + LOG_OFFSET) / LOG_SCALE  # normalised log-mel of digital silence: -1.5
+
 # Grid times and frame times are compared with this slack: fps is a float, so i / fps can land one ulp
 # before a frame whose pts is exactly on the grid. One microsecond is far below any frame interval.
 TIME_EPS_S = 1e-6
@@ -250,10 +257,10 @@ def log_mel_spectrogram(
     power = stft[..., :-1].abs().pow(2).contiguous()  # drop the last frame: [(B,) F, N]
     filters = _mel_filters(n_mels, timing.sample_rate, n_fft).to(x.device)
     mel = filters @ power  # [(B,) M, N]
-    log_spec = mel.clamp(min=1e-10).log10()
+    log_spec = mel.clamp(min=10.0**LOG10_FLOOR).log10()
     peak = log_spec.amax(dim=(-2, -1), keepdim=True)  # per example
-    log_spec = torch.maximum(log_spec, peak - 8.0)  # 80 dB dynamic range
-    return (log_spec + 4.0) / 4.0
+    log_spec = torch.maximum(log_spec, peak - DYNAMIC_RANGE)
+    return (log_spec + LOG_OFFSET) / LOG_SCALE
 
 
 # ----------------------------------------------------------------------------------------------- video

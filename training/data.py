@@ -52,9 +52,6 @@ MATCH_YES, MATCH_NO = "Yes.", "No."
 MATCH_TASK = "av_matching"
 IMAGE_PREFIX = "In the image, "
 
-# Log-mel value of digital silence after Whisper's normalisation: (log10 floor -10 + 4) / 4. Fills the
-# mel rows of samples that have no audio (their audio tokens are masked by audio_lengths = 0 anyway).
-_SILENT_MEL = (-10.0 + 4.0) / 4.0
 
 
 # ------------------------------------------------------------------------------------------- manifest
@@ -410,7 +407,8 @@ class Collator:
         audio_lengths = (mel_lengths + stride - 1) // stride  # Ta = ceil(Tm / 2): 20 ms per token
         if mel_lengths.max() > 0:
             Tm = int(mel_lengths.max())
-            mel = torch.full((len(kept), cfg.audio.n_mels, Tm), _SILENT_MEL)  # [B, M, Tm]
+            # rows of samples without audio: digital silence (their tokens are masked by audio_lengths = 0)
+            mel = torch.full((len(kept), cfg.audio.n_mels, Tm), media.SILENT_MEL)  # [B, M, Tm]
             for b, it in enumerate(kept):
                 if it["mel"] is not None:
                     m = it["mel"]  # [M, tm]

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from favor.config import TimingConfig
 from favor.prompt import chat_prompt
 
 AVEB_TASKS = ("asr", "ac", "ic", "ocr", "vqa", "videoqa", "avsr", "avsd", "isqa", "avm", "avssd")
@@ -257,7 +258,8 @@ def nextqa(root: Path, out: Path, limit: int | None = None, csv_name: str = "tes
     return w.finish(limit)
 
 
-def cut_clip(src: Path, dst: Path, start: float, end: float, sample_rate: int = 16_000) -> None:
+def cut_clip(src: Path, dst: Path, start: float, end: float,
+             sample_rate: int = TimingConfig.sample_rate) -> None:
     """Write [start, end) s of ``src`` (video at CLIP_FPS + mono audio) to the mp4 ``dst``."""
     import math
 
