@@ -126,10 +126,11 @@ class OnnxRuntimeBackend:
 
     name = "onnxruntime"
 
-    def __init__(self, path: str | Path, threads: int | None = None, int8: bool = False):
+    def __init__(self, path: str | Path, threads: int | dict[str, int] | None = None, int8: bool = False,
+                 providers: tuple[str, ...] | None = None, check_hashes: bool = True):
         from export.ort_inference import OrtBundle
 
-        self.bundle = OrtBundle(path, int8=int8, threads=threads)
+        self.bundle = OrtBundle(path, int8=int8, threads=threads, providers=providers, check_hashes=check_hashes)
         self.cfg = self.bundle.cfg
         self.tokenizer = self.bundle.tokenizer()
         self.instruction_tokenizer = self.tokenizer
@@ -244,27 +245,13 @@ def _check_bundle_timing(backend, path: Path, fps: float | None, frames_per_wind
 
 
 def make_backend(name: str, model_path: str | Path, fps: float | None = None,
-                 frames_per_window: int | None = None, threads: int | None = None):
-    """Backend by name. 'auto': ONNX Runtime for an exported bundle, torch for a checkpoint (never TensorRT)."""
-    if name not in BACKENDS:
-        raise ValueError(f"backend ({name!r}) must be one of {', '.join(BACKENDS)}")
-    path = Path(model_path)
-    if name == "tensorrt":
-        from runtime.trt_backend import TensorRTBackend, unavailable_reason
+                 frames_per_window: int | None = None, threads: int | str | None = None, policy=None):
+    """Backend by name over a checkpoint or an exported bundle (runtime/selection.py decides).
 
-        why = unavailable_reason()
-        if why:
-            raise ValueError(f"backend 'tensorrt' is not available ({why}); "
-                             "use onnxruntime (an exported bundle) or torch")
-        if not is_bundle(path):
-            raise ValueError(f"{path}: backend 'tensorrt' needs an exported bundle directory with a "
-                             "manifest.json and its engines (favor-export --targets tensorrt,trtllm)")
-        return _check_bundle_timing(TensorRTBackend(path), path, fps, frames_per_window)
-    if name == "onnxruntime" or (name == "auto" and is_bundle(path)):
-        if not is_bundle(path):
-            raise ValueError(f"{path}: backend 'onnxruntime' needs an exported bundle directory with a "
-                             "manifest.json (make one with `favor-export`)")
-        return _check_bundle_timing(OnnxRuntimeBackend(path, threads=threads), path, fps, frames_per_window)
-    if is_bundle(path):
-        raise ValueError(f"{path}: an exported bundle runs on the onnxruntime backend, not {name}")
-    return TorchBackend(load_runtime_model(path, fps, frames_per_window))
+    'auto': a checkpoint is exported once into the bundle cache (runtime/bundle_cache.py, ``policy``),
+    then TensorRT if the bundle holds engines and TensorRT is usable, else ONNX Runtime with the CUDA
+    provider when onnxruntime-gpu offers it, else the CPU provider. 'torch': eager PyTorch."""
+    from runtime.selection import open_backend
+
+    return open_backend(name, model_path, fps, frames_per_window, threads, policy)
+

@@ -99,11 +99,22 @@ def run(
     jsonl: Annotated[Path | None, typer.Option(help="write JSON lines here (flushed per caption)")] = None,
     live: Annotated[bool | None, typer.Option("--live/--no-live",
                                               help="live terminal view (default: on a terminal)")] = None,
-    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's)")] = None,
+    threads: Annotated[str | None, typer.Option(
+        help="N for every stage, or stage=N,... (audio_encoder, visual_encoder, fusion, decoder); "
+             "default: the bundle's tuned counts (torch: torch's default)")] = None,
+    cache: Annotated[bool, typer.Option("--cache/--no-cache", help="reuse the checkpoint's compiled bundle "
+                                        "from the bundle cache (--no-cache: export for this run only)")] = True,
+    cache_dir: Annotated[Path | None, typer.Option(
+        help="bundle cache directory (default: $FAVOR_CACHE or ~/.cache/favor/bundles)")] = None,
+    autotune: Annotated[bool, typer.Option("--autotune/--no-autotune",
+                                           help="time threads per stage when exporting a bundle")] = True,
 ) -> None:
     """Caption a stream window by window, printing and saving captions as they are produced."""
+    from export.threads import parse_threads
     from runtime.backends import make_backend
+    from runtime.bundle_cache import ExportView, Policy
     from runtime.scheduler import DeadlineScheduler
+    from runtime.selection import describe
     from runtime.sources import MediaSource
     from runtime.stream import StreamingCaptioner
 
@@ -119,22 +130,28 @@ def run(
             raise _fail(err, f"{name} ({value}) must be > 0", EXIT_USAGE)
     if window is not None and window < 1:
         raise _fail(err, f"--window ({window}) must be >= 1 frame", EXIT_USAGE)
-    if threads is not None:
-        if threads < 1:
-            raise _fail(err, f"--threads ({threads}) must be >= 1", EXIT_USAGE)
+    try:
+        thread_spec = parse_threads(threads)
+    except ValueError as e:
+        raise _fail(err, str(e), EXIT_USAGE) from None
+    if "*" in thread_spec:
         import torch
 
-        torch.set_num_threads(threads)
+        torch.set_num_threads(thread_spec["*"])
     model_path = model or default_model_path()
     if not model_path.exists():
         raise _fail(err, f"{model_path}: model not found (pass --model PATH or set ${MODEL_ENV})", EXIT_USAGE)
 
+    export_view = ExportView(err)  # shown only if the checkpoint has to be exported (cold cache)
     try:
-        engine = make_backend(backend, model_path, fps, window, threads=threads)
+        engine = make_backend(backend, model_path, fps, window, threads=threads,
+                              policy=Policy(cache_dir, cache, autotune, say=export_view))
         captioner = StreamingCaptioner(engine, prompt, max_new_tokens, context, incremental)
         source = MediaSource(input, engine.cfg.timing.sample_rate)
     except (ValueError, FileNotFoundError) as e:  # SourceError and MediaError are ValueErrors
         raise _fail(err, str(e), EXIT_USAGE) from None
+    finally:
+        export_view.close()
 
     timing = engine.cfg.timing
     bound = (max_latency or timing.window_seconds) if realtime else None
@@ -164,7 +181,7 @@ def run(
             view.update(_status(cap, scheduler.stats, latencies))
 
     mode = "realtime" if realtime else "offline"
-    err.print(escape(f"favor-rt: {input} ({source.kind}, {mode}) | {engine.name} | "
+    err.print(escape(f"favor-rt: {input} ({source.kind}, {mode}) | {describe(engine)} | "
                      f"{timing.video_fps:g} FPS, {timing.frames_per_window} frames/window "
                      f"({timing.window_seconds:g} s)" + (f", max latency {bound:g} s" if bound else "")))
     stop = threading.Event()

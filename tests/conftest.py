@@ -31,6 +31,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _bundle_cache(tmp_path_factory):
+    """Checkpoints run by `auto` are exported into a per-session bundle cache, never ~/.cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FAVOR_CACHE", str(tmp_path_factory.mktemp("favor-cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture
 def tiny_cfg():
     return get_config("tiny")

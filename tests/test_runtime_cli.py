@@ -32,8 +32,9 @@ def _restore_torch_threads():
 
 
 def cli(ckpt, *args):
-    result = CliRunner().invoke(app, ["run", *map(str, args), "--model", str(ckpt), "--no-live",
-                                      "--threads", "1", "--max-new-tokens", "3"])
+    # torch: these tests are about the CLI, not the compiled path (tests/test_bundle_cache.py runs that)
+    result = CliRunner().invoke(app, ["run", "--backend", "torch", *map(str, args), "--model", str(ckpt),
+                                      "--no-live", "--threads", "1", "--max-new-tokens", "3"])
     return result
 
 
@@ -130,7 +131,8 @@ def test_sigint_mid_run_leaves_a_valid_srt(tiny_ckpt, tmp_path):
     clip = write_clip(tmp_path / "long.mp4", 30.0, fps=10.0)  # paced: would run for 30 s
     srt = tmp_path / "live.srt"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "runtime", "run", str(clip), "--model", str(tiny_ckpt), "--realtime",
+    cmd = [sys.executable, "-m", "runtime", "run", str(clip), "--model", str(tiny_ckpt), "--backend", "torch",
+           "--realtime",
            "--max-latency", "10", "--no-live", "--threads", "1", "--max-new-tokens", "3", "--srt", str(srt)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
@@ -186,9 +188,7 @@ def test_source_lost_mid_stream_exits_1_with_captions_kept(tiny_ckpt, tmp_path, 
     assert len(cues) == 3 and cues[-1].end <= 1.0 + 1e-9  # the windows completed before the loss
 
 
-@pytest.mark.parametrize("backend, message", [("tensorrt", "not available"),
-                                              ("onnxruntime", "needs an exported bundle"),
-                                              ("cuda", "must be one of")])
+@pytest.mark.parametrize("backend, message", [("tensorrt", "not available"), ("cuda", "must be one of")])
 def test_unavailable_backends_are_one_line_errors(tiny_ckpt, tmp_path, backend, message):
     clip = write_clip(tmp_path / "c.mp4", 0.5)
     r = cli(tiny_ckpt, clip, "--offline", "--backend", backend)

@@ -58,8 +58,12 @@ def test_unavailable_names_what_is_missing_and_make_backend_says_it_in_one_line(
         tb.TensorRTBackend(tmp_path)
 
 
-def test_auto_never_picks_tensorrt(tiny_ckpt):
-    assert make_backend("auto", tiny_ckpt).name == "torch"
+def test_auto_never_picks_tensorrt_here(tmp_path):
+    from runtime.selection import select
+
+    # real probes: TensorRT is not installed, so even a bundle with engines runs on ONNX Runtime
+    (tmp_path / "trtllm" / "engine").mkdir(parents=True)
+    assert select("auto", tmp_path).backend == "onnxruntime"
 
 
 def test_engine_paths_name_the_missing_plan_and_stage(tmp_path, manifest):
