@@ -1,4 +1,5 @@
-"""Caption decoding shared by every backend: one greedy loop and one beam search over ``Inference``.
+"""The one decode loop: every caption and answer (training eval, favor-eval, favor-export verify, every
+runtime backend) is decoded here, over ``Inference``.
 
 A backend (PyTorch here, ONNX Runtime in export/ort_inference.py, TensorRT in runtime/) implements
 three calls and never its own loop (whisper/decoding.py's ``Inference`` split):
@@ -7,19 +8,31 @@ three calls and never its own loop (whisper/decoding.py's ``Inference`` split):
     decode(ids [B], cache)                           -> (logits [B, V] for the new token, cache)
     reorder(cache, rows [B'])                        -> cache with batch rows picked (beam search)
 
-Inputs are left padded (``LLM.splice(left_pad=True)`` or ``prompt_table.build_inputs``) so every row
-continues from its ``ASSISTANT:``; position ids are the running count of attended tokens, as in
-``LLM.splice``, so padding never shifts RoPE.
+Inputs are left padded (``prompt_table.build_inputs``) so every row continues from its
+``ASSISTANT:``; position ids are the running count of attended tokens, as in ``LLM.splice``, so
+padding never shifts RoPE. ``caption`` is the one prompt assembly: prompt-table ids, then
+``embed_with_prompt_table`` over the backend's embedding matrix, then ``decode``.
 
-Notation: B batch (x beams), L prompt length, P cached length, V vocab, D LLM width.
+``GenerationSettings`` selects greedy, sampling or beam search; repetition penalty, temperature and
+top-p are small logits-processing steps inside the loop (transformers' processors, same formulas),
+and sampling draws from a ``torch.Generator`` seeded by ``settings.seed``, so answers repeat.
+
+Notation: B batch (x beams), K beams, L prompt length, P cached length, V vocab, D LLM width.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
+
+from favor import prompt_table
+from favor.config import LLMConfig
+from favor.prompt import clean_answer, inference_ids
+
+OnToken = Callable[[int, int], None]  # (batch row, token id), called as each token is decided
 
 
 class Inference(Protocol):
@@ -30,12 +43,40 @@ class Inference(Protocol):
     def reorder(self, cache: Any, rows: torch.Tensor) -> Any: ...
 
 
+@dataclass(frozen=True)
+class GenerationSettings:
+    max_new_tokens: int = 64
+    num_beams: int = 1
+    do_sample: bool = False
+    top_p: float = 1.0
+    temperature: float = 1.0
+    repetition_penalty: float = 1.0
+    length_penalty: float = 1.0
+    seed: int = 0  # sampling draws from torch.Generator().manual_seed(seed)
+
+    def __post_init__(self):
+        for name, value, lo in (("max_new_tokens", self.max_new_tokens, 1), ("num_beams", self.num_beams, 1)):
+            if value < lo:
+                raise ValueError(f"{name} ({value}) must be >= {lo}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p ({self.top_p}) must be in (0, 1]")
+        for name, value in (("temperature", self.temperature), ("repetition_penalty", self.repetition_penalty)):
+            if value <= 0:
+                raise ValueError(f"{name} ({value}) must be > 0")
+
+
+GREEDY = GenerationSettings()
+
+
 @dataclass
 class CaptionResult:
     tokens: list[int]  # generated ids, EOS excluded
     text: str = ""
-    margins: list[float] = field(default_factory=list)  # top-1 minus top-2 logit at each greedy step
+    margins: list[float] = field(default_factory=list)  # top-1 minus top-2 logit at each step
     score: float = 0.0  # sum of log-probabilities (beam search ranks by this / length penalty)
+    prompt_tokens: int = 0  # attended prompt length (set by ``caption``)
+    prefill_s: float = 0.0  # seconds in prefill / decode steps (set by timed backends)
+    decode_s: float = 0.0
 
 
 @dataclass
@@ -67,11 +108,40 @@ class TorchInference:
     def decode(self, ids: torch.Tensor, cache: TorchCache) -> tuple[torch.Tensor, TorchCache]:
         position_ids = cache.attention_mask.sum(-1, keepdim=True)  # [B, 1] next position
         mask = torch.cat([cache.attention_mask, cache.attention_mask.new_ones(ids.shape[0], 1)], 1)
-        return self._step(self._embed(ids[:, None]), mask, position_ids, cache.kv)
+        device = cache.attention_mask.device
+        return self._step(self._embed(ids[:, None].to(device)), mask, position_ids, cache.kv)
 
     def reorder(self, cache: TorchCache, rows: torch.Tensor) -> TorchCache:
+        rows = rows.to(cache.attention_mask.device)
         cache.kv.reorder_cache(rows)
         return TorchCache(cache.kv, cache.attention_mask[rows])
+
+
+# -- logits processing (transformers' RepetitionPenalty / Temperature / TopP, same formulas) ----------
+def penalise_repeats(logits: torch.Tensor, history: list[list[int]], penalty: float) -> torch.Tensor:
+    """logits [B, V]: each token already generated in row b is divided by ``penalty`` (multiplied when
+    negative), so repeating it gets less likely (CTRL, Keskar et al. 2019)."""
+    if penalty == 1.0 or not any(history):
+        return logits
+    out = logits.clone()
+    for b, seen in enumerate(history):
+        if seen:
+            idx = torch.tensor(sorted(set(seen)), dtype=torch.long)
+            s = out[b, idx]
+            out[b, idx] = torch.where(s < 0, s * penalty, s / penalty)
+    return out
+
+
+def warp(scores: torch.Tensor, temperature: float, top_p: float, min_keep: int = 1) -> torch.Tensor:
+    """scores [N, V] / temperature, then the nucleus: keep the smallest set of tokens whose
+    probability reaches ``top_p`` (at least ``min_keep``), the rest to -inf."""
+    scores = scores / temperature if temperature != 1.0 else scores
+    if top_p >= 1.0:
+        return scores
+    ascending, order = scores.sort(-1)  # [N, V]
+    drop = ascending.softmax(-1).cumsum(-1) <= 1 - top_p
+    drop[..., -min_keep:] = False
+    return scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
 
 
 def _margin(logits: torch.Tensor) -> torch.Tensor:
@@ -79,9 +149,26 @@ def _margin(logits: torch.Tensor) -> torch.Tensor:
     return top2[:, 0] - top2[:, 1]
 
 
+def _choose(logits: torch.Tensor, results: list[CaptionResult], settings: GenerationSettings,
+            generator: torch.Generator | None) -> torch.Tensor:
+    """Next id per row [B]: argmax of the (penalised) logits, or a draw from the warped distribution."""
+    scores = penalise_repeats(logits, [r.tokens for r in results], settings.repetition_penalty)
+    if not settings.do_sample:
+        return scores.argmax(-1)
+    probs = warp(scores, settings.temperature, settings.top_p).softmax(-1)  # [B, V]
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+# -- the loops -----------------------------------------------------------------------------------
 def greedy_decode(inference: Inference, embeds: torch.Tensor, attention_mask: torch.Tensor,
-                  max_new_tokens: int, eos_token_id: int) -> list[CaptionResult]:
-    """Argmax decoding until EOS or ``max_new_tokens``; records each step's top-1/top-2 margin."""
+                  max_new_tokens: int, eos_token_id: int, on_token: OnToken | None = None, *,
+                  settings: GenerationSettings = GREEDY, generator: torch.Generator | None = None
+                  ) -> list[CaptionResult]:
+    """Token by token until EOS or ``max_new_tokens``: argmax (or a draw when ``settings.do_sample``).
+
+    Records each step's top-1/top-2 margin of the raw logits; ``on_token(row, id)`` is called as soon
+    as a row's token is decided (EOS is not reported), so a caller can show the text growing.
+    """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens ({max_new_tokens}) must be >= 1")
     B = embeds.shape[0]
@@ -89,9 +176,9 @@ def greedy_decode(inference: Inference, embeds: torch.Tensor, attention_mask: to
     done = torch.zeros(B, dtype=torch.bool)
     logits, cache = inference.prefill(embeds, attention_mask)
     for step in range(max_new_tokens):
-        logits = torch.as_tensor(logits).float()
+        logits = torch.as_tensor(logits).float().cpu()  # [B, V]: the loop's bookkeeping stays on the CPU
         logp = torch.log_softmax(logits, -1)
-        ids = logits.argmax(-1)  # [B]
+        ids = _choose(logits, results, settings, generator)  # [B]
         margin = _margin(logits)
         for b in range(B):
             if done[b]:
@@ -102,6 +189,8 @@ def greedy_decode(inference: Inference, embeds: torch.Tensor, attention_mask: to
             results[b].tokens.append(int(ids[b]))
             results[b].margins.append(float(margin[b]))
             results[b].score += float(logp[b, ids[b]])
+            if on_token is not None:
+                on_token(b, int(ids[b]))
         if bool(done.all()) or step == max_new_tokens - 1:
             break
         ids = torch.where(done, torch.full_like(ids, eos_token_id), ids)  # finished rows feed EOS
@@ -109,13 +198,61 @@ def greedy_decode(inference: Inference, embeds: torch.Tensor, attention_mask: to
     return results
 
 
+def _beam_candidates(total: torch.Tensor, K: int, settings: GenerationSettings,
+                     generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """total [B, K*V] running log-probs -> 2K candidates per row (scores, flat indices), best first.
+
+    Beam search takes the top 2K (spares replace beams that end in EOS); beam sampling draws them
+    from softmax(warp(total)) without replacement (as transformers' beam sample), then ranks the
+    draws by their unwarped score."""
+    if not settings.do_sample:
+        return total.topk(2 * K, dim=-1)
+    B = total.shape[0]
+    probs = warp(total, settings.temperature, settings.top_p, min_keep=2).softmax(-1)  # [B, K*V]
+    scores = torch.full((B, 2 * K), float("-inf"))
+    idx = torch.zeros(B, 2 * K, dtype=torch.long)
+    for b in range(B):
+        n = min(2 * K, int((probs[b] > 0).sum()))
+        drawn = torch.multinomial(probs[b], n, generator=generator)  # [n]
+        s, order = total[b, drawn].sort(descending=True)
+        scores[b, :n], idx[b, :n] = s, drawn[order]
+    return scores, idx
+
+
+def _beam_step(top: torch.Tensor, idx: torch.Tensor, seqs: list[list[list[int]]], V: int, K: int,
+               eos_token_id: int, length_penalty: float, finished: list[list[tuple]]):
+    """Keep the K best non-EOS candidates per row; candidates ending in EOS become finished hypotheses."""
+    B = top.shape[0]
+    scores = torch.full((B, K), float("-inf"))
+    src = torch.zeros(B, K, dtype=torch.long)
+    tok = torch.full((B, K), eos_token_id, dtype=torch.long)
+    new_seqs: list[list[list[int]]] = [[[] for _ in range(K)] for _ in range(B)]
+    for b in range(B):
+        k = 0
+        for s, i in zip(top[b].tolist(), idx[b].tolist(), strict=False):
+            beam, t = divmod(i, V)
+            if s == float("-inf") or k == K:
+                break
+            if t == eos_token_id:
+                hyp = seqs[b][beam]
+                finished[b].append((s / max(len(hyp), 1) ** length_penalty, hyp, s))
+                continue
+            scores[b, k], src[b, k], tok[b, k] = s, beam, t
+            new_seqs[b][k] = seqs[b][beam] + [t]
+            k += 1
+    return scores, src, tok, new_seqs
+
+
 def beam_decode(inference: Inference, embeds: torch.Tensor, attention_mask: torch.Tensor,
-                max_new_tokens: int, eos_token_id: int, num_beams: int = 4,
-                length_penalty: float = 1.0) -> list[CaptionResult]:
-    """Beam search per sample (batch rows expanded to beams); hypotheses ranked by
-    sum log p / length ** length_penalty, as transformers' beam search does."""
+                max_new_tokens: int, eos_token_id: int, num_beams: int = 4, length_penalty: float = 1.0,
+                *, settings: GenerationSettings | None = None, generator: torch.Generator | None = None
+                ) -> list[CaptionResult]:
+    """Beam search (or beam sampling) per sample, batch rows expanded to beams; hypotheses ranked by
+    sum log p / length ** length_penalty, as transformers' beam search does. The repetition penalty
+    acts on each beam's own tokens before the log-softmax."""
     if num_beams < 1:
         raise ValueError(f"num_beams ({num_beams}) must be >= 1")
+    settings = settings or GenerationSettings(num_beams=num_beams, length_penalty=length_penalty)
     B, K = embeds.shape[0], num_beams
     rows = torch.arange(B).repeat_interleave(K)  # [B*K]
     logits, cache = inference.prefill(embeds[rows], attention_mask[rows])
@@ -124,48 +261,66 @@ def beam_decode(inference: Inference, embeds: torch.Tensor, attention_mask: torc
     seqs: list[list[list[int]]] = [[[] for _ in range(K)] for _ in range(B)]
     finished: list[list[tuple[float, list[int], float]]] = [[] for _ in range(B)]
     for step in range(max_new_tokens):
-        logp = torch.log_softmax(torch.as_tensor(logits).float(), -1)  # [B*K, V]
+        history = [seqs[b][k] for b in range(B) for k in range(K)]
+        logits = penalise_repeats(torch.as_tensor(logits).float().cpu(), history, settings.repetition_penalty)
+        logp = torch.log_softmax(logits, -1)  # [B*K, V]
         V = logp.shape[-1]
         total = (scores.reshape(-1, 1) + logp).reshape(B, K * V)  # [B, K*V]
-        top, idx = total.topk(2 * K, dim=-1)  # spare candidates replace beams that end in EOS
-        new_scores = torch.full((B, K), float("-inf"))
-        src = torch.zeros(B, K, dtype=torch.long)
-        tok = torch.full((B, K), eos_token_id, dtype=torch.long)
-        new_seqs: list[list[list[int]]] = [[[] for _ in range(K)] for _ in range(B)]
-        for b in range(B):
-            k = 0
-            for s, i in zip(top[b].tolist(), idx[b].tolist(), strict=False):
-                beam, t = divmod(i, V)
-                if s == float("-inf"):
-                    break
-                if t == eos_token_id:
-                    hyp = seqs[b][beam]
-                    finished[b].append((s / max(len(hyp), 1) ** length_penalty, hyp, s))
-                    continue
-                new_scores[b, k], src[b, k], tok[b, k] = s, beam, t
-                new_seqs[b][k] = seqs[b][beam] + [t]
-                k += 1
-                if k == K:
-                    break
-        scores, seqs = new_scores, new_seqs
+        top, idx = _beam_candidates(total, K, settings, generator)
+        scores, src, tok, seqs = _beam_step(top, idx, seqs, V, K, eos_token_id, length_penalty, finished)
         if all(len(f) >= K for f in finished) or step == max_new_tokens - 1:
             break
         cache = inference.reorder(cache, (torch.arange(B)[:, None] * K + src).reshape(-1))
         logits, cache = inference.decode(tok.reshape(-1), cache)
-    results = []
-    for b in range(B):
-        pool = list(finished[b]) + [(float(scores[b, k]) / max(len(seqs[b][k]), 1) ** length_penalty,
-                                     seqs[b][k], float(scores[b, k]))
-                                    for k in range(K) if scores[b, k] > float("-inf")]
-        _, best, raw = max(pool, key=lambda h: h[0])
-        results.append(CaptionResult(list(best), score=raw))
+    return [_best(finished[b], scores[b], seqs[b], length_penalty) for b in range(B)]
+
+
+def _best(finished: list[tuple], scores: torch.Tensor, seqs: list[list[int]], length_penalty: float
+          ) -> CaptionResult:
+    pool = list(finished) + [(float(s) / max(len(q), 1) ** length_penalty, q, float(s))
+                             for s, q in zip(scores, seqs, strict=True) if s > float("-inf")]
+    _, best, raw = max(pool, key=lambda h: h[0])
+    return CaptionResult(list(best), score=raw)
+
+
+def decode(inference: Inference, embeds: torch.Tensor, attention_mask: torch.Tensor, eos_token_id: int,
+           settings: GenerationSettings = GREEDY, on_token: OnToken | None = None) -> list[CaptionResult]:
+    """``settings`` -> the step loop (greedy / sampling) or beam search. Beam search decides its tokens
+    only at the end, so ``on_token`` then reports the chosen hypothesis after the search."""
+    generator = torch.Generator().manual_seed(settings.seed) if settings.do_sample else None
+    if settings.num_beams == 1:
+        return greedy_decode(inference, embeds, attention_mask, settings.max_new_tokens, eos_token_id, on_token,
+                             settings=settings, generator=generator)
+    results = beam_decode(inference, embeds, attention_mask, settings.max_new_tokens, eos_token_id,
+                          settings.num_beams, settings.length_penalty, settings=settings, generator=generator)
+    for b, r in enumerate(results):
+        for t in r.tokens if on_token is not None else ():
+            on_token(b, t)
     return results
 
 
 def decode_text(results: list[CaptionResult], tokenizer) -> list[CaptionResult]:
     """Fill ``text`` with the release's post-processing (``favor.prompt.clean_answer``)."""
-    from favor.prompt import clean_answer
-
     for r in results:
         r.text = clean_answer(tokenizer.decode(r.tokens, skip_special_tokens=True))
     return results
+
+
+def caption(inference: Inference, embedding: torch.Tensor, tokenizer, llm: LLMConfig, prompts: list[str],
+            av_embeds: torch.Tensor, av_mask: torch.Tensor, settings: GenerationSettings = GREEDY,
+            on_token: OnToken | None = None) -> list[CaptionResult]:
+    """Answers to ``prompts`` about AV rows av_embeds [B, A, D] (av_mask [B, A], False = padded window).
+
+    The one prompt assembly for torch, ONNX Runtime and TensorRT: ``prompt_table.build_inputs`` ids
+    (AV rows addressed as vocab_size + row), embedded through ``embedding`` [V, D] (the LLM's input
+    embedding matrix), left padded; then ``decode``; text post-processed like the release.
+    """
+    inputs = prompt_table.build_inputs([inference_ids(tokenizer, p) for p in prompts], av_embeds,
+                                       av_mask.bool(), llm.vocab_size, llm.bos_token_id, llm.eos_token_id)
+    embedding = torch.as_tensor(embedding)  # NumPy for ONNX Runtime, a (CUDA) tensor for torch
+    ids, mask = inputs.ids.to(embedding.device), inputs.attention_mask.to(embedding.device)
+    embeds = prompt_table.embed_with_prompt_table(ids, embedding, inputs.table.to(embedding.device), mask)
+    results = decode(inference, embeds, mask, llm.eos_token_id, settings, on_token)
+    for r, n in zip(results, inputs.attention_mask.sum(-1).tolist(), strict=True):
+        r.prompt_tokens = int(n)
+    return decode_text(results, tokenizer)

@@ -34,8 +34,10 @@ from favor.checkpoint import Checkpoint, apply_weights, base_model_refs, load_ch
 from favor.config import FavorConfig
 from favor.generation import generate, get_settings
 from training import distributed as D
-from training.data import Collator, DataOptions, ManifestDataset, PairingOptions, StreamSampler, normalise_answer
+from training.collate import Collator, normalise_answer
+from training.data import DataOptions, ManifestDataset, StreamSampler
 from training.features import CachedAudioEncoder, CachedVisualEncoder, FeatureCache, module_fingerprint, weights_digest
+from training.pairing import PairingOptions
 
 STEP_DIR = "step_{:06d}"
 WEIGHTS_FILE = "favor.safetensors"
@@ -349,7 +351,8 @@ class FinetuneRecipe:
     # -- evaluate ---------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Eval loss over ``eval_batches`` and greedy exact match on ``eval_generate`` samples.
+        """Eval loss over ``eval_batches`` and greedy exact match on ``eval_generate`` samples (decoded by
+        favor.captions' loop through ``generate``, the same loop the runtime ships).
 
         Every rank evaluates the same samples (cheap, and keeps FSDP's collectives in step); the
         training RNG is untouched (forked)."""

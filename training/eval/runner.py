@@ -1,6 +1,7 @@
 """Run a FAVOR model over a manifest and score every task by its rule.
 
     manifest -> ManifestDataset (no pairing) -> Collator -> encode_av -> generate -> predictions
+    (favor.generation.generate = favor.captions' decode loop, the one every runtime backend ships)
     predictions -> score_predictions (TASK_RULES) -> {task: {metric, score, n, ...}}
 
 Rules per task (appendix B; synthetic tasks take the rule of their AVEB counterpart):
@@ -92,7 +93,9 @@ def predict(model, manifest: str | Path, *, batch_size: int = 4, max_new_tokens:
     question, prediction, reference (the gpt turn) and references (``meta.references`` if present).
     """
     from favor.generation import generate, get_settings
-    from training.data import Collator, DataOptions, ManifestDataset, PairingOptions
+    from training.collate import Collator
+    from training.data import DataOptions, ManifestDataset
+    from training.pairing import PairingOptions
 
     if batch_size < 1:
         raise ValueError(f"batch_size ({batch_size}) must be >= 1")
