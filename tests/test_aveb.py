@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from favor import media
-from training.data import parse_manifest
 from training.eval import aveb
+from training.manifest import parse_manifest
 from training.synth.write import write_mp4, write_png, write_wav
 
 SR = 16_000  # Hz, the fabricated audio's rate

@@ -12,21 +12,18 @@ import pytest
 import torch
 
 from favor.sync import audio_frames
-from training.data import (
+from training.collate import Collator, normalise_answer
+from training.data import DataOptions, ManifestDataset, StreamSampler
+from training.manifest import parse_manifest
+from training.pairing import (
     IMAGE_PREFIX,
     MATCH_NO,
     MATCH_QUESTIONS,
     MATCH_TASK,
     MATCH_YES,
-    Collator,
-    DataOptions,
-    ManifestDataset,
     PairingOptions,
-    StreamSampler,
     join_qa,
-    normalise_answer,
     pair,
-    parse_manifest,
 )
 
 CLIP_SIZE = 32  # pixels; even, as mpeg4 needs

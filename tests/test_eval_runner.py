@@ -79,7 +79,7 @@ def test_word_tokenizer_covers_the_manifest(heldout, tmp_path):
     text = " ".join(t["value"] for line in heldout.read_text().splitlines()
                     for t in json.loads(line)["conversation"])
     from favor.prompt import ASSISTANT, AV_END, PROMPT_START
-    from training.data import MATCH_QUESTIONS
+    from training.pairing import MATCH_QUESTIONS
 
     for chunk in (PROMPT_START, AV_END + text + ASSISTANT, *MATCH_QUESTIONS):  # favor.prompt's chunks
         assert tok.unk_token_id not in tok(chunk, add_special_tokens=False)["input_ids"], chunk

@@ -260,7 +260,8 @@ def test_synth_subcommand_output_trains(tmp_path, tiny_cfg, tokenizer):
     pytest.importorskip("training.synth")
     from typer.testing import CliRunner
 
-    from training.data import Collator, DataOptions, ManifestDataset
+    from training.collate import Collator
+    from training.data import DataOptions, ManifestDataset
 
     result = CliRunner().invoke(app, ["synth", str(tmp_path / "synth"), "--num-clips", "1", "--seed", "3"])
     assert result.exit_code == 0, result.output

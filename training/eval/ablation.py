@@ -80,7 +80,7 @@ def build_tokenizer(manifests: Sequence[Path], out_dir: Path):
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from training.data import IMAGE_PREFIX, MATCH_NO, MATCH_QUESTIONS, MATCH_YES
+    from training.pairing import IMAGE_PREFIX, MATCH_NO, MATCH_QUESTIONS, MATCH_YES
 
     pre = pre_tokenizers.Whitespace()
     seen: dict[str, None] = {}
@@ -148,7 +148,9 @@ _MEMO_DATASET = None
 
 
 def _recipe_class():
-    from training.data import Collator, DataOptions, PairingOptions
+    from training.collate import Collator
+    from training.data import DataOptions
+    from training.pairing import PairingOptions
     from training.recipe import FinetuneRecipe
 
     global _MEMO_DATASET

@@ -1,0 +1,112 @@
+"""Pairing (FAVOR-SPEC.md section 6.3, video-SALMONN's dataset rules, training only).
+
+    video + audio  mask [1, 1]; with p = av_match_prob the question becomes "does the audio match?" and
+                   with p = mismatch_prob the audio is swapped for another sample's -> "No." else "Yes."
+    video only     a random sample's audio; p = video_combine_prob: both Q/As joined, mask [1, 1];
+                   otherwise the video's Q/A with the audio masked, mask [1, 0]
+    image only     a random sample's audio, mask [1, 1]; p = image_combine_prob: both Q/As joined with
+                   the image question prefixed "In the image, ", order random; otherwise one of the two
+                   Q/As at random
+    audio only     mask [0, 1]; image + audio from the manifest: mask [1, 1]
+The caller passes the random generator (training/data.py seeds it by stream position).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from training.manifest import Entry
+
+MATCH_QUESTIONS = (
+    "Is the audio compatible with the video?",
+    "Does the sound match what is shown in the video?",
+    "Do the audio and the video come from the same clip?",
+)
+MATCH_YES, MATCH_NO = "Yes.", "No."
+MATCH_TASK = "av_matching"
+IMAGE_PREFIX = "In the image, "
+
+
+@dataclass(frozen=True)
+class PairingOptions:
+    enabled: bool = True  # False: every sample as written (evaluation)
+    av_match_prob: float = 0.1  # release: p = 0.1 AV-matching question on paired video + audio
+    mismatch_prob: float = 0.5  # of those, audio swapped for another sample's -> "No."
+    video_combine_prob: float = 0.2  # video without audio: both Q/As joined, mask [1, 1]
+    image_combine_prob: float = 0.5  # image without audio: both Q/As joined
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one draw of a sample decodes and asks."""
+
+    entry: Entry
+    visual: Path | None
+    is_image: bool
+    audio: Path | None
+    modality_mask: tuple[float, float]  # (visual, audio)
+    conversation: tuple[dict, ...]
+    task: str
+
+
+def _strip_end(text: str) -> str:
+    return text.strip().rstrip("?.!,;:").rstrip()
+
+
+def _lower_first(text: str) -> str:
+    text = text.strip()
+    return text[:1].lower() + text[1:]
+
+
+def join_qa(first: tuple[dict, ...], second: tuple[dict, ...], sep: str = ", and ") -> tuple[dict, ...]:
+    """Two single-turn Q/As as one: "{Q1}, and {q2}" / "{A1}, and {a2}" (the release's combination)."""
+    q = _strip_end(first[0]["value"]) + sep + _lower_first(second[0]["value"])
+    a = _strip_end(first[1]["value"]) + sep + _lower_first(second[1]["value"])
+    return ({"from": "human", "value": q}, {"from": "gpt", "value": a})
+
+
+def _single_turn(conv: tuple[dict, ...]) -> bool:
+    return len(conv) == 2
+
+
+def pair(entry: Entry, rng: np.random.Generator, audio_pool: Sequence[Entry],
+         opts: PairingOptions) -> Plan:
+    """Apply the release's random audio/visual pairing to one sample (see the module docstring)."""
+    conv, task = entry.conversation, entry.task
+    has_v, has_a = entry.visual is not None, entry.audio is not None
+    base = Plan(entry, entry.visual, entry.image is not None, entry.audio,
+                (float(has_v), float(has_a)), conv, task)
+    if not opts.enabled or not has_v or not audio_pool:
+        return base
+    if has_a:
+        if entry.video is None or task == MATCH_TASK or rng.random() >= opts.av_match_prob:
+            return base
+        question = MATCH_QUESTIONS[int(rng.integers(len(MATCH_QUESTIONS)))]
+        audio, answer = entry.audio, MATCH_YES
+        others = [e for e in audio_pool if e.audio != entry.audio]
+        if others and rng.random() < opts.mismatch_prob:
+            audio, answer = others[int(rng.integers(len(others)))].audio, MATCH_NO
+        match = ({"from": "human", "value": question}, {"from": "gpt", "value": answer})
+        return Plan(entry, entry.visual, False, audio, (1.0, 1.0), match, MATCH_TASK)
+    other = audio_pool[int(rng.integers(len(audio_pool)))]
+    can_join = _single_turn(conv) and _single_turn(other.conversation)
+    if entry.video is not None:
+        if can_join and rng.random() < opts.video_combine_prob:
+            joined = join_qa(conv, other.conversation)
+            return Plan(entry, entry.video, False, other.audio, (1.0, 1.0), joined, f"{task}+{other.task}")
+        return Plan(entry, entry.video, False, other.audio, (1.0, 0.0), conv, task)
+    # image without audio: always paired, both modalities visible
+    if can_join and rng.random() < opts.image_combine_prob:
+        img = ({"from": "human", "value": IMAGE_PREFIX + _lower_first(conv[0]["value"])}, conv[1])
+        parts = [img, other.conversation]
+        if rng.random() < 0.5:
+            parts.reverse()
+        return Plan(entry, entry.image, True, other.audio, (1.0, 1.0), join_qa(*parts),
+                    f"{task}+{other.task}")
+    if rng.random() < 0.5:
+        return Plan(entry, entry.image, True, other.audio, (1.0, 1.0), conv, task)
+    return Plan(entry, entry.image, True, other.audio, (1.0, 1.0), other.conversation, other.task)
