@@ -114,19 +114,42 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             if not isinstance(blob, dict) or "meta" not in blob:
                 raise ValueError("not a FAVOR checkpoint (no 'meta'); for the authors' release use "
                                  "favor.release.import_release")
-            meta, weights = blob["meta"], blob["weights"]
+            meta, weights = blob["meta"], blob.get("weights")
         else:
             raise ValueError("checkpoint must end in .safetensors or .pt")
-    except (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as err:
+    except pickle.UnpicklingError:  # torch's own message is six lines and suggests weights_only=False
+        raise ValueError(f"{path}: refused: it holds pickled objects other than tensors and strings "
+                         "(not a FAVOR checkpoint; nothing in it was run)") from None
+    except (OSError, RuntimeError, ValueError, KeyError, EOFError) as err:
+        raise ValueError(f"{path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    try:
+        return _from_metadata(meta, weights)
+    except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
+
+
+def _from_metadata(meta, weights) -> Checkpoint:
+    """Checkpoint from its (untrusted) metadata: every field's type and range checked first."""
+    from favor.validate import json_object
+
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise ValueError(f"metadata must be a mapping of strings, got {type(meta).__name__}")
     if meta.get("format") != MAGIC:
-        raise ValueError(f"{path}: not a FAVOR checkpoint")
-    if int(meta["format_version"]) > FORMAT_VERSION:
-        raise ValueError(f"{path}: format version {meta['format_version']} is newer than this favor "
-                         f"({FORMAT_VERSION})")
-    return Checkpoint(FavorConfig.from_dict(json.loads(meta["config"])), weights,
-                      json.loads(meta.get("base_models", "{}")),
-                      json.loads(meta.get("self_contained", "false")), json.loads(meta.get("extra", "{}")))
+        raise ValueError("not a FAVOR checkpoint (metadata format is not 'favor-checkpoint')")
+    version = meta.get("format_version", "")
+    if not version.isdigit():
+        raise ValueError(f"metadata format_version ({version!r}) must be a whole number")
+    if int(version) > FORMAT_VERSION:
+        raise ValueError(f"format version {version} is newer than this favor ({FORMAT_VERSION})")
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise ValueError("weights must be a mapping of names to tensors")
+    config = FavorConfig.from_dict(json_object(meta.get("config"), "metadata 'config'"))
+    base_models = json_object(meta.get("base_models", "{}"), "metadata 'base_models'")
+    extra = json_object(meta.get("extra", "{}"), "metadata 'extra'")
+    self_contained = meta.get("self_contained", "false")
+    if self_contained not in ("true", "false"):
+        raise ValueError(f"metadata self_contained ({self_contained!r}) must be true or false")
+    return Checkpoint(config, weights, base_models, self_contained == "true", extra)
 
 
 def apply_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str,

@@ -6,8 +6,10 @@
     favor-rt run rtsp://host/stream --vtt live.vtt
     favor-rt bench --preset demo --fps 0.5,1,2,4 --window 2,5,10,20
 
-Exit codes: 0 done; 1 the stream broke mid-way (captions so far are kept); 2 bad input or options;
-130 interrupted (Ctrl-C; captions so far are kept).
+Exit codes: 0 done; 1 the run broke mid-way (the source was lost, or an output could not be written;
+captions so far are kept); 2 bad input or options (nothing was written); 3 no caption at all because
+every window was dropped (the message says why and what to do); 130 interrupted (Ctrl-C or SIGTERM;
+captions so far are kept).
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from __future__ import annotations
 import os
 import signal
 import statistics
-import sys
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
@@ -26,13 +28,22 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
-from runtime.writers import WRITERS, CaptionWriter, timestamp
+from favor.cli_options import CONTEXT, VerboseOption, VersionOption
+from runtime.writers import STDOUT, WRITERS, CaptionWriter, OutputError, timestamp
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, context_settings=CONTEXT, rich_markup_mode=None,
                   help="FAVOR-RT: real-time audio-visual captioning on edge devices.")
 DEFAULT_PROMPT = "Describe what happens in the video and the audio."
-EXIT_STREAM_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+EXIT_STREAM_ERROR, EXIT_USAGE, EXIT_NO_CAPTIONS, EXIT_INTERRUPTED = 1, 2, 3, 130
 MODEL_ENV = "FAVOR_MODEL"
+# A requested --fps may exceed the source's stated average rate by this much (rounded NTSC rates,
+# variable frame rate averages) before it counts as asking for frames the source does not have.
+FPS_TOLERANCE = 1.01
+LIVE_REFRESH_HZ = 4  # the live view redraws this often, so drops show as they happen
+
+
+class UsageError(ValueError):
+    """Bad options or input, found before anything was written: exit 2."""
 
 
 def default_model_path() -> Path:
@@ -53,21 +64,6 @@ def _fail(console: Console, message: str, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _status(caption, stats, latencies: list[float]) -> Table:
-    table = Table.grid(padding=(0, 2))
-    table.add_column(style="bold")
-    table.add_column()
-    text = caption.text if caption is not None else "(waiting for the first window)"
-    table.add_row("caption", escape(text))
-    if caption is not None:
-        table.add_row("window", f"{timestamp(caption.start, '.')} -> {timestamp(caption.end, '.')}")
-        table.add_row("latency", f"{caption.latency:.3f} s (p95 {_p(latencies, 95):.3f} s)")
-    table.add_row("windows", f"{stats.captioned} captioned, {stats.dropped} dropped "
-                             f"({stats.dropped_late} late, {stats.dropped_overflow} overflow), "
-                             f"{stats.merged} merged")
-    return table
-
-
 def _p(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -76,187 +72,385 @@ def _p(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
 
 
-@app.command()
+@app.callback()
+def main(version: VersionOption = False) -> None:
+    """FAVOR-RT: real-time audio-visual captioning on edge devices."""
+
+
+# -- options ---------------------------------------------------------------------------------------
+@dataclass
+class RunOptions:
+    input: str
+    model: Path
+    backend: str
+    fps: float | None
+    window: int | None
+    prompt: str
+    max_latency: float | None
+    max_new_tokens: int
+    context: int
+    max_merge: int
+    realtime: bool
+    incremental: bool
+    outputs: dict[str, str] = field(default_factory=dict)  # kind -> path ('-' = standard output)
+    threads: int | None = None
+    timeout: float = 10.0
+
+
+def check_options(o: RunOptions) -> None:
+    """Every number the user typed, against its range (UsageError naming the option)."""
+    from favor.validate import check_number
+
+    checks = [("--max-new-tokens", o.max_new_tokens, 1, None, True, False),
+              ("--max-merge", o.max_merge, 1, None, True, False),
+              ("--context", o.context, 0, None, True, False),
+              ("--fps", o.fps, 0, None, False, True), ("--max-latency", o.max_latency, 0, None, False, True),
+              ("--window", o.window, 1, None, True, False), ("--threads", o.threads, 1, None, True, False),
+              ("--timeout", o.timeout, 0, None, False, True)]
+    try:
+        for name, value, lo, hi, integer, lo_open in checks:
+            if value is not None:
+                check_number(name, value, lo, hi, integer=integer, lo_open=lo_open)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if not o.model.exists():
+        raise UsageError(f"{o.model}: model not found (pass --model PATH or set ${MODEL_ENV})")
+
+
+def check_outputs(o: RunOptions) -> None:
+    """Refuse, before anything is opened, an output that is the input, the model (a file the run
+    reads), or another output: the run would overwrite what it reads, or interleave two formats."""
+    from favor.validate import same_file
+
+    reads = [("the input", Path(o.input))] if Path(o.input).exists() else []
+    reads.append(("the model", o.model))
+    seen: list[tuple[str, str]] = []
+    for kind, path in o.outputs.items():
+        flag = f"--{kind}"
+        for other_flag, other in seen:
+            if path == other == STDOUT or (path != STDOUT and path != os.devnull and same_file(path, other)):
+                raise UsageError(f"{flag} and {other_flag} both write to {path}: give each output its own file")
+        if path != STDOUT:
+            for what, read in reads:
+                inside_model = read.is_dir() and Path(path).resolve().is_relative_to(read.resolve())
+                if same_file(path, read) or inside_model:
+                    raise UsageError(f"{flag} {path} is {what}, which the run reads: choose another file")
+        seen.append((flag, path))
+
+
+def check_fps_against_source(fps: float | None, source) -> None:
+    """An explicit --fps above the source's frame rate would caption repeated frames (and a window
+    far shorter than intended): refused, naming the source's rate. The model's default rate is
+    kept on slower sources (an image or a slide show is repeated by design)."""
+    rate = source.frame_rate
+    if fps is not None and rate and fps > rate * FPS_TOLERANCE:
+        raise UsageError(f"--fps ({fps:g}) is above {source.spec}'s frame rate ({rate:g} FPS): every sampled "
+                         f"frame would repeat; use --fps {rate:g} or less")
+
+
+def check_prompt_fits(engine, o: RunOptions) -> None:
+    """The LLM prompt at its longest (the question, ``context`` earlier captions at full length,
+    ``max_merge`` windows of AV tokens, the answer) must fit the model's position table; checked
+    before any allocation (a 100,000-character prompt would otherwise ask for gigabytes)."""
+    from favor.prompt import chat_prompt, inference_ids
+
+    cfg = engine.cfg
+    history = [(o.prompt, "")] * o.context
+    ids = inference_ids(engine.tokenizer, chat_prompt(o.prompt, history))
+    text = 1 + len(ids.pre) + len(ids.post)  # BOS + the text around the AV chunk
+    av = o.max_merge * cfg.queries_per_window
+    answers = (o.context + 1) * o.max_new_tokens
+    positions = cfg.llm.max_positions
+    if text + av + answers > positions:
+        room = positions - av - answers - (text - len(inference_ids(engine.tokenizer, o.prompt).post))
+        raise UsageError(
+            f"--prompt is too long: with --context {o.context}, --max-new-tokens {o.max_new_tokens} and up to "
+            f"{o.max_merge} merged windows ({av} AV tokens) the LLM needs {text + av + answers} positions, "
+            f"the model has {positions}; shorten the prompt (to about {max(room, 0)} tokens) or lower those options")
+
+
+# -- opening ---------------------------------------------------------------------------------------
+def open_engine(o: RunOptions):
+    """(backend, captioner, source), every one checked; UsageError if any cannot be had."""
+    from runtime.backends import make_backend
+    from runtime.sources import MediaSource
+    from runtime.stream import StreamingCaptioner
+
+    try:
+        engine = make_backend(o.backend, o.model, o.fps, o.window, threads=o.threads)
+        check_prompt_fits(engine, o)
+        source = MediaSource(o.input, engine.cfg.timing.sample_rate, timeout=o.timeout)
+    except (ValueError, FileNotFoundError) as e:  # SourceError and MediaError are ValueErrors
+        raise UsageError(str(e)) from None
+    try:
+        check_fps_against_source(o.fps, source)
+        captioner = StreamingCaptioner(engine, o.prompt, o.max_new_tokens, o.context, o.incremental)
+    except ValueError as e:
+        source.close()
+        raise UsageError(str(e)) from None
+    return engine, captioner, source
+
+
+def open_writers(o: RunOptions) -> list[CaptionWriter]:
+    writers: list[CaptionWriter] = []
+    try:
+        for kind, path in o.outputs.items():
+            writers.append(WRITERS[kind](path))
+    except OutputError as e:
+        for w in writers:
+            w.close()
+        raise UsageError(str(e)) from None
+    return writers
+
+
+# -- the terminal ----------------------------------------------------------------------------------
+class LiveStatus:
+    """The live view: rebuilt at every refresh from the scheduler's counters, so drops show as they
+    happen, not only when the next caption arrives."""
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+        self.caption = None
+        self.latencies: list[float] = []
+
+    def __rich__(self) -> Table:
+        stats, cap = self.scheduler.stats, self.caption
+        table = Table.grid(padding=(0, 2))
+        table.add_column(style="bold")
+        table.add_column()
+        table.add_row("caption", escape(cap.text if cap is not None else "(waiting for the first window)"))
+        if cap is not None:
+            table.add_row("window", f"{timestamp(cap.start, '.')} -> {timestamp(cap.end, '.')}")
+            table.add_row("latency", f"{cap.latency:.3f} s (p95 {_p(self.latencies, 95):.3f} s)")
+        table.add_row("windows", f"{stats.captioned} captioned, {stats.dropped} dropped "
+                                 f"({stats.dropped_late} late, {stats.dropped_overflow} overflow), "
+                                 f"{stats.merged} merged")
+        if self.scheduler.max_latency is not None:
+            table.add_row("bound", f"{self.scheduler.max_latency:.2f} s; cost ~{self.scheduler.cost(1):.2f} s/window")
+        return table
+
+
+class Terminal:
+    """Where captions and messages go: captions on stdout (stderr when an output is ``-``), the
+    header, summary and errors on stderr; optionally the live view."""
+
+    def __init__(self, live: bool | None, stdout_taken: bool, scheduler):
+        # soft_wrap: one message = one line, whatever the terminal width (logs and tests grep them)
+        self.err = Console(stderr=True, highlight=False, soft_wrap=True)
+        self.out = self.err if stdout_taken else Console(highlight=False, soft_wrap=True)
+        show = (self.out.is_terminal if live is None else live) and not stdout_taken
+        self.status = LiveStatus(scheduler)
+        self.view = Live(self.status, console=self.out, refresh_per_second=LIVE_REFRESH_HZ,
+                         transient=True) if show else None
+
+    def caption(self, cap) -> None:
+        self.status.latencies.append(cap.latency)
+        self.status.caption = cap
+        self.out.print(escape(f"[{timestamp(cap.start, '.')} --> {timestamp(cap.end, '.')}] {cap.text}"))
+
+
+def _header(o: RunOptions, engine, source, bound: float | None) -> str:
+    t = engine.cfg.timing
+    mode = "realtime" if o.realtime else "offline"
+    return (f"favor-rt: {o.input} ({source.kind}, {mode}) | {engine.name} | {t.video_fps:g} FPS, "
+            f"{t.frames_per_window} frames/window ({t.window_seconds:g} s)"
+            + (f", max latency {bound:g} s" if bound else ""))
+
+
+def _summary(scheduler, latencies: list[float], report) -> str:
+    stats = scheduler.stats
+    text = (f"{stats.captions} captions over {stats.captioned} windows; dropped {stats.dropped} "
+            f"({stats.dropped_late} late, {stats.dropped_overflow} overflow); merged {stats.merged}")
+    if latencies:
+        text += (f"; latency p50 {_p(latencies, 50):.3f} s, p95 {_p(latencies, 95):.3f} s, "
+                 f"max {max(latencies):.3f} s")
+    if stats.raised_bound is not None:
+        text += f"; latency bound raised to {stats.raised_bound:.2f} s (this device's cost per window)"
+    if report is not None and report.skipped_packets:
+        text += f"; skipped {report.skipped_packets} corrupt packets"
+    return text
+
+
+def nothing_captioned(scheduler) -> str:
+    """Why a run produced no caption although windows arrived, and what to do about it."""
+    stats = scheduler.stats
+    return (f"no captions: all {stats.dropped} windows were dropped ({stats.dropped_late} late, "
+            f"{stats.dropped_overflow} overflow): the latency bound is {scheduler.max_latency:.2f} s but a "
+            f"window costs ~{scheduler.cost(1):.2f} s here; raise --max-latency, run --offline, or use a "
+            "compiled backend (--backend onnxruntime on an exported bundle)")
+
+
+# -- running ---------------------------------------------------------------------------------------
+@dataclass
+class Outcome:
+    report: object | None = None
+    interrupted: bool = False
+    output_error: OutputError | None = None
+
+
+def stream(o: RunOptions, captioner, source, scheduler, writers, term: Terminal) -> Outcome:
+    """Warm up, then caption until the source ends, an output fails, or Ctrl-C / SIGTERM."""
+    outcome = Outcome()
+
+    def on_caption(cap) -> None:
+        for w in writers:
+            w.write(cap.start, cap.end, cap.text, cap.as_dict())
+        term.caption(cap)
+
+    stop = threading.Event()
+    previous_sigterm = None  # SIGTERM (service managers, `timeout`) ends the run like Ctrl-C
+    if threading.current_thread() is threading.main_thread():
+        previous_sigterm = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        if o.realtime:
+            captioner.warmup(scheduler)  # measures the per-window cost before the first deadline
+        if term.view is not None:
+            term.view.start()
+        outcome.report = captioner.run(source, o.realtime, scheduler, on_caption, stop)
+    except KeyboardInterrupt:
+        outcome.interrupted = True
+        stop.set()
+    except OutputError as e:
+        outcome.output_error = e
+    finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+        if term.view is not None:
+            term.view.stop()
+        for w in writers:
+            w.close()
+        source.close()
+    return outcome
+
+
+def finish(outcome: Outcome, scheduler, term: Terminal) -> None:
+    """Summary line, then the exit code: nothing that failed may look like success."""
+    term.err.print(escape(_summary(scheduler, term.status.latencies, outcome.report)))
+    if outcome.interrupted:
+        term.err.print("interrupted: captions so far are saved")
+        raise typer.Exit(EXIT_INTERRUPTED)
+    if outcome.output_error is not None:
+        raise _fail(term.err, str(outcome.output_error), EXIT_STREAM_ERROR)
+    report = outcome.report
+    if report is not None and report.error is not None:
+        raise _fail(term.err, f"{report.error} (captions so far are saved)", EXIT_STREAM_ERROR)
+    if scheduler.stats.captions == 0 and scheduler.stats.dropped > 0:
+        raise _fail(term.err, nothing_captioned(scheduler), EXIT_NO_CAPTIONS)
+
+
+def _run(o: RunOptions, live: bool | None) -> None:
+    from runtime.scheduler import DeadlineScheduler
+
+    check_options(o)
+    check_outputs(o)
+    if o.threads is not None:
+        import torch
+
+        torch.set_num_threads(o.threads)
+    engine, captioner, source = open_engine(o)
+    timing = engine.cfg.timing
+    bound = (o.max_latency or timing.window_seconds) if o.realtime else None
+    # The default bound (one window) adapts to a slow device; a bound the user gave is kept.
+    scheduler = DeadlineScheduler(bound, o.max_merge, adaptive=o.max_latency is None)
+    try:
+        writers = open_writers(o)
+    except UsageError:
+        source.close()
+        raise
+    term = Terminal(live, STDOUT in o.outputs.values(), scheduler)
+    term.err.print(escape(_header(o, engine, source, bound)))
+    finish(stream(o, captioner, source, scheduler, writers, term), scheduler, term)
+
+
+@app.command(context_settings=CONTEXT)
 def run(
-    input: Annotated[str, typer.Argument(help="media file, camera (/dev/video0 or an index), "
+    input: Annotated[str, typer.Argument(help="media file, FIFO, camera (/dev/video0 or an index), "
                                               "rtsp/http/udp URL, or lavfi:<graph>")],
-    model: Annotated[Path | None, typer.Option(help="FAVOR checkpoint (default: the demo model)")] = None,
+    model: Annotated[Path | None, typer.Option(help="FAVOR checkpoint or exported bundle "
+                                                    "(default: the demo model)")] = None,
     backend: Annotated[str, typer.Option(
         help="auto | torch | onnxruntime | tensorrt (a bundle with built engines, NVIDIA GPU)")] = "auto",
-    fps: Annotated[float | None, typer.Option(help="frames sampled per second (default: the model's)")] = None,
+    fps: Annotated[float | None, typer.Option(help="frames sampled per second (default: the model's); "
+                                                   "at most the source's rate")] = None,
     window: Annotated[int | None, typer.Option(help="frames per window (default: the model's)")] = None,
     prompt: Annotated[str, typer.Option(help="question asked about every window")] = DEFAULT_PROMPT,
     max_latency: Annotated[float | None, typer.Option(
-        help="seconds from a window's end to its caption (default: one window); realtime only")] = None,
+        help="seconds from a window's end to its caption (default: one window, raised to the "
+             "device's cost per window if slower); realtime only")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="caption length limit in tokens")] = 32,
     context: Annotated[int, typer.Option(help="previous captions carried in the prompt (0 = none)")] = 1,
     max_merge: Annotated[int, typer.Option(help="windows one caption may cover when the device lags")] = 2,
     realtime: Annotated[bool, typer.Option(
         "--realtime/--offline", help="pace files like a live camera, or run as fast as possible")] = True,
     incremental: Annotated[bool, typer.Option(help="encode frames as they arrive")] = True,
-    srt: Annotated[Path | None, typer.Option(help="write SubRip captions here (flushed per caption)")] = None,
-    vtt: Annotated[Path | None, typer.Option(help="write WebVTT captions here (flushed per caption)")] = None,
-    jsonl: Annotated[Path | None, typer.Option(help="write JSON lines here (flushed per caption)")] = None,
+    srt: Annotated[str | None, typer.Option(help="write SubRip captions here ('-' = stdout)")] = None,
+    vtt: Annotated[str | None, typer.Option(help="write WebVTT captions here ('-' = stdout)")] = None,
+    jsonl: Annotated[str | None, typer.Option(help="write JSON lines here ('-' = stdout)")] = None,
     live: Annotated[bool | None, typer.Option("--live/--no-live",
                                               help="live terminal view (default: on a terminal)")] = None,
-    threads: Annotated[str | None, typer.Option(
-        help="N for every stage, or stage=N,... (audio_encoder, visual_encoder, fusion, decoder); "
-             "default: the bundle's tuned counts (torch: torch's default)")] = None,
-    cache: Annotated[bool, typer.Option("--cache/--no-cache", help="reuse the checkpoint's compiled bundle "
-                                        "from the bundle cache (--no-cache: export for this run only)")] = True,
-    cache_dir: Annotated[Path | None, typer.Option(
-        help="bundle cache directory (default: $FAVOR_CACHE or ~/.cache/favor/bundles)")] = None,
-    autotune: Annotated[bool, typer.Option("--autotune/--no-autotune",
-                                           help="time threads per stage when exporting a bundle")] = True,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's)")] = None,
+    timeout: Annotated[float, typer.Option(help="seconds a stream, camera or FIFO may stay silent, "
+                                                "opening or mid-stream")] = 10.0,
+    verbose: VerboseOption = False,
 ) -> None:
     """Caption a stream window by window, printing and saving captions as they are produced."""
-    from export.threads import parse_threads
-    from runtime.backends import make_backend
-    from runtime.bundle_cache import ExportView, Policy
-    from runtime.scheduler import DeadlineScheduler
-    from runtime.selection import describe
-    from runtime.sources import MediaSource
-    from runtime.stream import StreamingCaptioner
+    from favor.quiet import quiet_libraries
 
-    # soft_wrap: one message = one line, whatever the terminal width (logs and tests grep them)
-    console = Console(highlight=False, soft_wrap=True)
+    quiet_libraries(verbose)
+    outputs = {k: p for k, p in (("srt", srt), ("vtt", vtt), ("jsonl", jsonl)) if p is not None}
+    o = RunOptions(input, model or default_model_path(), backend, fps, window, prompt, max_latency,
+                   max_new_tokens, context, max_merge, realtime, incremental, outputs, threads, timeout)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
-    for name, value, lo in (("--max-new-tokens", max_new_tokens, 1), ("--max-merge", max_merge, 1),
-                            ("--context", context, 0)):
-        if value < lo:
-            raise _fail(err, f"{name} ({value}) must be >= {lo}", EXIT_USAGE)
-    for name, value in (("--fps", fps), ("--max-latency", max_latency)):
-        if value is not None and value <= 0:
-            raise _fail(err, f"{name} ({value}) must be > 0", EXIT_USAGE)
-    if window is not None and window < 1:
-        raise _fail(err, f"--window ({window}) must be >= 1 frame", EXIT_USAGE)
     try:
-        thread_spec = parse_threads(threads)
-    except ValueError as e:
+        _run(o, live)
+    except UsageError as e:
         raise _fail(err, str(e), EXIT_USAGE) from None
-    if "*" in thread_spec:
-        import torch
-
-        torch.set_num_threads(thread_spec["*"])
-    model_path = model or default_model_path()
-    if not model_path.exists():
-        raise _fail(err, f"{model_path}: model not found (pass --model PATH or set ${MODEL_ENV})", EXIT_USAGE)
-
-    export_view = ExportView(err)  # shown only if the checkpoint has to be exported (cold cache)
-    try:
-        engine = make_backend(backend, model_path, fps, window, threads=threads,
-                              policy=Policy(cache_dir, cache, autotune, say=export_view))
-        captioner = StreamingCaptioner(engine, prompt, max_new_tokens, context, incremental)
-        source = MediaSource(input, engine.cfg.timing.sample_rate)
-    except (ValueError, FileNotFoundError) as e:  # SourceError and MediaError are ValueErrors
-        raise _fail(err, str(e), EXIT_USAGE) from None
-    finally:
-        export_view.close()
-
-    timing = engine.cfg.timing
-    bound = (max_latency or timing.window_seconds) if realtime else None
-    scheduler = DeadlineScheduler(bound, max_merge)
-    writers: list[CaptionWriter] = []
-    try:
-        for kind, path in (("srt", srt), ("vtt", vtt), ("jsonl", jsonl)):
-            if path is not None:
-                writers.append(WRITERS[kind](path))
-    except (ValueError, OSError) as e:
-        source.close()
-        raise _fail(err, str(e), EXIT_USAGE) from None
-
-    show_live = sys.stdout.isatty() if live is None else live
-    latencies: list[float] = []
-    state = {"caption": None}
-    view = Live(_status(None, scheduler.stats, latencies), console=console, refresh_per_second=4,
-                transient=True) if show_live else None
-
-    def on_caption(cap) -> None:
-        for w in writers:
-            w.write(cap.start, cap.end, cap.text, cap.as_dict())
-        latencies.append(cap.latency)
-        state["caption"] = cap
-        console.print(escape(f"[{timestamp(cap.start, '.')} --> {timestamp(cap.end, '.')}] {cap.text}"))
-        if view is not None:
-            view.update(_status(cap, scheduler.stats, latencies))
-
-    mode = "realtime" if realtime else "offline"
-    err.print(escape(f"favor-rt: {input} ({source.kind}, {mode}) | {describe(engine)} | "
-                     f"{timing.video_fps:g} FPS, {timing.frames_per_window} frames/window "
-                     f"({timing.window_seconds:g} s)" + (f", max latency {bound:g} s" if bound else "")))
-    stop = threading.Event()
-    # SIGTERM (service managers, `timeout`) ends the run like Ctrl-C: outputs stay complete.
-    previous_sigterm = None
-    if threading.current_thread() is threading.main_thread():
-        previous_sigterm = signal.signal(signal.SIGTERM, _interrupt)
-    interrupted = False
-    report = None
-    try:
-        if realtime:
-            captioner.warmup(scheduler)  # measures the per-window cost before the first deadline
-        if view is not None:
-            view.start()
-        report = captioner.run(source, realtime, scheduler, on_caption, stop)
-    except KeyboardInterrupt:
-        interrupted = True
-        stop.set()
-    finally:
-        if previous_sigterm is not None:
-            signal.signal(signal.SIGTERM, previous_sigterm)
-        if view is not None:
-            view.stop()
-        for w in writers:
-            w.close()
-        source.close()
-    stats = scheduler.stats
-    summary = (f"{stats.captions} captions over {stats.captioned} windows; dropped {stats.dropped} "
-               f"({stats.dropped_late} late, {stats.dropped_overflow} overflow); merged {stats.merged}")
-    if latencies:
-        summary += (f"; latency p50 {_p(latencies, 50):.3f} s, p95 {_p(latencies, 95):.3f} s, "
-                    f"max {max(latencies):.3f} s")
-    if report is not None and report.skipped_packets:
-        summary += f"; skipped {report.skipped_packets} corrupt packets"
-    err.print(summary)
-    if interrupted:
-        err.print("interrupted: captions so far are saved")
-        raise typer.Exit(EXIT_INTERRUPTED)
-    if report is not None and report.error is not None:
-        raise _fail(err, f"{report.error} (captions so far are saved)", EXIT_STREAM_ERROR)
+    except KeyboardInterrupt:  # before the stream started (a slow open, model loading)
+        err.print("interrupted before the first window: nothing was written")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
-@app.command()
+@app.command(context_settings=CONTEXT)
 def bench(
     preset: Annotated[str, typer.Option(help="preset with random weights (unless --model)")] = "demo",
     model: Annotated[Path | None, typer.Option(help="a FAVOR checkpoint instead of a preset")] = None,
-    backends: Annotated[str, typer.Option(help="comma-separated backends to compare")] = "torch",
-    fps: str = typer.Option("0.5,1,2,4", help="comma-separated FPS values"),
-    window: str = typer.Option("2,5,10,20", help="comma-separated frames-per-window values"),
+    backends: Annotated[str, typer.Option(help="comma-separated backends, run round-robin "
+                                               "(with --model: torch,auto = eager vs compiled)")] = "torch",
+    fps: Annotated[str, typer.Option(help="comma-separated FPS values")] = "0.5,1,2,4",
+    window: Annotated[str, typer.Option(help="comma-separated frames-per-window values")] = "2,5,10,20",
     clip: Annotated[Path | None, typer.Option(help="media file (default: a generated clip)")] = None,
     seconds: Annotated[float, typer.Option(help="length of the generated clip")] = 20.0,
     max_new_tokens: Annotated[int, typer.Option(help="max tokens decoded per caption")] = 16,
     out: Annotated[Path, typer.Option(help="directory for the .md, .csv and .png")] = Path("benchmarks/out"),
     max_windows: Annotated[int | None, typer.Option(help="stop each cell after this many windows")] = None,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's)")] = None,
+    verbose: VerboseOption = False,
 ) -> None:
     """Sweep FPS x window x backend; report latency percentiles, throughput and stage times."""
+    from favor.quiet import quiet_libraries
+    from favor.validate import check_number
     from runtime import bench as bench_mod
 
+    quiet_libraries(verbose)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
+    try:
+        fps_values = [check_number("--fps", float(x), 0, None, lo_open=True) for x in fps.split(",") if x]
+        window_values = [int(check_number("--window", int(x), 1, None, integer=True))
+                         for x in window.split(",") if x]
+        for name, value in (("--threads", threads), ("--max-windows", max_windows)):
+            if value is not None:
+                check_number(name, value, 1, None, integer=True)
+        check_number("--seconds", seconds, 0, None, lo_open=True)
+    except ValueError as e:
+        raise _fail(err, f"{e} (--fps and --window take comma-separated numbers)", EXIT_USAGE) from None
     if threads is not None:
-        if threads < 1:
-            raise _fail(err, f"--threads ({threads}) must be >= 1", EXIT_USAGE)
         import torch
 
         torch.set_num_threads(threads)
     try:
-        fps_values = [float(x) for x in fps.split(",") if x]
-        window_values = [int(x) for x in window.split(",") if x]
-    except ValueError:
-        raise _fail(err, f"--fps ({fps!r}) and --window ({window!r}) must be comma-separated numbers",
-                    EXIT_USAGE) from None
-    try:
         bench_mod.main(preset=preset, model=model, backends=[b for b in backends.split(",") if b],
                        fps_values=fps_values, window_values=window_values, clip=clip, seconds=seconds,
-                       max_new_tokens=max_new_tokens, out=out, max_windows=max_windows, console=err)
+                       max_new_tokens=max_new_tokens, out=out, max_windows=max_windows, console=err,
+                       threads=threads)
     except ValueError as e:
         raise _fail(err, str(e), EXIT_USAGE) from None

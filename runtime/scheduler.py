@@ -46,6 +46,7 @@ class SchedulerStats:
     dropped_late: int = 0  # could not make the deadline
     dropped_overflow: int = 0  # evicted from the full pending ring (latest wins)
     latencies: list[float] = field(default_factory=list)  # per caption: caption time - oldest close
+    raised_bound: float | None = None  # the default bound, raised to what the device needs (seconds)
 
     @property
     def dropped(self) -> int:
@@ -58,12 +59,17 @@ class SchedulerStats:
 
 
 class DeadlineScheduler:
-    def __init__(self, max_latency: float | None, max_merge: int = 2):
-        if max_latency is not None and max_latency <= 0:
+    """``adaptive``: ``max_latency`` is a default, not the user's word. When the estimated cost of one
+    window alone exceeds it (no window could ever make its deadline: a slow or loaded device), it is
+    raised to that cost plus one window of queueing, so captions keep coming at a lower rate instead
+    of none. A bound the user set is never raised."""
+
+    def __init__(self, max_latency: float | None, max_merge: int = 2, adaptive: bool = False):
+        if max_latency is not None and not max_latency > 0:
             raise ValueError(f"max_latency ({max_latency}) must be > 0 seconds or None")
         if max_merge < 1:
             raise ValueError(f"max_merge ({max_merge}) must be >= 1")
-        self.max_latency, self.max_merge = max_latency, max_merge
+        self.max_latency, self.max_merge, self.adaptive = max_latency, max_merge, adaptive
         self.history: deque[tuple[float, float, float]] = deque(maxlen=COST_HISTORY)  # (t, window, caption)
         self.baseline: tuple[float, float] | None = None
         self.stats = SchedulerStats()
@@ -105,6 +111,7 @@ class DeadlineScheduler:
             return [], []
         if self.max_latency is None:
             return [], pending[:1]
+        self._adapt(pending[0], now)
         drop: list[Window] = []
         i = 0
         while i < len(pending) and now + self.cost(1, now) > self.deadline(pending[i]):
@@ -124,6 +131,12 @@ class DeadlineScheduler:
                 break
             take += 1
         return drop, rest[:take]
+
+    def _adapt(self, window: Window, now: float) -> None:
+        one = self.cost(1, now)
+        if self.adaptive and one > self.max_latency:
+            self.max_latency = one + (window.end - window.start)
+            self.stats.raised_bound = self.max_latency
 
     def record_drops(self, windows: list[Window], overflow: bool) -> None:
         if overflow:

@@ -16,8 +16,12 @@ Notation: n audio samples; H x W source frame size.
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 import re
+import select
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,8 +33,13 @@ import numpy as np
 from favor.media import frame_duration, mono_resampler  # mono_resampler: stereo -> (L+R)/2
 
 NETWORK_SCHEMES = ("rtsp", "rtsps", "rtmp", "http", "https", "udp", "tcp", "srt", "rtp")
-# A stream that goes silent for this long is treated as lost (ffmpeg's socket timeout is in us).
+# A stream or pipe that stays silent this long is treated as lost: opening it, or mid-stream
+# (ffmpeg's socket timeout is in us). Long enough for a slow RTSP handshake, short enough to notice.
 NETWORK_TIMEOUT_S = 10.0
+# An open that failed after this fraction of the timeout failed because nothing arrived in time
+# (ffmpeg reports it as "Immediate exit requested" or "Invalid data", not as a timeout).
+TIMED_OUT_FRACTION = 0.9
+_PIPE_READ_BYTES = 1 << 16
 _US_PER_S = 1_000_000
 # Consecutive undecodable packets tolerated before the stream counts as broken: a few corrupt packets
 # are normal on lossy links and in damaged files; a run this long means the data is garbage.
@@ -61,53 +70,106 @@ class AudioChunk:
 
 
 def source_kind(spec: str) -> str:
-    """'lavfi', 'camera', 'stream' or 'file'."""
+    """'lavfi', 'camera', 'stream', 'pipe' (a FIFO) or 'file'."""
     if spec.startswith("lavfi:"):
         return "lavfi"
     if re.fullmatch(r"\d+", spec) or spec.startswith("/dev/video"):
         return "camera"
     if "://" in spec and spec.split("://", 1)[0].lower() in NETWORK_SCHEMES:
         return "stream"
+    try:
+        if stat.S_ISFIFO(os.stat(spec).st_mode):
+            return "pipe"
+    except OSError:
+        pass
     return "file"
 
 
-def _open_container(spec: str, kind: str) -> av.container.InputContainer:
+class PipeReader(io.RawIOBase):
+    """A FIFO read with a timeout: PyAV reads through it, so a writer that never comes (or goes
+    silent) ends the run with a message instead of a read() that blocks forever."""
+
+    def __init__(self, spec: str, timeout: float):
+        self.spec, self.timeout = spec, timeout
+        # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer without limit.
+        self.fd = os.open(spec, os.O_RDONLY | os.O_NONBLOCK)
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        while True:
+            ready, _, _ = select.select([self.fd], [], [], self.timeout)
+            if not ready:
+                raise SourceError(f"{self.spec}: timed out: no data for {self.timeout:g} s "
+                                  "(nothing is writing to the pipe)")
+            try:
+                return os.read(self.fd, size if size > 0 else _PIPE_READ_BYTES)
+            except BlockingIOError:  # readable, then emptied: wait again
+                continue
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self.fd)
+        super().close()
+
+
+def _open_stream(spec: str, timeout: float) -> av.container.InputContainer:
+    timeout_us = str(int(timeout * _US_PER_S))
+    options = {"timeout": timeout_us, "rw_timeout": timeout_us}
+    if spec.lower().startswith("rtsp"):
+        options = {"timeout": timeout_us, "rtsp_transport": "tcp"}  # UDP drops packets on busy links
+    return av.open(spec, options=options, timeout=timeout)
+
+
+def _open_container(spec: str, kind: str, timeout: float = NETWORK_TIMEOUT_S
+                    ) -> tuple[av.container.InputContainer, PipeReader | None]:
+    t0 = time.monotonic()
+    pipe = None
     try:
         if kind == "lavfi":
-            return av.open(spec[len("lavfi:"):], format="lavfi")
+            return av.open(spec[len("lavfi:"):], format="lavfi"), None
         if kind == "camera":
             device = f"/dev/video{spec}" if spec.isdigit() else spec
             if not os.path.exists(device):
                 raise SourceError(f"{spec}: camera device {device} not found")
-            return av.open(device, format="v4l2")
+            return av.open(device, format="v4l2", timeout=timeout), None
         if kind == "stream":
-            timeout_us = str(int(NETWORK_TIMEOUT_S * _US_PER_S))
-            options = {"timeout": timeout_us, "rw_timeout": timeout_us}
-            if spec.lower().startswith("rtsp"):
-                options["rtsp_transport"] = "tcp"  # UDP drops packets silently on busy links
-            return av.open(spec, options=options, timeout=NETWORK_TIMEOUT_S)
+            return _open_stream(spec, timeout), None
+        if kind == "pipe":
+            pipe = PipeReader(spec, timeout)
+            return av.open(pipe, timeout=timeout), pipe
         if not os.path.exists(spec):
             raise SourceError(f"{spec}: no such file")
         if os.path.isdir(spec):
             raise SourceError(f"{spec}: expected a media file, got a directory")
-        return av.open(spec)
-    except av.FFmpegError as e:
+        return av.open(spec), None
+    except (av.FFmpegError, SourceError, OSError) as e:
+        if pipe is not None:
+            pipe.close()
+        if isinstance(e, SourceError):
+            raise
+        if getattr(e, "errno", None) == errno.EINTR:  # Ctrl-C during a blocking open
+            raise KeyboardInterrupt from None
         reason = getattr(e, "strerror", None) or str(e)
+        if kind in ("stream", "camera") and time.monotonic() - t0 >= TIMED_OUT_FRACTION * timeout:
+            raise SourceError(f"{spec}: timed out: no data within {timeout:g} s (--timeout)") from None
         raise SourceError(f"{spec}: cannot open as {kind} input ({reason})") from None
 
 
 class MediaSource:
     """One opened input: its first video and first audio stream, decoded in demux order."""
 
-    def __init__(self, spec: str, sample_rate: int):
+    def __init__(self, spec: str, sample_rate: int, timeout: float = NETWORK_TIMEOUT_S):
         self.spec, self.kind, self.sample_rate = spec, source_kind(spec), sample_rate
-        self.container = _open_container(spec, self.kind)
+        self.timeout = timeout
+        self.container, self._pipe = _open_container(spec, self.kind, timeout)
         c = self.container
         self.video = c.streams.video[0] if c.streams.video else None
         self.audio = c.streams.audio[0] if c.streams.audio else None
         if self.video is None and self.audio is None:
             kinds = ", ".join(s.type for s in c.streams) or "none"
-            c.close()
+            self.close()
             raise SourceError(f"{spec}: no audio or video stream to caption (streams: {kinds})")
         if self.video is not None:
             self.video.thread_type = "AUTO"
@@ -120,8 +182,16 @@ class MediaSource:
         """Cameras and network streams arrive at their own pace; files and lavfi need pacing."""
         return self.kind in ("camera", "stream")
 
+    @property
+    def frame_rate(self) -> float | None:
+        """The video stream's average frame rate (frames per second), if the container states one."""
+        rate = self.video.average_rate if self.video is not None else None
+        return float(rate) if rate else None
+
     def close(self) -> None:
         self.container.close()
+        if self._pipe is not None:
+            self._pipe.close()
 
     def _audio_out(self, frame: av.AudioFrame | None) -> Iterator[AudioChunk]:
         if frame is not None:
@@ -167,6 +237,8 @@ class MediaSource:
                     else:
                         yield from self._audio_out(f)
             yield from self._audio_out(None)
+        except av.ExitError:  # the read timeout's interrupt: nothing arrived for `timeout` seconds
+            raise SourceError(f"{self.spec}: timed out: no data for {self.timeout:g} s mid-stream") from None
         except av.FFmpegError as e:
             reason = getattr(e, "strerror", None) or str(e)
             what = "camera lost" if self.kind == "camera" else "read error"

@@ -72,7 +72,7 @@ class StreamingCaptioner:
     """Captions windows of one stream with a backend (see runtime.backends)."""
 
     def __init__(self, backend, prompt: str, max_new_tokens: int = 32, context: int = 1,
-                 incremental: bool = True, delay_hook: Callable[[], None] | None = None):
+                 incremental: bool = True):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens ({max_new_tokens}) must be >= 1")
         if context < 0:
@@ -80,7 +80,6 @@ class StreamingCaptioner:
         self.backend, self.cfg = backend, backend.cfg
         self.prompt, self.max_new_tokens, self.context = prompt, max_new_tokens, context
         self.incremental = incremental
-        self.delay_hook = delay_hook  # test-only: simulates a slow device before each caption
         self.history: list[str] = []
         self.encoded: dict[int, torch.Tensor] = {}  # frame index -> [Qv, Dv]
         self.ahead_seconds: dict[int, float] = {}  # window index -> visual seconds spent early
@@ -145,8 +144,6 @@ class StreamingCaptioner:
 
     def caption(self, windows: list[Window]) -> Caption:
         """One caption for ``windows`` (consecutive; more than one when the scheduler merged)."""
-        if self.delay_hook is not None:
-            self.delay_hook()
         stages = dict.fromkeys(STAGES, 0.0)
         embeds = []
         for w in windows:
@@ -210,88 +207,110 @@ class StreamingCaptioner:
         Runs the worker on the calling thread, so Ctrl-C lands here; the capture thread is always
         stopped and joined before returning or raising.
         """
-        t = self.cfg.timing
-        stop = stop or threading.Event()
-        cond = threading.Condition()
-        block = not realtime
-        windows = Ring(max_pending, cond, block)
-        frames = Ring(FRAME_HINT_WINDOWS * t.frames_per_window, cond, block)
-        assembler = WindowAssembler(t.video_fps, t.frames_per_window, t.sample_rate,
-                                    source.video is not None, source.audio is not None,
-                                    on_window=lambda w: windows.put(w, stop),
-                                    on_frame=(lambda s: frames.put(s, stop)) if self.incremental else None)
-        pace = realtime and not source.live
-        capture = Capture(source, assembler.push, pace, stop, cond)
-        report = StreamReport(scheduler.stats)
-        pending: list[Window] = []
-        hints: list[FrameSlot] = []
-        settled = -1  # highest window index captioned or dropped: its frames need no pre-encoding
-        hint_cap = FRAME_HINT_WINDOWS * t.frames_per_window
-        capture.start()
+        loop = _Loop(self, source, realtime, scheduler, stop or threading.Event(), max_pending)
+        loop.capture.start()
         try:
-            while True:
-                with cond:
-                    while not (pending or hints or windows.items or frames.items or capture.done.is_set()):
-                        cond.wait(0.1)
-                    # Offline: take from a ring only when the worker has nothing of that kind, so
-                    # the blocked ring back-pressures the decoder (memory stays bounded).
-                    new_windows: list[Window] = []
-                    if realtime or not pending:
-                        new_windows, windows.items = windows.items, []
-                    overflow, windows.dropped = windows.dropped, []
-                    if realtime or not hints:
-                        hints += frames.items
-                        frames.items = []
-                    frames.dropped.clear()
-                    cond.notify_all()
-                    finished = capture.done.is_set() and not windows.items and not frames.items
-                scheduler.stats.windows += len(new_windows) + len(overflow)
-                pending += new_windows
-                if len(pending) > max_pending:  # latest wins: the worker's backlog is bounded too
-                    overflow += pending[:-max_pending]
-                    pending = pending[-max_pending:]
-                del hints[:-hint_cap]
-                report.max_pending = max(report.max_pending, len(pending))
-                if overflow:
-                    scheduler.record_drops(overflow, overflow=True)
-                    report.dropped_windows += [w.index for w in overflow]
-                    settled = max(settled, max(w.index for w in overflow))
-                    for w in overflow:
-                        self.ahead_seconds.pop(w.index, None)
-                if pending:
-                    drop, take = scheduler.plan(pending, time.monotonic())
-                    pending = pending[len(drop) + len(take):]
-                    if drop:
-                        scheduler.record_drops(drop, overflow=False)
-                        report.dropped_windows += [w.index for w in drop]
-                    for w in drop + take:
-                        settled = max(settled, w.index)
-                    for w in drop:
-                        self.ahead_seconds.pop(w.index, None)
-                        self.forget_before(w.first_frame + w.num_frames)
-                    if take:
-                        t0 = time.perf_counter()
-                        cap = self.caption(take)
-                        now = time.monotonic()
-                        window_work = sum(cap.stages[s] for s in ("visual", "audio", "fusion"))
-                        scheduler.observe(window_work, time.perf_counter() - t0 - window_work, len(take))
-                        cap.latency = scheduler.record_caption(take, now)
-                        on_caption(cap)
-                    continue
-                if hints:  # idle: pre-encode one frame, then look for due windows again
-                    s = hints.pop(0)
-                    if s.window > settled:
-                        self.on_frame(s)
-                    continue
-                if finished:
-                    break
+            while loop.step(on_caption):
+                pass
         finally:
-            stop.set()
-            capture.join()
+            loop.stop.set()
+            loop.capture.join()
             source.close()
-        report.error = capture.error
-        report.skipped_packets = source.skipped_packets
-        return report
+        loop.report.error = loop.capture.error
+        loop.report.skipped_packets = source.skipped_packets
+        return loop.report
+
+
+class _Loop:
+    """One run's state: the rings the capture thread fills, the worker's pending windows and frame
+    hints, and the bookkeeping of what was settled (captioned or dropped)."""
+
+    def __init__(self, captioner: StreamingCaptioner, source: MediaSource, realtime: bool,
+                 scheduler: DeadlineScheduler, stop: threading.Event, max_pending: int):
+        t = captioner.cfg.timing
+        self.captioner, self.scheduler, self.stop = captioner, scheduler, stop
+        self.realtime, self.max_pending = realtime, max_pending
+        self.cond = threading.Condition()
+        block = not realtime
+        self.windows = Ring(max_pending, self.cond, block)
+        self.hint_cap = FRAME_HINT_WINDOWS * t.frames_per_window
+        self.frames = Ring(self.hint_cap, self.cond, block)
+        assembler = WindowAssembler(
+            t.video_fps, t.frames_per_window, t.sample_rate, source.video is not None,
+            source.audio is not None, on_window=lambda w: self.windows.put(w, stop),
+            on_frame=(lambda s: self.frames.put(s, stop)) if captioner.incremental else None)
+        self.capture = Capture(source, assembler.push, realtime and not source.live, stop, self.cond)
+        self.report = StreamReport(scheduler.stats)
+        self.pending: list[Window] = []
+        self.hints: list[FrameSlot] = []
+        self.settled = -1  # highest window index captioned or dropped: its frames need no pre-encoding
+
+    def _gather(self) -> tuple[list[Window], list[Window], bool]:
+        """Wait for work, then take it from the rings: (new windows, evicted windows, finished)."""
+        with self.cond:
+            while not (self.pending or self.hints or self.windows.items or self.frames.items
+                       or self.capture.done.is_set()):
+                self.cond.wait(0.1)
+            # Offline: take from a ring only when the worker has nothing of that kind, so the
+            # blocked ring back-pressures the decoder (memory stays bounded).
+            new: list[Window] = []
+            if self.realtime or not self.pending:
+                new, self.windows.items = self.windows.items, []
+            overflow, self.windows.dropped = self.windows.dropped, []
+            if self.realtime or not self.hints:
+                self.hints += self.frames.items
+                self.frames.items = []
+            self.frames.dropped.clear()
+            self.cond.notify_all()
+            finished = self.capture.done.is_set() and not self.windows.items and not self.frames.items
+        return new, overflow, finished
+
+    def _drop(self, windows: list[Window], overflow: bool) -> None:
+        self.scheduler.record_drops(windows, overflow=overflow)
+        self.report.dropped_windows += [w.index for w in windows]
+        for w in windows:
+            self.settled = max(self.settled, w.index)
+            self.captioner.ahead_seconds.pop(w.index, None)
+            if not overflow:
+                self.captioner.forget_before(w.first_frame + w.num_frames)
+
+    def _caption(self, take: list[Window], on_caption: Callable[[Caption], None]) -> None:
+        self.settled = max(self.settled, take[-1].index)
+        t0 = time.perf_counter()
+        cap = self.captioner.caption(take)
+        now = time.monotonic()
+        window_work = sum(cap.stages[s] for s in ("visual", "audio", "fusion"))
+        self.scheduler.observe(window_work, time.perf_counter() - t0 - window_work, len(take))
+        cap.latency = self.scheduler.record_caption(take, now)
+        on_caption(cap)
+
+    def step(self, on_caption: Callable[[Caption], None]) -> bool:
+        """One worker step: account for new and evicted windows, then caption or drop due windows,
+        else pre-encode one frame. False when the stream is over and nothing is left."""
+        new, overflow, finished = self._gather()
+        self.scheduler.stats.windows += len(new) + len(overflow)
+        self.pending += new
+        if len(self.pending) > self.max_pending:  # latest wins: the worker's backlog is bounded too
+            overflow += self.pending[:-self.max_pending]
+            self.pending = self.pending[-self.max_pending:]
+        del self.hints[:-self.hint_cap]
+        self.report.max_pending = max(self.report.max_pending, len(self.pending))
+        if overflow:
+            self._drop(overflow, overflow=True)
+        if self.pending:
+            drop, take = self.scheduler.plan(self.pending, time.monotonic())
+            self.pending = self.pending[len(drop) + len(take):]
+            if drop:
+                self._drop(drop, overflow=False)
+            if take:
+                self._caption(take, on_caption)
+            return True
+        if self.hints:  # idle: pre-encode one frame, then look for due windows again
+            s = self.hints.pop(0)
+            if s.window > self.settled:
+                self.captioner.on_frame(s)
+            return True
+        return not finished
 
 
 @dataclass

@@ -1,17 +1,22 @@
 """Caption writers (SRT, WebVTT, JSON lines), durable per caption, and parsers to read them back.
 
-Every ``write`` appends one complete cue, then flushes and fsyncs, so a crash, Ctrl-C or power loss
-leaves a valid file holding every caption produced so far (a cue is never half-written from the
-reader's point of view: the file ends after a blank line). The parsers are strict: they raise
-ValueError naming the file and line on anything malformed; tests read every output back with them.
+Every ``write`` appends one complete cue (unbuffered), then fsyncs a regular file, so a crash, Ctrl-C
+or power loss leaves a valid file holding every caption produced so far (a cue is never half-written
+from the reader's point of view: the file ends after a blank line). Outputs may also be FIFOs,
+character devices (/dev/null) or ``-`` (standard output): those are written, never fsynced. The
+parsers are strict: they raise ValueError naming the file and line on anything malformed; tests read
+every output back with them.
 """
 
 from __future__ import annotations
 
 import abc
+import errno
 import json
 import os
 import re
+import stat
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,24 +47,80 @@ def _cue_text(text: str) -> str:
     return "\n".join(lines) or "..."
 
 
+class OutputError(ValueError):
+    """An output cannot be opened or written. The message is one line naming the path."""
+
+
+STDOUT = "-"
+
+
+def _open_sink(path: Path) -> tuple[int, bool, bool]:
+    """(fd, durable, owned) for a caption output: a regular file (created or truncated; durable =
+    fsynced per caption), a FIFO (with a reader already attached), a character device such as
+    /dev/null, or ``-`` for standard output (neither fsynced nor closed by the writer)."""
+    if str(path) == STDOUT:
+        return sys.stdout.fileno(), False, False
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write here ({e.strerror})") from None
+    if mode is None and not path.parent.is_dir():
+        raise OutputError(f"{path}: directory {path.parent} does not exist")
+    if mode is not None and stat.S_ISDIR(mode):
+        raise OutputError(f"{path}: is a directory, expected a file to write captions to")
+    try:
+        if mode is not None and stat.S_ISFIFO(mode):
+            # O_NONBLOCK: fails with ENXIO at once when nothing reads the pipe (a plain open would
+            # wait forever); the fd is made blocking again so a slow reader slows the writes down.
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+            os.set_blocking(fd, True)
+        elif mode is not None and not stat.S_ISREG(mode):
+            fd = os.open(path, os.O_WRONLY)  # character devices: /dev/null, /dev/full, a tty
+        else:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    except OSError as e:
+        why = "no process is reading the pipe" if e.errno == errno.ENXIO else e.strerror
+        raise OutputError(f"{path}: cannot open for writing ({why})") from None
+    return fd, stat.S_ISREG(os.fstat(fd).st_mode), True
+
+
 class CaptionWriter(abc.ABC):
-    """Base: opens ``path`` for writing (truncating), appends a durable record per caption."""
+    """Base: opens ``path`` for writing (a regular file is truncated), appends a durable record per
+    caption. A failed write (disk full, read-only, pipe closed) raises ``OutputError`` and leaves a
+    regular file holding exactly the complete cues written before it (a partial cue is cut off)."""
 
     header = ""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        if self.path.parent and not self.path.parent.is_dir():
-            raise ValueError(f"{self.path}: directory {self.path.parent} does not exist")
-        self.fh = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        self.path = Path(path) if str(path) != STDOUT else Path(STDOUT)
+        self.fd, self.durable, self.owned = _open_sink(self.path)
         self.count = 0
+        self.size = 0  # bytes of complete records written
+        self.closed = False
         if self.header:
             self._append(self.header)
 
     def _append(self, text: str) -> None:
-        self.fh.write(text)
-        self.fh.flush()
-        os.fsync(self.fh.fileno())
+        data = memoryview(text.encode("utf-8"))
+        try:
+            while data:
+                data = data[os.write(self.fd, data):]
+            if self.durable:
+                os.fsync(self.fd)
+        except OSError as e:
+            self._cut_partial()
+            kept = f"; the {self.count - 1} caption(s) before it are kept" if self.count > 1 else ""
+            raise OutputError(f"{self.path}: cannot write ({e.strerror or e}){kept}") from None
+        self.size += len(text.encode("utf-8"))
+
+    def _cut_partial(self) -> None:
+        if self.durable:
+            try:  # a record cut off mid-way would make the whole file unparseable
+                os.ftruncate(self.fd, self.size)
+            except OSError:
+                pass
 
     def write(self, start: float, end: float, text: str, record: dict | None = None) -> None:
         self.count += 1
@@ -70,8 +131,10 @@ class CaptionWriter(abc.ABC):
         """One caption in this writer's format."""
 
     def close(self) -> None:
-        if not self.fh.closed:
-            self.fh.close()
+        if not self.closed:
+            self.closed = True
+            if self.owned:
+                os.close(self.fd)
 
 
 class SrtWriter(CaptionWriter):

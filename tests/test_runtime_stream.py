@@ -36,11 +36,35 @@ def clip(tmp_path_factory):
                       channels=2)
 
 
+class SlowBackend:
+    """A device slower than real time: ``inner`` with ``delay`` seconds added to every caption's LLM
+    prefill (once per caption, however many windows it merges)."""
+
+    def __init__(self, inner, delay: float):
+        self.inner, self.delay = inner, delay
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def inference(self):
+        inner, delay = self.inner.inference(), self.delay
+
+        class _Slow:
+            def prefill(self, *args):
+                time.sleep(delay)
+                return inner.prefill(*args)
+
+            def __getattr__(self, name):
+                return getattr(inner, name)
+
+        return _Slow()
+
+
 def captions(ckpt, spec, realtime, incremental=True, max_latency=None, delay=None, context=1, max_merge=2):
     backend = make_backend("torch", ckpt)
-    hook = (lambda: time.sleep(delay)) if delay else None
-    cap = StreamingCaptioner(backend, PROMPT, max_new_tokens=4, context=context, incremental=incremental,
-                             delay_hook=hook)
+    if delay:
+        backend = SlowBackend(backend, delay)
+    cap = StreamingCaptioner(backend, PROMPT, max_new_tokens=4, context=context, incremental=incremental)
     scheduler = DeadlineScheduler(max_latency, max_merge)
     if realtime:
         cap.warmup(scheduler)

@@ -1,0 +1,45 @@
+"""Quiet by default: the libraries' chatter stays off the terminal unless ``-v/--verbose``.
+
+What a user of ``favor-rt`` / ``favor-export`` / ``favor-train`` / ``favor-eval`` would otherwise see
+before the first result: FutureWarnings and deprecation notices from transformers and torch,
+"torchvision is not installed" from torch.onnx's exporter, and weight-loading / GGUF-conversion
+progress bars (tqdm, through transformers and huggingface_hub). Our own messages and errors are
+never silenced: only library loggers, library warnings and foreign progress bars.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+
+# Loggers of the libraries we call: only their errors reach the terminal by default.
+LIBRARY_LOGGERS = ("transformers", "torch", "torch.onnx", "onnxscript", "onnx", "onnxruntime", "peft",
+                   "huggingface_hub", "accelerate", "gguf", "safetensors")
+_LIBRARY_MODULES = r"(transformers|torch|torchaudio|peft|onnx|onnxscript|onnxruntime|huggingface_hub|gguf|av)(\.|$)"
+
+
+def quiet_libraries(verbose: bool = False) -> None:
+    """Silence (or, with ``verbose``, show) library warnings, logs and progress bars for this process.
+
+    Call it first in a command, before the heavy imports: the environment switches are read by
+    transformers / huggingface_hub / tqdm when they load."""
+    if verbose:
+        for name in LIBRARY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.INFO)
+        return
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # tqdm >= 4.66 reads it as the default for disable=
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", module=_LIBRARY_MODULES)
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    if "transformers" in sys.modules:  # already imported (tests, an earlier command): its own knobs
+        import transformers.utils.logging as tlog
+
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
