@@ -21,9 +21,18 @@ Conversion runs without tensorrt_llm (numpy + safetensors), so it is unit tested
     lm_head (or the tied embedding)           lm_head
 
 AV tokens reach the engine as a prompt table (favor/prompt_table.py: ids >= vocab_size address
-rows); the engine's table must hold max_batch x max_windows x queries rows. LoRA is merged by
-default (one engine, no adapter cost); ``lora="adapter"`` writes the unmerged base plus the peft
-adapter for ``--lora_plugin --lora_dir``. Unverified on hardware: TensorRT-LLM cannot be installed.
+rows); the engine's table must hold max_batch x max_windows x queries rows.
+
+LoRA: ``lora="merged"`` (default) folds it into the weights (one engine, no adapter cost);
+``lora="adapter"`` writes the unmerged base checkpoint plus the adapter in peft's own format
+(``trtllm/lora/adapter_config.json`` + ``adapter_model.safetensors``, written by peft's
+``save_pretrained``), which ``trtllm-build --lora_plugin --lora_dir`` reads.
+
+Converter: with tensorrt_llm installed, the checkpoint comes from TensorRT-LLM's own converter
+(``LLaMAForCausalLM.from_hugging_face`` on a merged HF Llama directory written here, then
+``save_checkpoint``), so its layout always matches the installed release; without it, the hand
+mapping above (tested here) is the fallback. The converter path is unverified: TensorRT-LLM cannot
+be installed on our machines.
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "flo
 LORA_MODULES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_dense",
                 "gate_proj": "mlp_h_to_4h", "up_proj": "mlp_gate", "down_proj": "mlp_4h_to_h"}
 _NP = {"float32": np.float32, "float16": np.float16}
+LORA_MODES = ("merged", "adapter")
 
 
 def checkpoint_config(cfg: FavorConfig, dtype: str) -> dict:
@@ -106,13 +116,13 @@ def build_command(checkpoint_dir: str, engine_dir: str, cfg: FavorConfig, dtype:
     return cmd
 
 
-def write_checkpoint(llm: torch.nn.Module, cfg: FavorConfig, out_dir: str | Path, precision: str = "fp16"
-                     ) -> Path:
-    """config.json + rank0.safetensors in the TensorRT-LLM layout; returns ``out_dir``."""
+def write_checkpoint(llm: torch.nn.Module, cfg: FavorConfig, out_dir: str | Path, precision: str = "fp16",
+                     state: dict[str, torch.Tensor] | None = None) -> Path:
+    """config.json + rank0.safetensors in the TensorRT-LLM layout (hand mapping); returns ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype = DTYPES[precision]
-    weights = convert_weights(llm.state_dict(), cfg, dtype)
+    weights = convert_weights(llm.state_dict() if state is None else state, cfg, dtype)
     stored = dtype if dtype in _NP else "float32"
     config = checkpoint_config(cfg, dtype)
     config["favor_stored_dtype"] = stored  # bf16 tensors are stored fp32; trtllm-build casts on load
@@ -121,20 +131,78 @@ def write_checkpoint(llm: torch.nn.Module, cfg: FavorConfig, out_dir: str | Path
     return out_dir
 
 
-def write_bundle_checkpoint(llm: torch.nn.Module, cfg: FavorConfig, bundle: Path, precision: str,
-                            max_batch: int, max_windows: int) -> tuple[str, list[str]]:
-    """bundle/trtllm/{checkpoint/, build_engine.sh}; returns (manifest status, files written)."""
-    out = bundle / "trtllm"
-    write_checkpoint(llm, cfg, out / "checkpoint", precision)
-    cmd = build_command("trtllm/checkpoint", "trtllm/engine", cfg, DTYPES[precision], max_batch, max_windows)
+def base_state_dict(peft_llm: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The unmerged base Llama weights under HF names (peft's ``.base_layer`` removed, LoRA dropped)."""
+    base = peft_llm.get_base_model()
+    return {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if "lora_" not in k}
+
+
+def write_lora_adapter(peft_llm: torch.nn.Module, out_dir: str | Path) -> Path:
+    """The LoRA adapter as peft writes it: adapter_config.json + adapter_model.safetensors."""
+    out_dir = Path(out_dir)
+    peft_llm.save_pretrained(str(out_dir), safe_serialization=True)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        if not (out_dir / name).is_file():
+            raise ValueError(f"{out_dir}: peft did not write {name}")
+    return out_dir
+
+
+def converter_available() -> str | None:
+    """None when TensorRT-LLM's own converter can run, else why not."""
+    try:
+        from tensorrt_llm.models import LLaMAForCausalLM  # noqa: F401
+    except ImportError:
+        return "TensorRT-LLM cannot be installed on this machine"
+    return None
+
+
+def convert_with_trtllm(hf_llm: torch.nn.Module, state: dict[str, torch.Tensor], out_dir: Path, precision: str,
+                        work_dir: Path) -> Path:
+    """TensorRT-LLM's converter on a merged HF Llama directory (unverified here: no TensorRT-LLM)."""
+    from tensorrt_llm import Mapping
+    from tensorrt_llm.models import LLaMAForCausalLM
+
+    hf_dir = work_dir / "hf_llama"
+    hf_llm.save_pretrained(str(hf_dir), state_dict=state, safe_serialization=True)
+    model = LLaMAForCausalLM.from_hugging_face(str(hf_dir), DTYPES[precision],
+                                               mapping=Mapping(world_size=1, rank=0, tp_size=1, pp_size=1))
+    model.save_checkpoint(str(out_dir), save_config=True)
+    return out_dir
+
+
+def write_bundle_checkpoint(model, bundle: Path, precision: str, max_batch: int, max_windows: int,
+                            lora: str = "merged", work_dir: Path | None = None) -> tuple[str, list[str]]:
+    """bundle/trtllm/{checkpoint/, lora/ (adapter mode), build_engine.sh}; returns (status, files).
+
+    ``model`` is the FavorModel (its LLM carries peft LoRA); ``work_dir`` holds the merged HF directory
+    the TensorRT-LLM converter reads (outside the bundle)."""
+    from export.decoder import merged_llm
+
+    if lora not in LORA_MODES:
+        raise ValueError(f"lora ({lora!r}) must be one of {list(LORA_MODES)}")
+    cfg, out = model.cfg, bundle / "trtllm"
+    if lora == "merged":
+        llm = merged_llm(model)
+        state = llm.state_dict()
+    else:
+        llm, state = model.llm.model.get_base_model(), base_state_dict(model.llm.model)
+        write_lora_adapter(model.llm.model, out / "lora")
+    missing = converter_available()
+    if missing is None:
+        convert_with_trtllm(llm, state, out / "checkpoint", precision, Path(work_dir or bundle))
+        how = "TensorRT-LLM converter"
+    else:
+        write_checkpoint(llm, cfg, out / "checkpoint", precision, state=state)
+        how = "hand mapping"
+    cmd = build_command("trtllm/checkpoint", "trtllm/engine", cfg, DTYPES[precision], max_batch, max_windows,
+                        lora_dir="trtllm/lora" if lora == "adapter" else None)
     script = ["#!/bin/sh", f"# Needs tensorrt-llm=={TRTLLM_VERSION} (see export/trtllm.py for why this line).",
-              'set -e', 'cd "$(dirname "$0")/.."', shlex.join(cmd)]
+              f"# Checkpoint written by the {how}; LoRA {lora}.", 'set -e', 'cd "$(dirname "$0")/.."',
+              shlex.join(cmd)]
     (out / "build_engine.sh").write_text("\n".join(script) + "\n")
     files = [str(p.relative_to(bundle)) for p in sorted(out.rglob("*")) if p.is_file()]
     note = "" if precision != "int8" else " (int8: use TensorRT-LLM weight-only int8 at build time)"
-    try:
-        import tensorrt_llm  # noqa: F401
-    except ImportError:
-        return (f"checkpoint written; engine not built: TensorRT-LLM cannot be installed on this machine "
+    if missing is not None:
+        return (f"checkpoint written ({how}, LoRA {lora}); engine not built: {missing} "
                 f"(run trtllm/build_engine.sh on the target){note}", files)
-    return f"checkpoint written; run trtllm/build_engine.sh{note}", files
+    return f"checkpoint written ({how}, LoRA {lora}); run trtllm/build_engine.sh{note}", files

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import torch
+
 from favor.config import FavorConfig, LLMConfig
 from favor.encoders import AudioEncoder, VisualEncoder, freeze
 from favor.llm import LLM, add_lora, build_llama
@@ -55,15 +57,29 @@ def build_audio_encoder(cfg: FavorConfig) -> AudioEncoder:
     return AudioEncoder.from_pretrained(cfg, spec)
 
 
+# LAVIS ships InstructBLIP "trimmed" (Q-Former, ln_vision, query tokens) and the EVA ViT-g separately.
+EVA_VIT_FILE = "eva_vit_g.pth"
+
+
+def lavis_vit_path(visual_pretrained: str) -> str | None:
+    """``eva_vit_g.pth`` beside a LAVIS ``.pth`` (where the release's README puts both), else None."""
+    p = Path(visual_pretrained)
+    if p.is_file() and p.suffix in (".pth", ".pt") and (p.parent / EVA_VIT_FILE).is_file():
+        return str(p.parent / EVA_VIT_FILE)
+    return None
+
+
 def build_model(cfg: FavorConfig, pretrained: bool = True, tokenizer=None,
-                instruction_tokenizer=None) -> FavorModel:
-    """All stages from ``cfg``; ``pretrained=False`` skips base weights (random init everywhere)."""
+                instruction_tokenizer=None, llm_dtype: torch.dtype = torch.float32) -> FavorModel:
+    """All stages from ``cfg``; ``pretrained=False`` skips base weights (random init everywhere).
+
+    ``llm_dtype`` is the frozen LLM's load dtype (LoRA stays fp32): fp16 for a TensorRT-LLM-only export."""
     if pretrained and cfg.audio.pretrained:
         audio = build_audio_encoder(cfg)
     else:
         audio = AudioEncoder(cfg)
     if pretrained and cfg.visual.pretrained:
-        visual = VisualEncoder.from_pretrained(cfg, cfg.visual.pretrained)
+        visual = VisualEncoder.from_pretrained(cfg, cfg.visual.pretrained, lavis_vit_path(cfg.visual.pretrained))
     else:
         visual = VisualEncoder(cfg)
     if cfg.audio.frozen:
@@ -71,7 +87,7 @@ def build_model(cfg: FavorConfig, pretrained: bool = True, tokenizer=None,
     if cfg.visual.frozen and not cfg.trainable_visual:
         freeze(visual)
     llm_cfg = resolve_llm(cfg.llm) if pretrained else cfg.llm
-    llm = LLM(cfg, add_lora(build_llama(llm_cfg, pretrained), cfg.llm))
+    llm = LLM(cfg, add_lora(build_llama(llm_cfg, pretrained, llm_dtype), cfg.llm))
     if tokenizer is None and llm_cfg.pretrained and pretrained:
         tokenizer = load_tokenizer(llm_cfg.pretrained, llm_cfg.gguf_file)
     if instruction_tokenizer is None and cfg.visual.instruction_tokenizer:
