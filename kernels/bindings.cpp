@@ -73,7 +73,7 @@ std::pair<intptr_t, intptr_t> extent(const py::array& a) {
 
 void forward(const py::array& q, const py::array& k, const py::array& v, py::array& out,
              int64_t tokens_per_frame, const std::string& orientation, const py::object& key_padding_mask,
-             const std::string& dtype, int num_threads, double softmax_scale, int64_t workspace_bytes) {
+             const std::string& dtype, int num_threads, double softmax_scale, int64_t head_split) {
   const char* names[4] = {"q", "k", "v", "out"};
   const py::array* arrays[4] = {&q, &k, &v, &out};
   for (int i = 0; i < 4; ++i)
@@ -143,7 +143,7 @@ void forward(const py::array& q, const py::array& k, const py::array& v, py::arr
   const char* err;
   {
     py::gil_scoped_release release;
-    err = favor::block_causal_attention_cpu(p, num_threads, workspace_bytes);
+    err = favor::block_causal_attention_cpu(p, num_threads, head_split);
   }
   if (err) fail(std::string("block_causal_attention: ") + err);
 }
@@ -175,7 +175,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("block_causal_attention", &forward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
         py::arg("tokens_per_frame"), py::arg("orientation"), py::arg("key_padding_mask") = py::none(),
         py::arg("dtype") = "auto", py::arg("num_threads") = 0, py::arg("softmax_scale") = 0.0,
-        py::arg("workspace_bytes") = 0,
+        py::arg("head_split") = 0,
         "Write block-causal attention of q, k, v [B, H, L, D] into out (same shape and dtype).");
   m.def("build_info", &build_info, "How this extension was built (OpenMP, ISA dispatch, limits).");
 }

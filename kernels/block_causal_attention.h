@@ -75,15 +75,15 @@ inline const char* check_params(const BlockCausalParams& p) {
   return nullptr;
 }
 
-// CPU forward. num_threads <= 0 uses the OpenMP default. The packed K/V workspace is kept under
-// workspace_bytes (<= 0: kDefaultWorkspaceBytes = 32 MiB, about 100 heads of 320 x 128) by
-// processing heads in chunks, at least one head at a time. Returns nullptr or an error message.
-constexpr int64_t kDefaultWorkspaceBytes = int64_t{32} << 20;
-const char* block_causal_attention_cpu(const BlockCausalParams& p, int num_threads,
-                                       int64_t workspace_bytes = 0);
+// CPU forward. num_threads <= 0 uses the OpenMP default. Work items are whole heads (each packs
+// its visible K/V into a thread-local buffer of at most one head), or, when there are fewer than
+// two heads per thread, groups of a head's query tiles; head_split > 0 forces that many groups
+// per head (tests use it; the result does not depend on it). Returns nullptr or an error message.
+const char* block_causal_attention_cpu(const BlockCausalParams& p, int num_threads, int64_t head_split = 0);
 
-// Name of the CPU micro-kernels this process uses (e.g. "kAvx512 8x32"); FAVOR_CPU_ISA=avx2 or
-// baseline forces a narrower set (read once per process).
+// Names of the CPU paths this process uses for fp32 and bf16 inputs (e.g. "kAvx512 8x32; bf16:
+// kAvx512Bf16 8x32 vdpbf16ps"); FAVOR_CPU_ISA=avx512|avx2|baseline forces a narrower set (read
+// once per process; avx512 turns the bf16 dot-product path off).
 const char* cpu_micro_kernels();
 
 // CUDA forward on device pointers (mask included), enqueued on `stream` (a cudaStream_t).

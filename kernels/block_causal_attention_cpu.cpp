@@ -1,28 +1,28 @@
 // CPU forward of block-causal attention (maths and limits: block_causal_attention.h).
 //
 // One parallel loop over work items (b, h, tile of kTileQ query rows), dynamically scheduled:
-//   * the first item of a head packs it (others of that head wait on an atomic flag): Kt [Dp, Lp]
-//     (transposed, so a score micro-tile is broadcast-FMA over keys) and V [Lp, Dp], fp32, zero
-//     padded to Dp = D rounded up to kVec and Lp = L rounded up to kBlockK, so every inner loop has
-//     a fixed trip count. Packing on demand avoids a barrier between a pack and an attend phase,
-//     which costs a whole scheduler slice whenever a core is shared with another process;
-//   * the item loads its q rows (scaled by log2(e)/sqrt(D)) and walks only the visible key blocks.
-// The hot loops (score tile, PV tile, exp) are plain loops with compile-time bounds that GCC/Clang
-// vectorise. The wheel stays portable (no -march): the register micro-tiles are instantiated for
-// AVX-512, AVX2+FMA and baseline x86-64 and chosen once at run time (micro_kernels()); the softmax
-// step is built for the same three by target_clones.
+//   * the first item of a head packs it (others of that head wait on an atomic flag) into the
+//     layout of the chosen path (block_causal_attention_cpu_paths.h), zero padded to Dp x Lp so
+//     every inner loop has a fixed trip count. Packing on demand avoids a barrier between a pack
+//     and an attend phase, which costs a whole scheduler slice whenever a core is shared;
+//   * the item loads its q rows and walks only the visible key blocks: scores (in the log2
+//     domain), element masks where a block crosses a row's interval, online softmax, P.V.
+// Paths, chosen once per process at run time (the wheel is built without -march):
+//   AVX-512 BF16 (vdpbf16ps) for bf16 inputs when the CPU has avx512_bf16; AVX-512 fp32 (FMA
+//   intrinsics, block_causal_attention_avx512.cpp) for everything else on x86-64-v4; AVX2+FMA and
+//   baseline x86-64 from the portable templates below, which GCC vectorises per target.
+// fp16 (and bf16 without avx512_bf16) inputs are converted to fp32 when packed.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
-#include <memory>
+#include <cstring>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "block_causal_attention.h"
+#include "block_causal_attention_cpu_paths.h"
 
 #if defined(_OPENMP)
 #include <omp.h>
@@ -38,12 +38,16 @@
 #define FAVOR_ALWAYS_INLINE __attribute__((always_inline)) inline
 
 namespace favor {
+namespace cpu {
+
+// Shared by every fp32 path (portable here, AVX-512 in block_causal_attention_avx512.cpp).
+void pack_f32(const BlockCausalParams& p, int64_t b, int64_t h, int64_t dp, int64_t lp, int64_t k_lo, int64_t k_hi,
+              void* k_out, void* v_out);
+void load_q_f32(const BlockCausalParams& p, int64_t b, int64_t h, int64_t row0, int64_t rows, int64_t dp,
+                void* qtile);
+
 namespace {
 
-constexpr int64_t kVec = 16;     // pad head dim to a multiple of one AVX-512 register of fp32
-constexpr int64_t kTileQ = 32;   // query rows per work item (one release frame of 32 tokens)
-constexpr int64_t kBlockK = 32;  // keys per online-softmax step
-constexpr int64_t kMaxRows = 8;  // largest register micro-tile height (tiles are padded to it)
 // Below this much useful work per thread a parallel region costs more than it saves (~40 us of
 // work at ~100 GFLOP/s against ~10 us to wake and join a thread).
 constexpr double kMinFlopsPerThread = 4e6;
@@ -59,27 +63,13 @@ float load(const void* base, DType t, int64_t i) {
   }
 }
 
-void store(void* base, DType t, int64_t i, float x) {
-  switch (t) {
-    case DType::kFloat16: static_cast<uint16_t*>(base)[i] = float_to_half(x); break;
-    case DType::kBFloat16: static_cast<uint16_t*>(base)[i] = float_to_bf16(x); break;
-    default: static_cast<float*>(base)[i] = x;
-  }
-}
+// Portable register micro-tiles, R rows x C fp32 columns of accumulators. Their best size depends
+// on the register file (AVX2: 16 x 8 floats), so they are templates instantiated once per ISA
+// below; always_inline makes each instantiation compile with its caller's target.
 
-struct Packed {
-  const float* kt;  // [Dp, Lp]
-  const float* v;   // [Lp, Dp]
-};
-
-// Register micro-tiles, R rows x C fp32 columns of accumulators. Their best size depends on the
-// register file (AVX-512: 32 x 16 floats, AVX2: 16 x 8), so they are templates instantiated once
-// per ISA below; always_inline makes each instantiation compile with its caller's target.
-
-// s[r][c] = sum_d q[r][d] kt[d][c] for R rows x kBlockK keys, C keys at a time.
 template <int R, int C>
 FAVOR_ALWAYS_INLINE void score_tile(const float* __restrict q, const float* __restrict kt, int64_t dp,
-                                    int64_t lp, float* __restrict s) {
+                                    int64_t lp, float scale, float* __restrict s) {
   static_assert(kBlockK % C == 0, "key block must be whole micro-tiles");
   for (int64_t c0 = 0; c0 < kBlockK; c0 += C) {
     float acc[R][C] = {};
@@ -91,7 +81,7 @@ FAVOR_ALWAYS_INLINE void score_tile(const float* __restrict q, const float* __re
       }
     }
     for (int r = 0; r < R; ++r)
-      for (int c = 0; c < C; ++c) s[r * kBlockK + c0 + c] = acc[r][c];
+      for (int c = 0; c < C; ++c) s[r * kBlockK + c0 + c] = acc[r][c] * scale;
   }
 }
 
@@ -122,50 +112,64 @@ FAVOR_ALWAYS_INLINE void pv_tile(const float* __restrict p, const float* __restr
   for (; d0 < dp; d0 += kVec) pv_chunk<R, kVec>(p, v, dp, d0, o);  // dp is a multiple of kVec
 }
 
-// One ISA's micro-kernels over a whole tile of `rows` query rows (rows padded to a multiple of R).
-struct MicroKernels {
-  const char* name;
-  int rows_per_tile;  // R
-  void (*scores)(const float*, const float*, int64_t, int64_t, float*, int64_t);
-  void (*pv)(const float*, const float*, int64_t, float*, int64_t);
+// One ISA's portable fp32 path: micro-kernels over a whole tile (rows padded to a multiple of R).
+#define FAVOR_PORTABLE_PATH(NAME, TARGET, R, C)                                                      \
+  TARGET void NAME##_scores(const void* q, const void* kt, int64_t k0, int64_t dp, int64_t lp,       \
+                            float scale, float* s, int64_t rows) {                                   \
+    for (int64_t r = 0; r < rows; r += R)                                                            \
+      score_tile<R, C>(static_cast<const float*>(q) + r * dp, static_cast<const float*>(kt) + k0, dp, \
+                       lp, scale, s + r * kBlockK);                                                  \
+  }                                                                                                  \
+  TARGET void NAME##_pv(const float* p, uint16_t*, const void* v, int64_t k0, int64_t dp, float* o, \
+                        int64_t rows) {                                                              \
+    for (int64_t r = 0; r < rows; r += R)                                                            \
+      pv_tile<R, C>(p + r * kBlockK, static_cast<const float*>(v) + k0 * dp, dp, o + r * dp);        \
+  }                                                                                                  \
+  const Path NAME{#NAME " " #R "x" #C, R, 4, pack_f32, load_q_f32, NAME##_scores, NAME##_pv, softmax_block};
+
+// Measured on one Zen 5 core at the release shape: AVX2 4 x 32 42 GFLOP/s, while 4 x 16 fell to
+// 12 (GCC fully unrolls the 16-wide loop and its SLP pass emits poor code). Baseline uses 4 x 32.
+#if FAVOR_X86_DISPATCH
+FAVOR_PORTABLE_PATH(kAvx2, __attribute__((target("arch=x86-64-v3"))), 4, 32)
+#endif
+FAVOR_PORTABLE_PATH(kPortable, , 4, 32)
+
+// What this process runs: the widest ISA the CPU supports, or FAVOR_CPU_ISA=avx512|avx2|baseline
+// to force a narrower one (tests use it to exercise every path on one machine; avx512 disables
+// the bf16 dot-product path). Read once per process.
+struct Dispatch {
+  const Path* fp32;
+  const Path* bf16;  // nullptr: bf16 inputs take the fp32 path (converted when packed)
 };
 
-#define FAVOR_MICRO_KERNELS(NAME, TARGET, R, C)                                                      \
-  TARGET void NAME##_scores(const float* q, const float* kt, int64_t dp, int64_t lp, float* s,      \
-                            int64_t rows) {                                                          \
-    for (int64_t r = 0; r < rows; r += R) score_tile<R, C>(q + r * dp, kt, dp, lp, s + r * kBlockK); \
-  }                                                                                                  \
-  TARGET void NAME##_pv(const float* p, const float* v, int64_t dp, float* o, int64_t rows) {       \
-    for (int64_t r = 0; r < rows; r += R) pv_tile<R, C>(p + r * kBlockK, v, dp, o + r * dp);        \
-  }                                                                                                  \
-  constexpr MicroKernels NAME{#NAME " " #R "x" #C, R, NAME##_scores, NAME##_pv};
-
-// Measured on one Zen 5 core at the release shape: AVX-512 8 x 32 (16 of 32 zmm) 111 GFLOP/s vs
-// 100 for 4 x 32; AVX2 4 x 32 42 GFLOP/s, while 4 x 16 fell to 12 (GCC fully unrolls the 16-wide
-// loop and its SLP pass emits poor code). Baseline / other ISAs use 4 x 32 as well.
-#if FAVOR_X86_DISPATCH
-FAVOR_MICRO_KERNELS(kAvx512, __attribute__((target("arch=x86-64-v4"))), 8, 32)
-FAVOR_MICRO_KERNELS(kAvx2, __attribute__((target("arch=x86-64-v3"))), 4, 32)
-#endif
-FAVOR_MICRO_KERNELS(kPortable, , 4, 32)
-
-// Chosen once per process: the best the CPU supports, or FAVOR_CPU_ISA=avx2|baseline to force a
-// narrower one (tests use it to exercise every path on one machine).
-const MicroKernels& micro_kernels() {
-  static const MicroKernels& chosen = [&]() -> const MicroKernels& {
+const Dispatch& dispatch() {
+  static const Dispatch chosen = [] {
+    Dispatch d{&kPortable, nullptr};
 #if FAVOR_X86_DISPATCH
     const char* env = std::getenv("FAVOR_CPU_ISA");
     const std::string force = env ? env : "";
-    if (force != "avx2" && force != "baseline" && __builtin_cpu_supports("x86-64-v4")) return kAvx512;
-    if (force != "baseline" && __builtin_cpu_supports("x86-64-v3")) return kAvx2;
+    const bool v4 = __builtin_cpu_supports("x86-64-v4") && force != "avx2" && force != "baseline";
+    if (v4 && avx512_fp32_path()) {
+      d.fp32 = avx512_fp32_path();
+      if (force != "avx512" && __builtin_cpu_supports("avx512bf16")) d.bf16 = avx512_bf16_path();
+    } else if (force != "baseline" && __builtin_cpu_supports("x86-64-v3")) {
+      d.fp32 = &kAvx2;
+    }
 #endif
-    return kPortable;
+    return d;
   }();
   return chosen;
 }
 
+const Path& path_for(DType t) {
+  const Dispatch& d = dispatch();
+  return t == DType::kBFloat16 && d.bf16 ? *d.bf16 : *d.fp32;
+}
+
 // Online-softmax update of one block for kTileQ rows: s holds scores, becomes probabilities;
 // m, l, o are the running max, sum and unnormalised output.
+}  // namespace
+
 FAVOR_CLONES void softmax_block(float* __restrict s, float* __restrict m, float* __restrict l,
                                 float* __restrict o, int64_t rows, int64_t dp) {
   for (int64_t r = 0; r < rows; ++r) {
@@ -197,55 +201,47 @@ FAVOR_CLONES void softmax_block(float* __restrict s, float* __restrict m, float*
   }
 }
 
-void pack_head(const BlockCausalParams& p, int64_t b, int64_t h, int64_t dp, int64_t lp, float* kt,
-               float* vs) {
-  const int64_t L = p.length, D = p.head_dim;
-  const int64_t kb = b * p.k_stride[0] + h * p.k_stride[1];
-  const int64_t vb = b * p.v_stride[0] + h * p.v_stride[1];
-  std::fill(kt, kt + dp * lp, 0.f);
-  std::fill(vs, vs + lp * dp, 0.f);
-  for (int64_t i = 0; i < L; ++i) {
-    for (int64_t d = 0; d < D; ++d) {
-      kt[d * lp + i] = load(p.k, p.dtype, kb + i * p.k_stride[2] + d);
-      vs[i * dp + d] = load(p.v, p.dtype, vb + i * p.v_stride[2] + d);
-    }
+namespace {
+
+// Zero the padding of keys [k_lo, k_hi) in either packed layout (only shapes with L % kBlockK or
+// D % kVec need it). Both layouts are 32-bit words: K has Dp * packed_bytes / 4 rows of Lp words,
+// and keys [k_lo, k_hi) of V are k_lo * Dp * packed_bytes bytes in, (k_hi - k_lo) * Dp * packed_bytes long.
+void zero_padding(const Path& path, int64_t dp, int64_t lp, int64_t k_lo, int64_t k_hi, char* k, char* v) {
+  const int64_t krows = dp * path.packed_bytes / 4;
+  for (int64_t r = 0; r < krows; ++r) std::memset(k + (r * lp + k_lo) * 4, 0, static_cast<size_t>((k_hi - k_lo) * 4));
+  std::memset(v + k_lo * dp * path.packed_bytes, 0, static_cast<size_t>((k_hi - k_lo) * dp * path.packed_bytes));
+}
+
+// out[at : at + D] = o / l in the output dtype (l == 0: the row saw no key -> zeros). One loop per
+// dtype so each vectorises (the conversions are integer bit arithmetic).
+FAVOR_CLONES void store_row(const float* __restrict o, float l, int64_t D, DType t, void* out, int64_t at) {
+  const float inv = l > 0.f ? 1.f / l : 0.f;
+  if (t == DType::kFloat32) {
+    float* __restrict dst = static_cast<float*>(out) + at;
+    for (int64_t d = 0; d < D; ++d) dst[d] = o[d] * inv;
+  } else if (t == DType::kBFloat16) {
+    uint16_t* __restrict dst = static_cast<uint16_t*>(out) + at;
+    for (int64_t d = 0; d < D; ++d) dst[d] = float_to_bf16(o[d] * inv);
+  } else {
+    uint16_t* __restrict dst = static_cast<uint16_t*>(out) + at;
+    for (int64_t d = 0; d < D; ++d) dst[d] = float_to_half(o[d] * inv);
   }
 }
 
-// Pack head bh once; concurrent callers for the same head wait until it is ready.
-void ensure_packed(std::atomic<int>& state, const BlockCausalParams& p, int64_t bh, int64_t dp, int64_t lp,
-                   float* kt, float* vs) {
-  enum { kEmpty = 0, kPacking = 1, kReady = 2 };
-  if (state.load(std::memory_order_acquire) == kReady) return;
-  int expected = kEmpty;
-  if (state.compare_exchange_strong(expected, kPacking, std::memory_order_acq_rel)) {
-    pack_head(p, bh / p.heads, bh % p.heads, dp, lp, kt, vs);
-    state.store(kReady, std::memory_order_release);
-    return;
-  }
-  while (state.load(std::memory_order_acquire) != kReady) std::this_thread::yield();
-}
-
-void attend_tile(const BlockCausalParams& p, const Packed& pk, const uint8_t* key_ok, int64_t b,
-                 int64_t h, int64_t row0, int64_t dp, int64_t lp) {
+void attend_tile(const BlockCausalParams& p, const Path& path, const void* kpack, const void* vpack,
+                 const uint8_t* key_ok, int64_t b, int64_t h, int64_t row0, int64_t dp, int64_t lp) {
   const int64_t L = p.length, S = p.tokens_per_frame;
   const int64_t row1 = std::min(row0 + kTileQ, L);
   const int64_t rows = row1 - row0;
-  const MicroKernels& mk = micro_kernels();
   static_assert(kTileQ % kMaxRows == 0, "micro-tiles must not run past the tile buffers");
-  alignas(64) float qtile[kTileQ * kMaxHeadDim];
+  alignas(64) float qtile[kTileQ * kMaxHeadDim];  // fp32 or bf16 bits, per the path
   alignas(64) float o[kTileQ * kMaxHeadDim];
   alignas(64) float s[kTileQ * kBlockK];
+  alignas(64) uint16_t pbuf[kTileQ * kBlockK];  // P in bf16 for the bf16 path's P.V
   float m[kTileQ], l[kTileQ];
   int64_t lo_row[kTileQ], hi_row[kTileQ];
-  // Load the tile's q rows in the log2 domain (exp -> exp2) and zero the padding, so micro-tiles
-  // of R rows and Dp columns never read garbage.
-  const float qscale = p.softmax_scale * kLog2e;
-  const int64_t qb = b * p.q_stride[0] + h * p.q_stride[1];
-  std::fill(qtile, qtile + kTileQ * dp, 0.f);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t d = 0; d < p.head_dim; ++d)
-      qtile[r * dp + d] = load(p.q, p.dtype, qb + (row0 + r) * p.q_stride[2] + d) * qscale;
+  path.load_q(p, b, h, row0, rows, dp, qtile);
+  const float qscale = p.softmax_scale * kLog2e;  // scores in the log2 domain (exp -> exp2)
   std::fill(o, o + kTileQ * dp, 0.f);
   for (int64_t r = 0; r < kTileQ; ++r) {
     m[r] = kNegInf;
@@ -257,7 +253,7 @@ void attend_tile(const BlockCausalParams& p, const Packed& pk, const uint8_t* ke
   for (int64_t k0 = lo / kBlockK * kBlockK; k0 < hi; k0 += kBlockK) {
     const int64_t kblock = k0 / kBlockK;
     if (key_ok && !key_ok[kblock * 2]) continue;  // every key of this block is padding
-    mk.scores(qtile, pk.kt + k0, dp, lp, s, rows);
+    path.scores(qtile, kpack, k0, dp, lp, qscale, s, rows);
     // Element masks only where the block crosses some row's interval or holds padding.
     if (!block_fully_visible(row0, row1, k0, k0 + kBlockK, S, L, p.orientation)) {
       for (int64_t r = 0; r < rows; ++r)
@@ -274,39 +270,70 @@ void attend_tile(const BlockCausalParams& p, const Packed& pk, const uint8_t* ke
           for (int64_t r = 0; r < rows; ++r) s[r * kBlockK + c] = kNegInf;
       }
     }
-    softmax_block(s, m, l, o, rows, dp);
-    for (int64_t r = rows; r < round_up(rows, mk.rows_per_tile); ++r)  // micro-tile tail rows add nothing
+    path.softmax(s, m, l, o, rows, dp);
+    for (int64_t r = rows; r < round_up(rows, path.rows_per_tile); ++r)  // micro-tile tail rows add nothing
       std::fill(s + r * kBlockK, s + (r + 1) * kBlockK, 0.f);
-    mk.pv(s, pk.v + k0 * dp, dp, o, rows);
+    path.pv(s, pbuf, vpack, k0, dp, o, rows);
   }
   const int64_t ob = b * p.o_stride[0] + h * p.o_stride[1];
-  for (int64_t r = 0; r < rows; ++r) {
-    const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;  // l == 0: the row saw no key -> zeros
-    for (int64_t d = 0; d < p.head_dim; ++d)
-      store(p.out, p.dtype, ob + (row0 + r) * p.o_stride[2] + d, o[r * dp + d] * inv);
-  }
+  for (int64_t r = 0; r < rows; ++r)
+    store_row(o + r * dp, l[r], p.head_dim, p.dtype, p.out, ob + (row0 + r) * p.o_stride[2]);
 }
 
 }  // namespace
 
-const char* cpu_micro_kernels() { return micro_kernels().name; }
+// fp32 layout (block_causal_attention_cpu_paths.h): Kt [Dp][Lp], V [Lp][Dp], q [kTileQ][Dp];
+// fp16 / bf16 inputs are widened here.
+void pack_f32(const BlockCausalParams& p, int64_t b, int64_t h, int64_t dp, int64_t lp, int64_t k_lo, int64_t k_hi,
+              void* k_out, void* v_out) {
+  const int64_t D = p.head_dim, k_end = std::min(k_hi, p.length);
+  const int64_t kb = b * p.k_stride[0] + h * p.k_stride[1];
+  const int64_t vb = b * p.v_stride[0] + h * p.v_stride[1];
+  float* kt = static_cast<float*>(k_out);
+  float* vs = static_cast<float*>(v_out);
+  for (int64_t i = k_lo; i < k_end; ++i) {
+    for (int64_t d = 0; d < D; ++d) {
+      kt[d * lp + i] = load(p.k, p.dtype, kb + i * p.k_stride[2] + d);
+      vs[i * dp + d] = load(p.v, p.dtype, vb + i * p.v_stride[2] + d);
+    }
+  }
+}
 
-const char* block_causal_attention_cpu(const BlockCausalParams& p, int num_threads, int64_t workspace_bytes) {
+void load_q_f32(const BlockCausalParams& p, int64_t b, int64_t h, int64_t row0, int64_t rows, int64_t dp,
+                void* qtile) {
+  float* out = static_cast<float*>(qtile);
+  const int64_t qb = b * p.q_stride[0] + h * p.q_stride[1];
+  std::fill(out, out + kTileQ * dp, 0.f);  // padding rows / columns: micro-tiles never read garbage
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t at = qb + (row0 + r) * p.q_stride[2];
+    if (p.dtype == DType::kFloat32) {
+      std::memcpy(out + r * dp, static_cast<const float*>(p.q) + at, sizeof(float) * p.head_dim);
+    } else {
+      for (int64_t d = 0; d < p.head_dim; ++d) out[r * dp + d] = load(p.q, p.dtype, at + d);
+    }
+  }
+}
+
+}  // namespace cpu
+
+const char* cpu_micro_kernels() {
+  static const std::string name = [] {
+    const cpu::Dispatch& d = cpu::dispatch();
+    return std::string(d.fp32->name) + "; bf16: " + (d.bf16 ? d.bf16->name : "via fp32");
+  }();
+  return name.c_str();
+}
+
+const char* block_causal_attention_cpu(const BlockCausalParams& p, int num_threads, int64_t head_split) {
+  using namespace cpu;
   if (const char* err = check_params(p)) return err;
+  const Path& path = path_for(p.dtype);
   const int64_t B = p.batch, H = p.heads, L = p.length;
   const int64_t dp = round_up(p.head_dim, kVec), lp = round_up(L, kBlockK);
-  const int64_t per_head = dp * lp + lp * dp;  // Kt and V
   const int64_t nkb = lp / kBlockK, ntiles = (L + kTileQ - 1) / kTileQ;
-  // Heads packed per parallel loop: the workspace stays under workspace_bytes whatever the batch
-  // (at least one head); each extra chunk costs one join of the threads.
-  const int64_t cap = workspace_bytes > 0 ? workspace_bytes : kDefaultWorkspaceBytes;
-  const int64_t chunk = std::clamp<int64_t>(cap / (per_head * int64_t{sizeof(float)}), 1, B * H);
-  // Reused across calls from the same thread: no page faults on the hot path.
-  thread_local std::vector<float> work;
-  thread_local std::vector<uint8_t> blocks;
-  work.resize(static_cast<size_t>(chunk * per_head));
-  std::unique_ptr<std::atomic<int>[]> packed(new std::atomic<int>[chunk]);
+  const int64_t half = round_up(dp * lp * path.packed_bytes, 64);  // bytes of packed K, then of V
   // Per key block: [any key real, all keys real] (keys >= L count as padding).
+  thread_local std::vector<uint8_t> blocks;
   const uint8_t* key_ok = nullptr;
   if (p.key_padding_mask) {
     blocks.assign(static_cast<size_t>(B * nkb * 2), 0);
@@ -323,38 +350,49 @@ const char* block_causal_attention_cpu(const BlockCausalParams& p, int num_threa
       }
     key_ok = blocks.data();
   }
-  float* base = work.data();
   int nt = 1;
 #if defined(_OPENMP)
   // Useful work upper bound (all pairs visible) decides whether threads pay for themselves.
   const double flops = 4.0 * B * H * static_cast<double>(L) * L * p.head_dim;
   nt = num_threads > 0 ? num_threads : omp_get_max_threads();
   nt = static_cast<int>(std::max<int64_t>(
-      1, std::min<int64_t>({nt, chunk * ntiles, static_cast<int64_t>(flops / kMinFlopsPerThread)})));
+      1, std::min<int64_t>({nt, B * H * ntiles, static_cast<int64_t>(flops / kMinFlopsPerThread)})));
 #else
   (void)num_threads;
 #endif
-  for (int64_t bh0 = 0; bh0 < B * H; bh0 += chunk) {
-    const int64_t heads = std::min(chunk, B * H - bh0);
-    for (int64_t i = 0; i < heads; ++i) packed[i].store(0, std::memory_order_relaxed);
-    auto run = [&](int64_t item) {
-      const int64_t local = item / ntiles, tile = item % ntiles, bh = bh0 + local, b = bh / H;
-      float* kt = base + local * per_head;
-      float* vs = kt + dp * lp;
-      ensure_packed(packed[local], p, bh, dp, lp, kt, vs);
-      attend_tile(p, Packed{kt, vs}, key_ok ? key_ok + b * nkb * 2 : nullptr, b, bh % H, tile * kTileQ, dp, lp);
-    };
-    const int64_t items = heads * ntiles;
+  // Work item = one head's query tiles, or a contiguous group of them when there are too few
+  // heads to keep every thread busy (each group then packs its own keys).
+  const int64_t split = std::clamp<int64_t>(head_split > 0 ? head_split : (2 * nt + B * H - 1) / (B * H), 1, ntiles);
+  auto run = [&](int64_t item) {
+    const int64_t bh = item / split, g = item % split, b = bh / H;
+    const int64_t t0 = g * ntiles / split, t1 = (g + 1) * ntiles / split;
+    if (t0 == t1) return;
+    // This thread's packed K/V: one head (at most Dp x Lp, ~320 KiB at the release shape), so it
+    // stays in L2 while the item's tiles reuse it.
+    thread_local std::vector<float> work;
+    if (work.size() < static_cast<size_t>((2 * half + 64) / sizeof(float)))
+      work.resize(static_cast<size_t>((2 * half + 64) / sizeof(float)));
+    char* kpack = reinterpret_cast<char*>(round_up(reinterpret_cast<intptr_t>(work.data()), 64));
+    char* vpack = kpack + half;
+    int64_t k_lo, k_hi;  // keys the item's tiles can see, whole key blocks
+    tile_keys(t0 * kTileQ, std::min(t1 * kTileQ, L), p.tokens_per_frame, L, p.orientation, &k_lo, &k_hi);
+    k_lo = k_lo / kBlockK * kBlockK;
+    k_hi = round_up(k_hi, kBlockK);
+    if (lp != L || dp != p.head_dim) zero_padding(path, dp, lp, k_lo, k_hi, kpack, vpack);
+    path.pack(p, b, bh % H, dp, lp, k_lo, k_hi, kpack, vpack);
+    for (int64_t t = t0; t < t1; ++t)
+      attend_tile(p, path, kpack, vpack, key_ok ? key_ok + b * nkb * 2 : nullptr, b, bh % H, t * kTileQ, dp, lp);
+  };
+  const int64_t items = B * H * split;
 #if defined(_OPENMP)
-    if (nt > 1) {
-      // 'past' tiles late in the window see more keys: dynamic scheduling balances them.
+  if (nt > 1) {
+    // Heads cost the same; split groups of 'past' tiles do not: dynamic scheduling balances both.
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
-      for (int64_t item = 0; item < items; ++item) run(item);
-      continue;
-    }
-#endif
     for (int64_t item = 0; item < items; ++item) run(item);
+    return nullptr;
   }
+#endif
+  for (int64_t item = 0; item < items; ++item) run(item);
   return nullptr;
 }
 

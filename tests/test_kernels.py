@@ -129,28 +129,38 @@ def test_invisible_blocks_are_never_read(orientation):
     torch.testing.assert_close(out[:, :, seen], ref, rtol=0, atol=1e-5)  # fp32 rounding only
 
 
-def test_threads_and_workspace_chunks_do_not_change_result():
+def test_threads_and_head_split_do_not_change_result():
     q, k, v, mask = _inputs(2, 5, 6, 13, 64, pad=True, seed=9)
     outs = []
-    # workspace_bytes=1 packs one head per parallel loop (10 chunks) instead of all 10 at once.
-    for threads, workspace in ((1, 0), (2, 0), (2, 1)):
+    # head_split=4 runs each head's 3 query tiles as separate items, each packing its own keys.
+    for threads, split in ((1, 0), (2, 0), (2, 4), (1, 2)):
         out = torch.full_like(q, float("nan"))
         ops.extension().block_causal_attention(q.numpy(), k.numpy(), v.numpy(), out.numpy(), 13, "future",
-                                               mask.numpy(), num_threads=threads, workspace_bytes=workspace)
+                                               mask.numpy(), num_threads=threads, head_split=split)
         outs.append(out)
     _check(outs[0], q, k, v, 13, "future", mask)
     for out in outs[1:]:  # each query tile is computed by one thread in one fixed order
         assert torch.equal(outs[0], out)
 
 
-@pytest.mark.parametrize("isa,expected", [("avx2", "kAvx2"), ("baseline", "kPortable")])
-def test_narrower_isa_paths_match(isa, expected):
-    """The AVX2 and baseline micro-kernels (chosen once per process) on this machine's CPU."""
-    import platform
+def _run_with_isa(isa: str, script: str) -> str:
     import sys
+
+    env = {**os.environ, "FAVOR_CPU_ISA": isa}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("isa,expected", [("avx512", "kAvx512 "), ("avx2", "kAvx2"), ("baseline", "kPortable")])
+def test_narrower_isa_paths_match(isa, expected):
+    """The AVX-512, AVX2 and baseline fp32 paths (chosen once per process) on this machine's CPU."""
+    import platform
 
     if platform.machine() != "x86_64":
         pytest.skip("ISA dispatch exists only on x86-64")
+    if isa == "avx512" and "avx512f" not in Path("/proc/cpuinfo").read_text():
+        pytest.skip("this CPU has no AVX-512")
     script = (
         "import torch; from favor import ops; from favor.attention import reference_attention\n"
         "g = torch.Generator().manual_seed(0)\n"
@@ -159,13 +169,58 @@ def test_narrower_isa_paths_match(isa, expected):
         "out = ops.block_causal_attention(q, k, v, 9, 'past', m)\n"
         "ref = reference_attention(q.double(), k.double(), v.double(), 9, 'past', m)\n"
         "print(ops.extension().build_info()['micro_kernels'], '|', (out.double() - ref).abs().max().item())\n")
-    env = {**os.environ, "FAVOR_CPU_ISA": isa}
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    name, err = proc.stdout.strip().splitlines()[-1].split("|")
-    err = float(err)
+    name, err = _run_with_isa(isa, script).split("|")
     assert name.startswith(expected)
-    assert err < 1e-5  # fp32 kernel vs float64 on O(1) outputs (same policy as above: ~1e-6 seen)
+    if isa != "avx512":
+        assert "bf16: via fp32" in name  # no bf16 dot-product path below AVX-512
+    assert float(err) < 1e-5  # fp32 kernel vs float64 on O(1) outputs (same policy as above: ~1e-6 seen)
+
+
+def _has_avx512_bf16() -> bool:
+    try:
+        return "avx512_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_avx512_bf16(), reason="the CPU has no avx512_bf16 (vdpbf16ps)")
+@pytest.mark.parametrize("n,h,frames,tpf,d,orientation,pad,seed", [
+    (1, 2, 10, 32, 128, "past", False, 0),    # release tile geometry
+    (2, 3, 7, 11, 40, "future", True, 1),     # odd everything, padding
+    (1, 2, 5, 9, 33, "past", True, 2),        # odd head dim: the last bf16 pair is half padding
+    (1, 1, 3, 13, 256, "future", False, 3),   # largest head dim
+])
+def test_bf16_dot_product_path(n, h, frames, tpf, d, orientation, pad, seed):
+    """bf16 inputs run on vdpbf16ps (fp32 accumulation, P rounded to bf16 for P.V).
+
+    Policy: max |kernel - ref64| <= 2 x max |torch bf16 reference - ref64| (+ the fp32 floor). The
+    torch bf16 reference rounds q.k, the scores and P to bf16 and multiplies in bf16, so its error
+    is at least the bf16 rounding of the output; ours adds only the rounding of P (relative 2^-9
+    per weight, averaging out over the keys) and of the output, so twice torch's error bounds it.
+    """
+    assert "vdpbf16ps" in ops.extension().build_info()["micro_kernels"]
+    q, k, v, mask = _inputs(n, h, frames, tpf, d, dtype=torch.bfloat16, pad=pad, seed=seed)
+    out = ops.block_causal_attention(q, k, v, tpf, orientation, mask)
+    assert out.dtype == torch.bfloat16
+    _check(out, q, k, v, tpf, orientation, mask)
+
+
+@pytest.mark.skipif(not _has_avx512_bf16(), reason="the CPU has no avx512_bf16 (vdpbf16ps)")
+def test_bf16_paths_agree_with_and_without_dot_product():
+    """FAVOR_CPU_ISA=avx512 turns vdpbf16ps off: bf16 is then widened to fp32. Both pass the policy."""
+    script = (
+        "import torch; from favor import ops\n"
+        "from favor.attention import reference_attention as ref\n"
+        "g = torch.Generator().manual_seed(4)\n"
+        "q, k, v = (torch.randn(2, 3, 60, 64, generator=g).bfloat16() for _ in range(3))\n"
+        "out = ops.block_causal_attention(q, k, v, 12, 'past')\n"
+        "r64 = ref(q.double(), k.double(), v.double(), 12, 'past')\n"
+        "tb = (ref(q, k, v, 12, 'past').double() - r64).abs().max().item()\n"
+        "print(ops.extension().build_info()['micro_kernels'], '|', (out.double() - r64).abs().max().item(), '|', tb)\n")
+    for isa, path in (("avx512", "bf16: via fp32"), ("", "vdpbf16ps")):
+        name, err, torch_err = _run_with_isa(isa, script).split("|")
+        assert path in name
+        assert float(err) <= 2 * float(torch_err), (isa, err, torch_err)  # the bf16 policy above
 
 
 def _bind(q, k, v, out, tpf=4, orientation="past", mask=None, **kw):
