@@ -23,16 +23,21 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+from favor.cli_options import CONTEXT, VerboseOption, VersionOption
+from favor.quiet import quiet_libraries
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, context_settings=CONTEXT, rich_markup_mode=None,
                   help="Export a FAVOR checkpoint to an ONNX / TensorRT / TensorRT-LLM bundle.")
 console = Console()
+err_console = Console(stderr=True)  # errors go to stderr: stdout stays the report
 
 
 def _fail(message: str) -> None:
-    console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -145,7 +150,10 @@ def export(
     lora: str = typer.Option("merged", help="trtllm target: merged | adapter (peft adapter for --lora_dir)"),
     preset: str = typer.Option(None, help="release delta only: preset (default: read off the delta)"),
     sets: list[str] = typer.Option([], "--set", help="release delta only: config override KEY=VALUE"),  # noqa: B008
+    version: VersionOption = False,
+    verbose: VerboseOption = False,
 ) -> None:
+    quiet_libraries(verbose)
     if ctx.invoked_subcommand is not None:
         return
     if ckpt is None or out is None:
