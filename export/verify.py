@@ -232,7 +232,8 @@ def _instruction(model: FavorModel, prompt: str) -> tuple[torch.Tensor, torch.Te
 @torch.no_grad()
 def torch_caption(model: FavorModel, m: Media, prompt: str, max_new_tokens: int):
     ids, mask = _instruction(model, prompt)
-    av = model.encode_av(m.mel, m.pixels, ids if m.pixels is not None else None, mask)
+    av = model.encode_av(mel=m.mel, pixels=m.pixels, instruction_ids=ids if m.pixels is not None else None,
+                         instruction_mask=mask)
     spliced = model.llm.splice([inference_ids(model.tokenizer, prompt)], av.embeds, av.mask, left_pad=True)
     return greedy_decode(TorchInference(model.llm.model), spliced.embeds, spliced.attention_mask,
                          max_new_tokens, model.cfg.llm.eos_token_id)[0]

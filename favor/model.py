@@ -67,6 +67,16 @@ def resolve_instruction_tokenizer(cfg: FavorConfig, instruction_tokenizer, token
     return tokenizer
 
 
+# The inputs of FavorModel.encode_av, under the names a collated batch (training/collate.py) uses.
+AV_INPUTS = ("mel", "pixels", "instruction_ids", "instruction_mask", "modality_mask", "frame_lengths",
+             "is_image", "visual_lengths", "audio_lengths")
+
+
+def av_inputs(batch: dict) -> dict:
+    """The ``encode_av`` keyword arguments found in ``batch`` (absent keys keep their defaults)."""
+    return {k: batch[k] for k in AV_INPUTS if k in batch}
+
+
 class FavorModel(nn.Module):
     def __init__(self, cfg: FavorConfig, audio_encoder: nn.Module, visual_encoder: nn.Module,
                  qformer: CausalQFormer, projector: Projector, llm: LLM, *, tokenizer=None,
@@ -174,14 +184,18 @@ class FavorModel(nn.Module):
         mask = window_mask[:, :, None].expand(B, W, Nq).reshape(B, W * Nq)
         return AVEmbeddings(embeds, mask, q, window_mask)
 
-    def encode_av(self, mel: torch.Tensor | None = None, pixels: torch.Tensor | None = None,
+    def encode_av(self, *, mel: torch.Tensor | None = None, pixels: torch.Tensor | None = None,
                   instruction_ids: torch.Tensor | None = None,
                   instruction_mask: torch.Tensor | None = None,
                   modality_mask: torch.Tensor | None = None,
                   frame_lengths: torch.Tensor | None = None, is_image: bool = False,
                   visual_lengths: torch.Tensor | None = None,
                   audio_lengths: torch.Tensor | None = None) -> AVEmbeddings:
-        """Media tensors -> LLM-space AV embeddings. An image with audio repeats over the audio."""
+        """Media tensors -> LLM-space AV embeddings. An image with audio repeats over the audio.
+
+        Keyword-only (nine optional inputs are easy to pass in the wrong order); from a collated batch
+        use ``encode_av(**av_inputs(batch))``.
+        """
         audio = self.encode_audio(mel) if mel is not None else None
         visual = None
         if pixels is not None:
@@ -196,10 +210,7 @@ class FavorModel(nn.Module):
     # -- training ---------------------------------------------------------------------------------
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         """loss = CE + lambda x diversity. batch: media tensors (see encode_av) + ``prompts``."""
-        av = self.encode_av(batch.get("mel"), batch.get("pixels"), batch.get("instruction_ids"),
-                            batch.get("instruction_mask"), batch.get("modality_mask"),
-                            batch.get("frame_lengths"), batch.get("is_image", False),
-                            batch.get("visual_lengths"), batch.get("audio_lengths"))
+        av = self.encode_av(**av_inputs(batch))
         prompts: list[PromptIds] = batch["prompts"]
         ce = self.llm(self.llm.splice(prompts, av.embeds, av.mask))
         div = diversity_loss(av.queries, av.window_mask)

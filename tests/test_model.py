@@ -86,7 +86,8 @@ def test_lora_merged_equals_unmerged(tiny_model):
 def test_encode_av_and_generate(tiny_model, tokenizer):
     tiny_model.eval()
     b = _batch(tiny_model, tokenizer, B=1, T=7)
-    av = tiny_model.encode_av(b["mel"], b["pixels"], b["instruction_ids"], b["instruction_mask"])
+    av = tiny_model.encode_av(mel=b["mel"], pixels=b["pixels"], instruction_ids=b["instruction_ids"],
+        instruction_mask=b["instruction_mask"])
     W = math.ceil(7 / 3)
     assert av.embeds.shape == (1, W * 3, 48)
     text = generate(tiny_model, av, ["describe the video"], get_settings("greedy", max_new_tokens=5))
@@ -99,11 +100,13 @@ def test_unequal_lengths_mask_padding(tiny_model, tokenizer):
     """Sample 1's padded frames/audio must not change its embeddings."""
     tiny_model.eval()
     b = _batch(tiny_model, tokenizer, B=1, T=3, Tm=30)
-    alone = tiny_model.encode_av(b["mel"], b["pixels"], b["instruction_ids"], b["instruction_mask"])
+    alone = tiny_model.encode_av(mel=b["mel"], pixels=b["pixels"], instruction_ids=b["instruction_ids"],
+        instruction_mask=b["instruction_mask"])
     padded_pix = torch.cat([b["pixels"], torch.randn(1, 3, *b["pixels"].shape[2:])], 1)
-    padded = tiny_model.encode_av(None, padded_pix, b["instruction_ids"], b["instruction_mask"],
-                                  visual_lengths=torch.tensor([3]))
-    vis_only = tiny_model.encode_av(None, b["pixels"], b["instruction_ids"], b["instruction_mask"])
+    padded = tiny_model.encode_av(pixels=padded_pix, instruction_ids=b["instruction_ids"],
+                                  instruction_mask=b["instruction_mask"], visual_lengths=torch.tensor([3]))
+    vis_only = tiny_model.encode_av(pixels=b["pixels"], instruction_ids=b["instruction_ids"],
+                                    instruction_mask=b["instruction_mask"])
     W = vis_only.embeds.shape[1]
     torch.testing.assert_close(padded.embeds[:, :W], vis_only.embeds)
     assert alone.embeds.shape[1] >= W
@@ -124,10 +127,12 @@ def test_without_synchronisation_keeps_modalities_apart(tiny_cfg, tokenizer):
     cfg = tiny_cfg.replace(synchronise=False)
     model = build_model(cfg, pretrained=False, tokenizer=tokenizer).eval()
     b = _batch(model, tokenizer, B=1, T=3, Tm=30)
-    av = model.encode_av(b["mel"], b["pixels"], b["instruction_ids"], b["instruction_mask"])
+    av = model.encode_av(mel=b["mel"], pixels=b["pixels"], instruction_ids=b["instruction_ids"],
+        instruction_mask=b["instruction_mask"])
     assert av.embeds.shape[1] == cfg.llm_tokens(3) == 2 * cfg.qformer.num_queries
     # the visual queries must not depend on the audio at all
-    other = model.encode_av(b["mel"] + 1.0, b["pixels"], b["instruction_ids"], b["instruction_mask"])
+    other = model.encode_av(mel=b["mel"] + 1.0, pixels=b["pixels"], instruction_ids=b["instruction_ids"],
+        instruction_mask=b["instruction_mask"])
     Nq = cfg.qformer.num_queries
     torch.testing.assert_close(other.embeds[:, :Nq], av.embeds[:, :Nq])
     assert not torch.allclose(other.embeds[:, Nq:], av.embeds[:, Nq:])
@@ -143,7 +148,7 @@ def test_demo_preset_encode_av_and_generate():
     pixels = torch.randn(1, T, 3, cfg.visual.image_size, cfg.visual.image_size)
     ids, mask = instruction_inputs(model.instruction_tokenizer, ["Describe the video."],
                                    cfg.visual.max_instruction_tokens)
-    av = model.encode_av(mel, pixels, ids, mask)
+    av = model.encode_av(mel=mel, pixels=pixels, instruction_ids=ids, instruction_mask=mask)
     assert av.embeds.shape == (1, cfg.qformer.num_queries, cfg.llm.hidden)  # one window
     text = generate(model, av, ["Describe the video."], get_settings("greedy", max_new_tokens=4))
     assert len(text) == 1 and isinstance(text[0], str)

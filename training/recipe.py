@@ -33,6 +33,7 @@ from favor.build import build_model
 from favor.checkpoint import Checkpoint, apply_weights, base_model_refs, load_checkpoint, save_checkpoint
 from favor.config import FavorConfig
 from favor.generation import generate, get_settings
+from favor.model import av_inputs
 from training import distributed as D
 from training.collate import Collator, normalise_answer
 from training.data import DataOptions, ManifestDataset, StreamSampler
@@ -385,9 +386,7 @@ class FinetuneRecipe:
                     continue
                 batch = self._to_device(batch)
                 with self._cache_keys(batch), self._autocast():
-                    av = model.encode_av(batch["mel"], batch["pixels"], batch["instruction_ids"],
-                                         batch["instruction_mask"], batch["modality_mask"], None,
-                                         batch["is_image"], batch["visual_lengths"], batch["audio_lengths"])
+                    av = model.encode_av(**av_inputs(batch))
                     preds = generate(model, av, batch["questions"],
                                      get_settings("greedy", max_new_tokens=tc.max_new_tokens))
                 for task, pred, ref, sid in zip(batch["tasks"], preds, batch["answers"], batch["ids"],

@@ -93,6 +93,7 @@ def predict(model, manifest: str | Path, *, batch_size: int = 4, max_new_tokens:
     question, prediction, reference (the gpt turn) and references (``meta.references`` if present).
     """
     from favor.generation import generate, get_settings
+    from favor.model import av_inputs
     from training.collate import Collator
     from training.data import DataOptions, ManifestDataset
     from training.pairing import PairingOptions
@@ -116,8 +117,7 @@ def predict(model, manifest: str | Path, *, batch_size: int = 4, max_new_tokens:
         if batch["size"] == 0:
             continue
         t = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        av = model.encode_av(t["mel"], t["pixels"], t["instruction_ids"], t["instruction_mask"],
-                             t["modality_mask"], None, t["is_image"], t["visual_lengths"], t["audio_lengths"])
+        av = model.encode_av(**av_inputs(t))
         preds = generate(model, av, batch["questions"], settings)
         by_id = {data.entries[i].id: data.entries[i] for i in idx}
         for sid, task, question, answer, pred in zip(batch["ids"], batch["tasks"], batch["questions"],
