@@ -25,9 +25,7 @@ def quiet_libraries(verbose: bool = False) -> None:
 
     Call it first in a command, before the heavy imports: the environment switches are read by
     transformers / huggingface_hub / tqdm when they load."""
-    if verbose:
-        for name in LIBRARY_LOGGERS:
-            logging.getLogger(name).setLevel(logging.INFO)
+    if verbose:  # the libraries' own defaults: their warnings, logs and progress bars
         return
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")

@@ -28,7 +28,9 @@ import typer
 import yaml
 from typer.core import TyperGroup
 
+from favor.cli_options import CONTEXT, VerboseOption, VersionOption
 from favor.config import FavorConfig, get_config
+from favor.quiet import quiet_libraries
 from training.recipe import FinetuneRecipe, TrainConfig
 
 SECTIONS = ("model", "train")
@@ -56,14 +58,24 @@ class _DefaultTrain(TyperGroup):
     """Treat ``favor-train --config X ...`` as ``favor-train train --config X ...``."""
 
     def parse_args(self, ctx, args):
-        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--install-completion",
-                                                                     "--show-completion"):
-            args = ["train", *args]
+        k = 0  # the group's own options stay in front: favor-train -v --config X = -v train --config X
+        while k < len(args) and args[k] in ("-v", "--verbose"):
+            k += 1
+        if k < len(args) and args[k] not in self.commands and args[k] not in (
+                "--help", "-h", "--version", "--install-completion", "--show-completion"):
+            args = [*args[:k], "train", *args[k:]]
         return super().parse_args(ctx, args)
 
 
 app = typer.Typer(cls=_DefaultTrain, add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
+                  context_settings=CONTEXT, rich_markup_mode=None,
                   help="Fine-tune FAVOR (train) or generate the synthetic audio-visual world (synth).")
+
+
+@app.callback()
+def main(version: VersionOption = False, verbose: VerboseOption = False) -> None:
+    """Fine-tune FAVOR (train) or generate the synthetic audio-visual world (synth)."""
+    quiet_libraries(verbose)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:

@@ -16,8 +16,17 @@ from typing import Annotated
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+from favor.cli_options import CONTEXT, VerboseOption, VersionOption
+from favor.quiet import quiet_libraries
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, context_settings=CONTEXT, rich_markup_mode=None,
                   help="Evaluate FAVOR on AVEB tasks (real or synthetic) and run the paper's ablations.")
+
+
+@app.callback()
+def main(version: VersionOption = False, verbose: VerboseOption = False) -> None:
+    """Evaluate FAVOR on AVEB tasks (real or synthetic) and run the paper's ablations."""
+    quiet_libraries(verbose)
 
 
 def _fail(message: str) -> None:
