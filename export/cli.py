@@ -150,6 +150,8 @@ def export(
     lora: str = typer.Option("merged", help="trtllm target: merged | adapter (peft adapter for --lora_dir)"),
     preset: str = typer.Option(None, help="release delta only: preset (default: read off the delta)"),
     sets: list[str] = typer.Option([], "--set", help="release delta only: config override KEY=VALUE"),  # noqa: B008
+    autotune: bool = typer.Option(True, "--autotune/--no-autotune",
+                                  help="time ONNX Runtime threads per stage (a few seconds) and record them"),
     version: VersionOption = False,
     verbose: VerboseOption = False,
 ) -> None:
@@ -174,6 +176,13 @@ def export(
             manifest = export_bundle(model, out, options, checkpoint=ckpt, progress=say)
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
+    if autotune and "onnx" in options.targets and manifest["targets"].get("onnx") == "built":
+        from export.threads import tune_bundle
+
+        with console.status("timing threads per stage (export/threads.py)"):
+            chosen = tune_bundle(out)
+        console.print("threads per stage: " + (", ".join(f"{k} {v}" for k, v in chosen.items())
+                                                or "out of time, ONNX Runtime's defaults"))
     for name, state in manifest["targets"].items():
         if state != "built":
             console.print(f"[yellow]{name}:[/yellow] {state}")

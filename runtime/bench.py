@@ -12,12 +12,21 @@ Reported per cell (formulas):
                               = 1 / real-time factor; >= 1 means the stream is sustainable
     LLM input tokens          prompt text + Nq AV tokens per window (+ carried previous caption)
     stage seconds per window  decode (media), visual (all frames), audio, fusion, LLM prefill, decode
-    peak RSS                  VmHWM after resetting it at the start of the cell (/proc/self/clear_refs)
+    peak RSS                  VmHWM after resetting it at the start of the cell (/proc/self/clear_refs);
+                              with several backends, the process's peak with all of them loaded
 
-Backends: torch (eager), onnxruntime (exported fp32 bundle), onnxruntime-int8 (the same bundle
-with the dynamically quantised int8 decoder); bundles are exported once per cell into <out>/bundles.
-Presets run with random weights (timing does not depend on weight values; the number of decoded
-tokens does, so it is reported). Outputs: <out>/bench_<name>.{md,csv,jsonl,png}.
+Several backends in one cell run round-robin over the same windows (window w on each backend in
+turn, the order alternating), so a load change on a shared machine hits them alike and their ratio
+is meaningful even when absolute numbers are not.
+
+    favor-rt bench --model CKPT --backends torch,auto   eager vs the compiled bundle of one checkpoint
+
+With --model, torch runs the checkpoint eagerly and auto / onnxruntime run its compiled bundle,
+exported once through the bundle cache (runtime/bundle_cache.py) and reused by `favor-rt run`; the
+cell's ``engine`` says what auto picked (provider, threads per stage). With a preset (random
+weights; timing does not depend on weight values, the number of decoded tokens does, so it is
+reported): torch, onnxruntime (the exported bundle), onnxruntime-int8; preset bundles are exported
+once per cell into <out>/bundles. Outputs: <out>/bench_<name>.{md,csv,jsonl,png}.
 
 Notation: F frames per window, W windows, Nq queries per window.
 """
@@ -65,6 +74,7 @@ class Cell:
     stages: dict[str, float] = field(default_factory=dict)  # mean seconds per window
     peak_rss_mb: float = math.nan
     note: str = ""
+    engine: str = ""  # what ran: e.g. "onnxruntime (CPU; threads decoder 1, ...)" for auto
 
 
 def machine() -> dict:
@@ -149,53 +159,86 @@ def assemble(clip: Path, fps: float, frames_per_window: int, sample_rate: int
     return windows, slots, time.perf_counter() - t0
 
 
-def run_cell(backend, preset: str, clip: Path, max_new_tokens: int, max_windows: int | None) -> Cell:
-    t = backend.cfg.timing
-    cell = Cell(preset, backend.name, t.video_fps, t.frames_per_window, t.window_seconds)
+class _CellRun:
+    """One backend's measurements over the windows of one (FPS, window) cell."""
+
+    def __init__(self, backend, label: str, preset: str, slots: list[FrameSlot], first: Window | None,
+                 max_new_tokens: int):
+        from runtime.selection import describe
+
+        t = backend.cfg.timing
+        self.cell = Cell(preset, label, t.video_fps, t.frames_per_window, t.window_seconds, engine=describe(backend))
+        self.cap = StreamingCaptioner(backend, BENCH_PROMPT, max_new_tokens=max_new_tokens, context=1)
+        self.by_window: dict[int, list[FrameSlot]] = {}
+        for s in slots:
+            self.by_window.setdefault(s.window, []).append(s)
+        if first is not None:  # warm-up: one caption (allocations, lazy init), then forget it
+            for s in self.by_window.get(first.index, []):
+                self.cap.on_frame(s)
+            self.cap.caption([first])
+            self.cap.history.clear()
+            self.cap.encoded.clear()
+            self.cap.ahead_seconds.clear()
+        self.latencies: list[float] = []
+        self.stage_sums: dict[str, float] = {}
+        self.ahead_total = self.caption_total = 0.0
+        self.tokens_in: list[int] = []
+        self.tokens_out: list[int] = []
+
+    def step(self, w: Window) -> None:
+        """Window w as a stream that keeps up: its frames encoded as they arrive, then the caption."""
+        t0 = time.perf_counter()
+        for s in self.by_window.get(w.index, []):
+            self.cap.on_frame(s)
+        t1 = time.perf_counter()
+        c = self.cap.caption([w])
+        t2 = time.perf_counter()
+        self.ahead_total += t1 - t0
+        self.caption_total += t2 - t1
+        self.latencies.append(t2 - t1)
+        for k, v in c.stages.items():
+            self.stage_sums[k] = self.stage_sums.get(k, 0.0) + v
+        self.stage_sums["visual"] = self.stage_sums.get("visual", 0.0) + c.visual_ahead
+        self.tokens_in.append(c.llm_input_tokens)
+        self.tokens_out.append(c.new_tokens)
+
+    def finish(self, media_s: float, decode_share: float, peak_rss_mb: float) -> Cell:
+        cell, n, lat = self.cell, len(self.latencies), self.latencies
+        cell.windows = n
+        cell.latency_p50, cell.latency_p95, cell.latency_max = statistics.median(lat), _quantile(lat, 0.95), max(lat)
+        cell.throughput = media_s / (decode_share + self.ahead_total + self.caption_total)
+        cell.llm_input_tokens = statistics.mean(self.tokens_in)
+        cell.new_tokens = statistics.mean(self.tokens_out)
+        cell.stages = {"decode": decode_share / n, **{k: v / n for k, v in self.stage_sums.items()}}
+        cell.peak_rss_mb = peak_rss_mb
+        return cell
+
+
+def run_cells(backends: list[tuple[str, object]], preset: str, clip: Path, max_new_tokens: int,
+              max_windows: int | None) -> list[Cell]:
+    """Every backend over the same windows, round-robin: window w runs on each backend in turn (the
+    order alternating per window), so a load change on the machine hits every backend alike.
+
+    The clip is decoded and assembled once; each backend's "decode" share is that time. Peak RSS is
+    the process's over the round, every backend loaded (one number for the whole round)."""
+    t = backends[0][1].cfg.timing
     windows, slots, decode_s = assemble(clip, t.video_fps, t.frames_per_window, t.sample_rate)
-    cap = StreamingCaptioner(backend, BENCH_PROMPT, max_new_tokens=max_new_tokens, context=1)
-    by_window: dict[int, list[FrameSlot]] = {}
-    for s in slots:
-        by_window.setdefault(s.window, []).append(s)
-    # warm-up: one caption (allocations, lazy init), then forget it
-    for s in by_window.get(0, []):
-        cap.on_frame(s)
-    cap.caption(windows[:1])
-    cap.history.clear()
-    cap.encoded.clear()
-    cap.ahead_seconds.clear()
+    runs = [_CellRun(b, label, preset, slots, windows[0] if windows else None, max_new_tokens)
+            for label, b in backends]
     _reset_peak_rss()
     use = windows[:max_windows] if max_windows else windows
-    latencies, stage_sums, ahead_total, caption_total = [], {}, 0.0, 0.0
-    tokens_in, tokens_out = [], []
-    for w in use:
-        t0 = time.perf_counter()
-        for s in by_window.get(w.index, []):
-            cap.on_frame(s)
-        t1 = time.perf_counter()
-        c = cap.caption([w])
-        t2 = time.perf_counter()
-        ahead_total += t1 - t0
-        caption_total += t2 - t1
-        latencies.append(t2 - t1)
-        for k, v in c.stages.items():
-            stage_sums[k] = stage_sums.get(k, 0.0) + v
-        stage_sums["visual"] = stage_sums.get("visual", 0.0) + c.visual_ahead
-        tokens_in.append(c.llm_input_tokens)
-        tokens_out.append(c.new_tokens)
-    n = len(use)
+    for i, w in enumerate(use):
+        for r in (runs if i % 2 == 0 else runs[::-1]):
+            r.step(w)
     media_s = sum(w.end - w.start for w in use)
-    decode_share = decode_s * n / max(len(windows), 1)  # decode time of the windows measured
-    cell.windows = n
-    cell.latency_p50 = statistics.median(latencies)
-    cell.latency_p95 = _quantile(latencies, 0.95)
-    cell.latency_max = max(latencies)
-    cell.throughput = media_s / (decode_share + ahead_total + caption_total)
-    cell.llm_input_tokens = statistics.mean(tokens_in)
-    cell.new_tokens = statistics.mean(tokens_out)
-    cell.stages = {"decode": decode_share / n, **{k: v / n for k, v in stage_sums.items()}}
-    cell.peak_rss_mb = _peak_rss_mb()
-    return cell
+    decode_share = decode_s * len(use) / max(len(windows), 1)  # decode time of the windows measured
+    peak = _peak_rss_mb()
+    return [r.finish(media_s, decode_share, peak) for r in runs]
+
+
+def run_cell(backend, preset: str, clip: Path, max_new_tokens: int, max_windows: int | None) -> Cell:
+    """One backend alone (run_cells with one backend)."""
+    return run_cells([(backend.name, backend)], preset, clip, max_new_tokens, max_windows)[0]
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -221,11 +264,19 @@ def _preset_model(preset: str):
     return build_model(cfg, pretrained=False, tokenizer=synthetic_tokenizer(cfg.llm.vocab_size))
 
 
-def _backend(name: str, base, model_path: Path | None, fps: float, frames_per_window: int, out: Path):
+def _backend(name: str, base, model_path: Path | None, fps: float, frames_per_window: int, out: Path,
+             console=None, threads: int | None = None):
     from runtime.backends import TorchBackend, make_backend
 
-    if model_path is not None:
-        return make_backend(name, model_path, fps, frames_per_window)
+    if model_path is not None:  # a checkpoint: auto / onnxruntime export it through the bundle cache
+        from runtime.bundle_cache import ExportView, Policy
+
+        view = ExportView(console) if console is not None else None
+        try:
+            return make_backend(name, model_path, fps, frames_per_window, threads=threads, policy=Policy(say=view))
+        finally:
+            if view is not None:
+                view.close()
     model = retimed(base, fps, frames_per_window)
     if name == "torch":
         return TorchBackend(model)
@@ -245,7 +296,7 @@ def _backend(name: str, base, model_path: Path | None, fps: float, frames_per_wi
 
 def main(preset: str, model: Path | None, backends: list[str], fps_values: list[float],
          window_values: list[int], clip: Path | None, seconds: float, max_new_tokens: int, out: Path,
-         max_windows: int | None, console) -> list[Cell]:
+         max_windows: int | None, console, threads: int | None = None) -> list[Cell]:
     if not backends or not fps_values or not window_values:
         raise ValueError("bench needs at least one backend, one --fps and one --window value")
     out.mkdir(parents=True, exist_ok=True)
@@ -261,25 +312,32 @@ def main(preset: str, model: Path | None, backends: list[str], fps_values: list[
     console.print(f"bench {name} on {info['cpu']} ({info['cores']} cores, {info['torch_threads']} torch threads), "
                   f"clip {clip}")
     cells: list[Cell] = []
-    for backend_name in backends:
-        for fps in fps_values:
-            for F in window_values:
+    for fps in fps_values:
+        for F in window_values:
+            ready, failed = [], []
+            for backend_name in backends:  # every backend of the cell loaded, then measured round-robin
                 try:
-                    backend = _backend(backend_name, base, model, fps, F, out)
+                    ready.append((backend_name, _backend(backend_name, base, model, fps, F, out, console, threads)))
                 except ValueError as e:  # e.g. a window longer than the Q-Former's position table
-                    cell = Cell(name, backend_name, fps, F, F / fps, note=str(e).split(";")[0])
-                else:
-                    cell = run_cell(backend, name, clip, max_new_tokens, max_windows)
+                    failed.append(Cell(name, backend_name, fps, F, F / fps, note=str(e).split(";")[0]))
+            done = run_cells(ready, name, clip, max_new_tokens, max_windows) if ready else []
+            for cell in done + failed:
                 cells.append(cell)
                 console.print(_summary(cell))
+            del ready  # free this cell's models before the next cell loads its own
     write_outputs(cells, out / f"bench_{name}", info, clip)
     return cells
+
+
+def _label(c: Cell) -> str:
+    """'auto = onnxruntime (CPU; threads ...)' when the name asked for is not what ran."""
+    return c.backend if not c.engine or c.engine == c.backend else f"{c.backend} = {c.engine}"
 
 
 def _summary(c: Cell) -> str:
     if c.note:
         return f"  {c.backend:11s} {c.fps:g} FPS x {c.frames_per_window:2d}: n/a ({c.note})"
-    return (f"  {c.backend:11s} {c.fps:g} FPS x {c.frames_per_window:2d} ({c.window_seconds:g} s): "
+    return (f"  {_label(c):11s} {c.fps:g} FPS x {c.frames_per_window:2d} ({c.window_seconds:g} s): "
             f"p50 {c.latency_p50:.3f} s, p95 {c.latency_p95:.3f} s, max {c.latency_max:.3f} s, "
             f"throughput {c.throughput:.2f}x real time, {c.llm_input_tokens:.0f} LLM tokens in, "
             f"peak RSS {c.peak_rss_mb:.0f} MB")
@@ -288,14 +346,14 @@ def _summary(c: Cell) -> str:
 def write_outputs(cells: list[Cell], stem: Path, info: dict, clip: Path) -> None:
     header = ["preset", "backend", "fps", "frames_per_window", "window_s", "windows", "latency_p50_s",
               "latency_p95_s", "latency_max_s", "throughput_x", "llm_input_tokens", "new_tokens",
-              *[f"{s}_s" for s in STAGE_COLUMNS], "peak_rss_mb", "note"]
+              *[f"{s}_s" for s in STAGE_COLUMNS], "peak_rss_mb", "note", "engine"]
     rows = []
     for c in cells:
         rows.append([c.preset, c.backend, f"{c.fps:g}", c.frames_per_window, f"{c.window_seconds:g}", c.windows,
                      *(f"{x:.4f}" for x in (c.latency_p50, c.latency_p95, c.latency_max)),
                      f"{c.throughput:.3f}", f"{c.llm_input_tokens:.1f}", f"{c.new_tokens:.1f}",
                      *(f"{c.stages.get(s, math.nan):.4f}" for s in STAGE_COLUMNS),
-                     f"{c.peak_rss_mb:.0f}", c.note])
+                     f"{c.peak_rss_mb:.0f}", c.note, c.engine])
     with open(stem.with_suffix(".csv"), "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(header)
@@ -315,7 +373,7 @@ def write_outputs(cells: list[Cell], stem: Path, info: dict, clip: Path) -> None
                       "| | | | |")
             continue
         stages = " / ".join(f"{c.stages.get(s, math.nan):.3f}" for s in STAGE_COLUMNS)
-        md.append(f"| {c.backend} | {c.fps:g} | {c.frames_per_window} | {c.window_seconds:g} | "
+        md.append(f"| {_label(c)} | {c.fps:g} | {c.frames_per_window} | {c.window_seconds:g} | "
                   f"{c.latency_p50:.3f} / {c.latency_p95:.3f} / {c.latency_max:.3f} | {c.throughput:.2f} | "
                   f"{c.llm_input_tokens:.0f} | {stages} | {c.peak_rss_mb:.0f} |")
     stem.with_suffix(".md").write_text("\n".join(md) + "\n")

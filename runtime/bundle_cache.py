@@ -3,7 +3,7 @@
     $FAVOR_CACHE or --cache-dir (default ~/.cache/favor/bundles)/
       <stem>-<key16>/                      a complete, verified bundle: manifest.json + cache.json
       <stem>-<key16>.lock                  flock'd while that entry is exported (a second exporter waits)
-      .tmp-<stem>-<key16>-<pid>-<rand>/    an export in progress, renamed into place once verified
+      .tmp-<stem>-<key16>-<pid>-<rand>/    an export in progress (bundle/ inside is renamed into place)
 
 Key: sha256 over the checkpoint's sha256, the frame timing asked for (--fps / --window, None = the
 checkpoint's), every ExportOptions field (precision, max frames, attention kind, targets, ...), the
@@ -26,13 +26,11 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import logging
 import os
 import secrets
 import shutil
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -79,15 +77,32 @@ class Policy:
     say: Say | None = None  # progress messages (ExportView)
 
 
+def checkpoint_timing(checkpoint: Path) -> tuple[float | None, int | None]:
+    """(video_fps, frames_per_window) from a .safetensors checkpoint's header, else (None, None)."""
+    if checkpoint.suffix != ".safetensors":
+        return None, None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(checkpoint), "np") as fh:
+            timing = json.loads((fh.metadata() or {})["config"]).get("timing", {})
+        return timing.get("video_fps"), timing.get("frames_per_window")
+    except Exception:  # noqa: BLE001 - unreadable header: the export reports it; the key keeps the request
+        return None, None
+
+
 def key_fields(req: Request, checkpoint_sha256: str) -> dict:
-    """Everything a cached bundle depends on, as JSON-able values."""
+    """Everything a cached bundle depends on, as JSON-able values. A timing equal to the checkpoint's
+    own counts as None, so `--fps 2` on a 2-FPS model and no --fps share one entry."""
     import importlib.metadata
 
     from export.manifest import BUNDLE_VERSION
     from favor.checkpoint import MODEL_VERSION
 
-    return {"checkpoint_sha256": checkpoint_sha256,
-            "fps": req.fps, "frames_per_window": req.frames_per_window,
+    own_fps, own_frames = checkpoint_timing(req.checkpoint)
+    fps = None if req.fps is None or req.fps == own_fps else float(req.fps)
+    frames = None if req.frames_per_window is None or req.frames_per_window == own_frames else req.frames_per_window
+    return {"checkpoint_sha256": checkpoint_sha256, "fps": fps, "frames_per_window": frames,
             "options": json.loads(json.dumps(asdict(req.export_options()), default=str)),
             "favor_rt": importlib.metadata.version("favor-rt"),
             "bundle_version": BUNDLE_VERSION, "model_version": MODEL_VERSION}
@@ -139,33 +154,16 @@ def _remove(path: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def quiet_export(verbose: bool) -> Iterator[None]:
-    """Library warnings and torch.onnx's log lines hidden during an export, unless verbose."""
-    if verbose:
-        yield
-        return
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logger.setLevel(level)
-
-
-def export_into(req: Request, out: Path, say: Say, verbose: bool = False) -> None:
-    """Load the checkpoint, export the bundle into ``out`` and tune its threads per stage."""
+def export_into(req: Request, out: Path, say: Say) -> None:
+    """Load the checkpoint, export the bundle into ``out`` and tune its threads per stage.
+    (Library chatter is the CLI's business: favor.quiet.quiet_libraries.)"""
     from export.bundle import export_bundle
     from runtime.backends import load_runtime_model
 
     say("checkpoint", f"loading {req.checkpoint.name}")
-    with quiet_export(verbose):
-        model = load_runtime_model(req.checkpoint, req.fps, req.frames_per_window)
-        say("checkpoint", "done")
-        export_bundle(model, out, req.export_options(), checkpoint=req.checkpoint, progress=say)
+    model = load_runtime_model(req.checkpoint, req.fps, req.frames_per_window)
+    say("checkpoint", "done")
+    export_bundle(model, out, req.export_options(), checkpoint=req.checkpoint, progress=say)
     del model  # the weights are not needed past this point; the bundle holds everything
     if req.autotune:
         from export.threads import tune_bundle
@@ -224,21 +222,22 @@ def ensure_bundle(req: Request, cache_dir: str | Path | None = None, say: Say | 
             return entry, False
         _sweep_stale(root, name)
         _remove(entry)  # present but incomplete or from another key: never used
-        tmp = root / f".tmp-{name}-{os.getpid()}-{secrets.token_hex(4)}"
+        # everything the export writes (its own staging directories included) stays inside `work`
+        work = root / f".tmp-{name}-{os.getpid()}-{secrets.token_hex(4)}"
+        work.mkdir()
+        out = work / "bundle"
         say("cache", f"exporting {req.checkpoint.name} once into {entry} (later runs reuse it)")
         try:
-            exporter(req, tmp, say)
-            _verify(tmp, say)
-            _write_record(tmp, fields)
+            exporter(req, out, say)
+            _verify(out, say)
+            _write_record(out, fields)
             try:
-                os.rename(tmp, entry)
+                os.rename(out, entry)
             except OSError:  # an exporter that bypassed the lock got there first: its entry wins
                 if not is_complete(entry, fields):
                     raise
-                shutil.rmtree(tmp, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     return entry, True
 
 

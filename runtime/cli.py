@@ -93,8 +93,11 @@ class RunOptions:
     realtime: bool
     incremental: bool
     outputs: dict[str, str] = field(default_factory=dict)  # kind -> path ('-' = standard output)
-    threads: int | None = None
+    threads: str | None = None  # N, or stage=N,... (export/threads.py parse_threads)
     timeout: float = 10.0
+    cache: bool = True  # the checkpoint's compiled bundle from the bundle cache (runtime/bundle_cache.py)
+    cache_dir: Path | None = None
+    autotune: bool = True
 
 
 def check_options(o: RunOptions) -> None:
@@ -105,12 +108,14 @@ def check_options(o: RunOptions) -> None:
               ("--max-merge", o.max_merge, 1, None, True, False),
               ("--context", o.context, 0, None, True, False),
               ("--fps", o.fps, 0, None, False, True), ("--max-latency", o.max_latency, 0, None, False, True),
-              ("--window", o.window, 1, None, True, False), ("--threads", o.threads, 1, None, True, False),
-              ("--timeout", o.timeout, 0, None, False, True)]
+              ("--window", o.window, 1, None, True, False), ("--timeout", o.timeout, 0, None, False, True)]
     try:
         for name, value, lo, hi, integer, lo_open in checks:
             if value is not None:
                 check_number(name, value, lo, hi, integer=integer, lo_open=lo_open)
+        from export.threads import parse_threads
+
+        parse_threads(o.threads)
     except ValueError as e:
         raise UsageError(str(e)) from None
     if not o.model.exists():
@@ -173,14 +178,20 @@ def check_prompt_fits(engine, o: RunOptions) -> None:
 def open_engine(o: RunOptions):
     """(backend, captioner, source), every one checked; UsageError if any cannot be had."""
     from runtime.backends import make_backend
+    from runtime.bundle_cache import ExportView, Policy
     from runtime.sources import MediaSource
     from runtime.stream import StreamingCaptioner
 
+    # the export's progress, shown only when the checkpoint is not in the bundle cache yet
+    export_view = ExportView(Console(stderr=True, highlight=False, soft_wrap=True))
     try:
-        engine = make_backend(o.backend, o.model, o.fps, o.window, threads=o.threads)
+        engine = make_backend(o.backend, o.model, o.fps, o.window, threads=o.threads,
+                              policy=Policy(o.cache_dir, o.cache, o.autotune, say=export_view))
+        export_view.close()
         check_prompt_fits(engine, o)
         source = MediaSource(o.input, engine.cfg.timing.sample_rate, timeout=o.timeout)
     except (ValueError, FileNotFoundError) as e:  # SourceError and MediaError are ValueErrors
+        export_view.close()
         raise UsageError(str(e)) from None
     try:
         check_fps_against_source(o.fps, source)
@@ -252,7 +263,9 @@ class Terminal:
 def _header(o: RunOptions, engine, source, bound: float | None) -> str:
     t = engine.cfg.timing
     mode = "realtime" if o.realtime else "offline"
-    return (f"favor-rt: {o.input} ({source.kind}, {mode}) | {engine.name} | {t.video_fps:g} FPS, "
+    from runtime.selection import describe
+
+    return (f"favor-rt: {o.input} ({source.kind}, {mode}) | {describe(engine)} | {t.video_fps:g} FPS, "
             f"{t.frames_per_window} frames/window ({t.window_seconds:g} s)"
             + (f", max latency {bound:g} s" if bound else ""))
 
@@ -343,10 +356,13 @@ def _run(o: RunOptions, live: bool | None) -> None:
 
     check_options(o)
     check_outputs(o)
-    if o.threads is not None:
+    from export.threads import parse_threads
+
+    every_stage = parse_threads(o.threads).get("*")
+    if every_stage is not None:  # --threads N: torch's pool too (media preprocessing, the torch backend)
         import torch
 
-        torch.set_num_threads(o.threads)
+        torch.set_num_threads(every_stage)
     engine, captioner, source = open_engine(o)
     timing = engine.cfg.timing
     bound = (o.max_latency or timing.window_seconds) if o.realtime else None
@@ -388,9 +404,17 @@ def run(
     jsonl: Annotated[str | None, typer.Option(help="write JSON lines here ('-' = stdout)")] = None,
     live: Annotated[bool | None, typer.Option("--live/--no-live",
                                               help="live terminal view (default: on a terminal)")] = None,
-    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's)")] = None,
+    threads: Annotated[str | None, typer.Option(
+        help="N for every stage, or stage=N,... (audio_encoder, visual_encoder, fusion, decoder); "
+             "default: the bundle's tuned counts (torch: torch's default)")] = None,
     timeout: Annotated[float, typer.Option(help="seconds a stream, camera or FIFO may stay silent, "
                                                 "opening or mid-stream")] = 10.0,
+    cache: Annotated[bool, typer.Option("--cache/--no-cache", help="run a checkpoint from its compiled bundle "
+                                        "in the bundle cache (--no-cache: export for this run only)")] = True,
+    cache_dir: Annotated[Path | None, typer.Option(
+        help="bundle cache directory (default: $FAVOR_CACHE or ~/.cache/favor/bundles)")] = None,
+    autotune: Annotated[bool, typer.Option("--autotune/--no-autotune",
+                                           help="time threads per stage when exporting a bundle")] = True,
     verbose: VerboseOption = False,
 ) -> None:
     """Caption a stream window by window, printing and saving captions as they are produced."""
@@ -399,7 +423,8 @@ def run(
     quiet_libraries(verbose)
     outputs = {k: p for k, p in (("srt", srt), ("vtt", vtt), ("jsonl", jsonl)) if p is not None}
     o = RunOptions(input, model or default_model_path(), backend, fps, window, prompt, max_latency,
-                   max_new_tokens, context, max_merge, realtime, incremental, outputs, threads, timeout)
+                   max_new_tokens, context, max_merge, realtime, incremental, outputs, threads, timeout,
+                   cache=cache, cache_dir=cache_dir, autotune=autotune)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
         _run(o, live)

@@ -117,7 +117,7 @@ def test_a_killed_export_is_never_used_and_is_rebuilt(ckpt, tmp_path):
                           capture_output=True, timeout=120)
     assert proc.returncode == -9, proc.stderr.decode()
     leftovers = list(cache.glob(".tmp-model-*"))
-    assert len(leftovers) == 1 and (leftovers[0] / "decoder.onnx").exists()
+    assert len(leftovers) == 1 and (leftovers[0] / "bundle" / "decoder.onnx").exists()
     assert not [p for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")]  # no entry
     ex = Exporter()
     entry, exported = ensure_bundle(Request(ckpt), cache, exporter=ex)
@@ -315,3 +315,12 @@ def test_cli_default_path_exports_once_then_reuses(tiny_ckpt, tmp_path):
     assert "exporting tiny.safetensors once into" in first_err and "exporting" not in second_err
     assert "| onnxruntime (CPU)" in second_err and "| torch" in torch_err
     assert first == second == torch_caps and len(first) == 3
+
+
+def test_the_checkpoints_own_timing_shares_the_entry_of_no_timing(tiny_ckpt):
+    from export.manifest import sha256_file
+
+    digest = sha256_file(tiny_ckpt)
+    key = lambda **kw: bundle_cache.key_fields(Request(tiny_ckpt, **kw), digest)  # noqa: E731
+    assert key(fps=10.0, frames_per_window=3) == key()  # tiny: 10 FPS x 3 frames
+    assert key(fps=5.0) != key() and key(frames_per_window=4) != key()
