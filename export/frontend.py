@@ -119,13 +119,40 @@ class FusionFrontend(nn.Module):
         return av.embeds, av.mask
 
 
-def fuse_padded(model: FavorModel, visual: torch.Tensor, audio: torch.Tensor,
-                modality_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-    """The fusion graph's inputs for unpadded visual [B, Tv, Qv, Dv] and audio [B, Ta, Da]:
-    (visual padded to whole windows, audio, modality_mask, frame_lengths)."""
-    B = visual.shape[0]
-    T = fusion_frames(model.cfg, visual.shape[1], audio.shape[1])
-    v = pad_frames(torch.cat([visual, visual.new_zeros(B, T - visual.shape[1], *visual.shape[2:])], 1),
-                   model.cfg.timing.frames_per_window)  # [B, W*F, Qv, Dv]
-    mm = torch.ones(B, 2) if modality_mask is None else modality_mask.float()
-    return v, audio, mm, torch.full((B,), T, dtype=torch.long)
+def fusion_feed(cfg: FavorConfig, visual: torch.Tensor | None, audio: torch.Tensor | None,
+                modality_mask: torch.Tensor | None = None, num_frames: int | None = None) -> dict[str, torch.Tensor]:
+    """The fusion graph's feed for what ``FavorModel.fuse(visual, audio, modality_mask, num_frames=...)``
+    takes: the one place the fusion input is built (verify, ``OrtBundle.fuse``, every bundle backend).
+
+    visual [B, Tv, Qv, Dv] or None, audio [B, Ta, Da] or None. T = ``num_frames`` when given (one
+    streaming window; a video that ended inside it is zero-padded, audio past it is cut), else
+    max(Tv, audio frames), exactly as ``sync.align`` decides. Visual frames are zero-padded to whole
+    windows (``pad_frames``; ``frame_lengths`` = T masks the rest). A missing stream enters as zeros
+    with its modality flag at 0, which is what ``sync.align`` does with None: for audio one zero token
+    (it covers one frame, so it never lengthens T), not ``round(T x tokens per frame)`` tokens, which
+    at rates like 12.5 tokens/frame could cover one frame more than T.
+    Returns visual_tokens [B, W*F, Qv, Dv], audio_tokens [B, Ta', Da], modality_mask [B, 2],
+    frame_lengths [B] (int64), keyed by ``FusionFrontend.input_names``.
+    """
+    from favor import sync
+
+    if visual is None and audio is None:
+        raise ValueError("fuse needs visual or audio tokens, got neither")
+    B = (visual if visual is not None else audio).shape[0]
+    present = torch.tensor([[float(visual is not None), float(audio is not None)]]).expand(B, 2)
+    mm = present if modality_mask is None else modality_mask.float() * present  # [B, 2]
+    if num_frames is not None:
+        T = num_frames
+    else:
+        T = fusion_frames(cfg, 0 if visual is None else visual.shape[1], 0 if audio is None else audio.shape[1])
+    if visual is None:
+        visual = torch.zeros(B, T, cfg.visual.num_query_tokens, cfg.visual_width)
+    visual = visual[:, :T]
+    visual = torch.cat([visual, visual.new_zeros(B, T - visual.shape[1], *visual.shape[2:])], 1)  # [B, T, ...]
+    if audio is None:
+        audio = torch.zeros(B, 1, cfg.audio_proj_dim)  # [B, 1, Da], masked out by modality_mask
+    else:
+        audio = audio[:, : int(sync.audio_frame_starts(T, cfg)[-1])]  # the tokens of frames < T only
+    return {"visual_tokens": pad_frames(visual, cfg.timing.frames_per_window).float(),  # [B, W*F, Qv, Dv]
+            "audio_tokens": audio.float(), "modality_mask": mm.contiguous(),
+            "frame_lengths": torch.full((B,), T, dtype=torch.long)}

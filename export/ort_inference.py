@@ -1,21 +1,27 @@
 """The bundle run by ONNX Runtime: stage calls named like FavorModel's, and ``OrtInference`` for
-``favor.captions`` (the same greedy / beam loops as PyTorch).
+``favor.captions`` (the same decode loop as PyTorch).
 
-    bundle = OrtBundle("out/")                      # refuses a bundle whose manifest/hashes mismatch
-    audio = bundle.encode_audio(mel)                # [B, Ta, Da]
+    bundle = OrtBundle("out/")                        # refuses a bundle whose manifest/hashes mismatch
+    audio = bundle.encode_audio(mel)                  # [B, Ta, Da]
     visual = bundle.encode_visual(pixels, ids, mask)  # [B, T, Qv, Dv]
-    embeds, mask = bundle.fuse(visual, audio)       # [B, W*Nq, D], [B, W*Nq]
-    inputs = prompt_table.build_inputs(...)         # fake ids >= vocab address the AV rows
-    greedy_decode(bundle.inference(), bundle.embed(inputs), inputs.attention_mask, ...)
+    embeds, mask = bundle.fuse(visual, audio)         # [B, W*Nq, D], [B, W*Nq]  (export.frontend.fusion_feed)
+    captions.caption(bundle.inference(), bundle.embedding, tokenizer, cfg.llm, prompts, embeds, mask)
 
 Tensors in and out are torch tensors (converted at the session boundary) so backends are
-interchangeable in ``favor.captions``.
+interchangeable in ``favor.captions``. Sessions come from the one builder,
+``favor.onnx_attention.ort_session`` (threads, providers, our kernel when the graph needs it).
+
+The decoder implementation is chosen in one place, ``DECODERS``, by the manifest's decoder stage
+``"kind"`` (absent = ``"torch-dynamo"``, our own export, export/decoder.py). Each entry names a class
+with ``from_bundle(bundle, stage_name) -> favor.captions.Inference``; another export kind (e.g. the
+ONNX Runtime GenAI builder graph) registers itself with one line there.
 
 Notation: B batch, L new tokens, P cached tokens, V vocab, D LLM width.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,32 +31,16 @@ import torch
 from safetensors.numpy import load_file
 
 from export.bundle import EMBED_FILE
-from export.frontend import fusion_frames, pad_frames
+from export.frontend import fusion_feed
 from export.manifest import load_manifest
-from favor import prompt_table
 from favor.config import FavorConfig
+from favor.onnx_attention import ort_session
 
-
-def session(path: Path, threads: int | None = None, providers: tuple[str, ...] | None = None):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    props = {}
-    try:
-        import onnx
-
-        props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    except Exception:  # noqa: BLE001 - metadata is advisory here; the manifest check already ran
-        pass
-    if props.get("favor.attention") == "fused":
-        from favor import onnx_attention
-
-        opts.register_custom_ops_library(onnx_attention.register_ort_kernel())
-    # providers: runtime/selection.py's choice (CUDA first when onnxruntime-gpu offers it), else CPU
-    return ort.InferenceSession(str(path), opts, providers=list(providers or ["CPUExecutionProvider"]))
+DYNAMO = "torch-dynamo"  # the decoder kind when the manifest's stage names none
+# Decoder kind (manifest stages[decoder]["kind"]) -> "module:Class" with from_bundle(bundle, stage_name).
+DECODERS = {
+    DYNAMO: "export.ort_inference:OrtInference",
+}
 
 
 @dataclass
@@ -60,7 +50,7 @@ class OrtCache:
 
 
 class OrtInference:
-    """``favor.captions.Inference`` over the exported decoder graph."""
+    """``favor.captions.Inference`` over the exported decoder graph (export/decoder.py)."""
 
     def __init__(self, decoder, embedding: np.ndarray, cfg: FavorConfig):
         self.session = decoder
@@ -68,6 +58,10 @@ class OrtInference:
         self.cfg = cfg
         self.cache_names = [i.name for i in decoder.get_inputs()][3:]
         self.head_dim = cfg.llm.hidden // cfg.llm.heads
+
+    @classmethod
+    def from_bundle(cls, bundle: OrtBundle, stage_name: str) -> OrtInference:
+        return cls(bundle.stage(stage_name), bundle.embedding, bundle.cfg)
 
     def _run(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray, kv: list[np.ndarray]
              ) -> tuple[torch.Tensor, OrtCache]:
@@ -97,6 +91,16 @@ class OrtInference:
         return OrtCache([t[r] for t in cache.kv], cache.attention_mask[r])
 
 
+def decoder_class(bundle: OrtBundle, stage_name: str):
+    """The class registered in ``DECODERS`` for this decoder stage's ``kind``; ValueError naming it."""
+    kind = bundle.manifest["stages"][stage_name].get("kind", DYNAMO)
+    if kind not in DECODERS:
+        raise ValueError(f"{bundle.path / 'manifest.json'}: decoder stage {stage_name} has kind {kind!r}, "
+                         f"this runtime knows {sorted(DECODERS)} (update favor-rt, or re-export)")
+    module, name = DECODERS[kind].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
 class OrtBundle:
     """An exported bundle, checked against its manifest, with sessions opened on first use."""
 
@@ -107,7 +111,7 @@ class OrtBundle:
         self.cfg = FavorConfig.from_dict(self.manifest["config"])
         self.int8 = int8
         self.threads = threads  # one count for every stage, or {stage: n} (export/threads.py)
-        self.providers = providers
+        self.providers = providers  # runtime/selection.py's choice (CUDA first when offered), else CPU
         self._sessions: dict[str, object] = {}
         self._embedding: np.ndarray | None = None
         if int8 and "decoder.int8" not in self.manifest["stages"]:
@@ -120,32 +124,33 @@ class OrtBundle:
                                  f"(has {sorted(self.manifest['stages'])})")
             threads = (self.threads.get(name.split(".")[0]) if isinstance(self.threads, dict)
                        else self.threads)  # "decoder.int8" takes the decoder's count
-            self._sessions[name] = session(self.path / self.manifest["stages"][name]["files"][0],
-                                           threads, self.providers)
+            self._sessions[name] = ort_session(self.path / self.manifest["stages"][name]["files"][0],
+                                               threads, self.providers)
         return self._sessions[name]
 
-    def _run(self, name: str, *args: torch.Tensor) -> list[torch.Tensor]:
+    def run(self, name: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One stage on named torch inputs -> named torch outputs."""
         s = self.stage(name)
-        feed = {i.name: a.detach().cpu().numpy() for i, a in zip(s.get_inputs(), args, strict=False)}
-        return [torch.from_numpy(o) for o in s.run(None, feed)]
+        out = s.run(None, {k: v.detach().cpu().numpy() for k, v in feeds.items()})
+        return {o.name: torch.from_numpy(x) for o, x in zip(s.get_outputs(), out, strict=True)}
 
     def encode_audio(self, mel: torch.Tensor) -> torch.Tensor:
-        return self._run("audio_encoder", mel.float())[0]
+        """mel [B, n_mels, Tm] -> audio tokens [B, Ta, Da]."""
+        return self.run("audio_encoder", {"mel": mel.float()})["audio_tokens"]
 
     def encode_visual(self, pixels: torch.Tensor, instruction_ids: torch.Tensor,
                       instruction_mask: torch.Tensor) -> torch.Tensor:
-        return self._run("visual_encoder", pixels.float(), instruction_ids.long(), instruction_mask.long())[0]
+        """pixels [B, T, 3, S, S], instruction [B, Li] -> visual tokens [B, T, Qv, Dv]."""
+        return self.run("visual_encoder", {"pixels": pixels.float(), "instruction_ids": instruction_ids.long(),
+                                           "instruction_mask": instruction_mask.long()})["visual_tokens"]
 
-    def fuse(self, visual: torch.Tensor, audio: torch.Tensor, modality_mask: torch.Tensor | None = None
+    def fuse(self, visual: torch.Tensor | None, audio: torch.Tensor | None,
+             modality_mask: torch.Tensor | None = None, num_frames: int | None = None
              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """visual [B, Tv, Qv, Dv], audio [B, Ta, Da] -> (av_embeds [B, W*Nq, D], av_mask [B, W*Nq])."""
-        B = visual.shape[0]
-        T = fusion_frames(self.cfg, visual.shape[1], audio.shape[1])
-        v = torch.cat([visual, visual.new_zeros(B, T - visual.shape[1], *visual.shape[2:])], 1)
-        v = pad_frames(v, self.cfg.timing.frames_per_window)  # [B, W*F, Qv, Dv]
-        mm = torch.ones(B, 2) if modality_mask is None else modality_mask.float()
-        embeds, mask = self._run("fusion", v.float(), audio.float(), mm, torch.full((B,), T))
-        return embeds, mask
+        """As ``FavorModel.fuse``: visual [B, Tv, Qv, Dv], audio [B, Ta, Da] (either may be None)
+        -> (av_embeds [B, W*Nq, D], av_mask [B, W*Nq] bool)."""
+        out = self.run("fusion", fusion_feed(self.cfg, visual, audio, modality_mask, num_frames))
+        return out["av_embeds"], out["av_mask"].bool()
 
     @property
     def embedding(self) -> np.ndarray:
@@ -153,20 +158,12 @@ class OrtBundle:
             self._embedding = load_file(str(self.path / EMBED_FILE))["weight"]  # [V, D]
         return self._embedding
 
-    def embed(self, inputs: prompt_table.PromptTableInputs) -> torch.Tensor:
-        return prompt_table.embed_with_prompt_table(inputs.ids, self.embedding, inputs.table,
-                                                    inputs.attention_mask)
-
-    def inference(self) -> OrtInference:
-        return OrtInference(self.stage("decoder.int8" if self.int8 else "decoder"), self.embedding, self.cfg)
-
-    def tokenizer(self):
-        from transformers import AutoTokenizer
-
-        path = self.path / "tokenizer"
-        if not path.is_dir():
-            raise ValueError(f"{path}: the bundle has no tokenizer (export from a model with one)")
-        return AutoTokenizer.from_pretrained(str(path))
+    def inference(self):
+        """The decoder as ``favor.captions.Inference``, by the stage's kind (``DECODERS``)."""
+        name = "decoder.int8" if self.int8 else "decoder"
+        if name not in self.manifest["stages"]:
+            raise ValueError(f"{self.path}: the bundle has no {name} stage (has {sorted(self.manifest['stages'])})")
+        return decoder_class(self, name).from_bundle(self, name)
 
     def report(self) -> dict | None:
         p = self.path / "parity.json"

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -141,12 +143,42 @@ def register_ort_kernel() -> str:
     return get_library_path()
 
 
-def ort_session(model: onnx.ModelProto | str | bytes, providers: list[str] | None = None):
-    """An onnxruntime.InferenceSession able to run favor.BlockCausalAttention on CPU."""
+def uses_kernel(graph: onnx.ModelProto) -> bool:
+    """True when the graph needs our kernel: exported with fused attention (metadata
+    ``favor.attention``, export/onnx.py) or importing the ``favor`` domain."""
+    props = {p.key: p.value for p in graph.metadata_props}
+    return props.get("favor.attention") == "fused" or any(o.domain == DOMAIN for o in graph.opset_import)
+
+
+def _read_graph(model) -> tuple[onnx.ModelProto, str | bytes]:
+    """(graph without external weights, what InferenceSession loads). A file that cannot be read is a
+    one-line ValueError naming it, never a later 'unknown op' from a fused graph."""
+    if isinstance(model, onnx.ModelProto):
+        return model, model.SerializeToString()
+    if isinstance(model, bytes):
+        return onnx.load_from_string(model), model
+    try:
+        return onnx.load(str(model), load_external_data=False), str(model)
+    except Exception as err:  # noqa: BLE001 - protobuf/OS errors alike: name the file, one line
+        raise ValueError(f"{model}: cannot read the ONNX graph ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else 'unreadable'})") from None
+
+
+def ort_session(model: onnx.ModelProto | str | Path | bytes, threads: int | None = None,
+                providers: Sequence[str] | None = None):
+    """The one ONNX Runtime session builder (bundles, verify, tests).
+
+    ``threads``: intra-op threads (None = ORT's default); ``providers``: execution providers in order
+    (runtime/selection.py's choice; default the CPU provider). Our kernel's library is registered when
+    the graph uses favor.BlockCausalAttention (``uses_kernel``).
+    """
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.register_custom_ops_library(register_ort_kernel())
-    if isinstance(model, onnx.ModelProto):
-        model = model.SerializeToString()
-    return ort.InferenceSession(model, so, providers=providers or ["CPUExecutionProvider"])
+    graph, source = _read_graph(model)
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if uses_kernel(graph):
+        opts.register_custom_ops_library(register_ort_kernel())
+    return ort.InferenceSession(source, opts, providers=list(providers or ["CPUExecutionProvider"]))

@@ -1,40 +1,49 @@
 """Inference backends for the streaming runtime: the model's stages on one stream (batch 1).
 
+Every backend satisfies ``Backend``:
+
     set_instruction(prompt)               the visual Q-Former's instruction (fixed per run)
     encode_frames(pixels [n, 3, S, S])    -> visual tokens [n, Qv, Dv]     (n = 1 when incremental)
     encode_audio(mel [M, Tm])             -> audio tokens  [Ta, Da]
     fuse(visual [n_v, Qv, Dv] | None, audio [Ta, Da] | None, num_frames)
                                           -> AV embeddings [Nq, D]          (one window)
-    embed_tokens(ids)                     -> [L, D]
-    inference()                           -> favor.captions.Inference (prefill / decode / reorder)
+    caption(prompt, av [A, D], max_new_tokens, on_token=None)
+                                          -> favor.captions.CaptionResult  (ids, text, prompt length,
+                                             prefill / decode seconds; on_token(0, id) per decided token)
 
-Text is decoded by ``favor.captions.greedy_decode`` for every backend (one loop), through
-``TimedInference``, which splits LLM time into prefill and decode for the stage breakdown.
+Captions are decoded by ``favor.captions.caption`` (the one prompt assembly and the one decode loop, the
+same as training eval, favor-eval and favor-export verify) through ``TimedInference``, which splits LLM
+time into prefill and decode for the stage breakdown (``StepwiseCaptioner``).
 
 - ``TorchBackend``: eager PyTorch on a checkpoint (LoRA merged into the LLM for speed).
-- ``OnnxRuntimeBackend``: an exported bundle (export/, ``favor-export``) run by ONNX Runtime CPU.
-- ``TensorRTBackend`` (runtime/trt_backend.py): the bundle's TensorRT engines + TensorRT-LLM decoder, built
-  only when tensorrt, tensorrt_llm and CUDA are all present (unverified on hardware). TensorRT-LLM owns
-  its decode loop, so that backend has ``generate`` instead of ``inference``; ``caption_tokens`` picks.
+- ``BundleBackend``: an exported bundle's manifest, config, tokenizers, instruction, embedding table and
+  the encoder / fusion calls, over one method an engine implements, ``run(stage, feeds)``; the fusion
+  feed is ``export.frontend.fusion_feed`` (the one place it is built).
+- ``OnnxRuntimeBackend``: a bundle on ONNX Runtime (``run`` = its sessions; decoder by the manifest's
+  decoder kind, ``export.ort_inference.DECODERS``).
+- ``TensorRTBackend`` (runtime/trt_backend.py): the bundle's TensorRT engines + the TensorRT-LLM decoder.
+  TensorRT-LLM keeps its own decode loop (KV cache in its paged buffers inside the engine, no
+  step-wise logits API worth calling per token), so it overrides ``caption`` only.
 
 Notation: n frames, S image size, Qv visual tokens per frame, Ta audio tokens, M mel bins,
-Tm mel frames, Nq queries per window, L prompt length, V vocabulary, D LLM width.
+Tm mel frames, Nq queries per window, A AV rows, V vocabulary, D LLM width.
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from favor.captions import TorchInference
-from favor.captions import greedy_decode as captions_greedy_decode
+from favor import captions
+from favor.captions import CaptionResult, GenerationSettings, OnToken, TorchInference
 from favor.checkpoint import load_model
+from favor.config import FavorConfig
 from favor.generation import instruction_inputs
 from favor.model import FavorModel
-from favor.prompt import inference_ids
 
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 # Tokenizer directories looked for beside a checkpoint whose config names no base LLM (tests, tiny).
@@ -74,107 +83,21 @@ def load_runtime_model(path: str | Path, fps: float | None = None, frames_per_wi
     return model
 
 
-class TorchBackend:
-    """Eager PyTorch on the model's own stages (the reference every other backend must match)."""
+class Backend(Protocol):
+    name: str
+    cfg: FavorConfig
+    tokenizer: Any
 
-    name = "torch"
+    def set_instruction(self, prompt: str) -> None: ...
 
-    def __init__(self, model: FavorModel, merge_lora: bool = True):
-        from peft import PeftModel
+    def encode_frames(self, pixels: torch.Tensor) -> torch.Tensor: ...
 
-        self.model = model.eval()
-        self.cfg = model.cfg
-        self.tokenizer = model.tokenizer
-        if merge_lora and isinstance(model.llm.model, PeftModel):
-            from favor.llm import merge_lora as merge
+    def encode_audio(self, mel: torch.Tensor) -> torch.Tensor: ...
 
-            model.llm.model = merge(model.llm.model)  # one matmul per projection instead of three
-        self.lm = model.llm.base
-        self._instruction: tuple[torch.Tensor, torch.Tensor] | None = None
+    def fuse(self, visual: torch.Tensor | None, audio: torch.Tensor | None, num_frames: int) -> torch.Tensor: ...
 
-    def set_instruction(self, prompt: str) -> None:
-        self._instruction = instruction_inputs(self.model.instruction_tokenizer, [prompt],
-                                               self.cfg.visual.max_instruction_tokens)
-
-    @torch.inference_mode()
-    def encode_frames(self, pixels: torch.Tensor) -> torch.Tensor:
-        if self._instruction is None:
-            raise ValueError("set_instruction(prompt) must be called before encode_frames")
-        ids, mask = self._instruction
-        return self.model.encode_visual(pixels[None], ids, mask)[0]  # [n, Qv, Dv]
-
-    @torch.inference_mode()
-    def encode_audio(self, mel: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_audio(mel[None])[0]  # [Ta, Da]
-
-    @torch.inference_mode()
-    def fuse(self, visual: torch.Tensor | None, audio: torch.Tensor | None, num_frames: int) -> torch.Tensor:
-        av = self.model.fuse(None if visual is None else visual[None], None if audio is None else audio[None],
-                             num_frames=num_frames)
-        return av.embeds[0]  # [Nq, D]: one window, never padding
-
-    @torch.inference_mode()
-    def embed_tokens(self, ids: list[int]) -> torch.Tensor:
-        return self.model.llm.embed(torch.tensor(ids, dtype=torch.long))  # [L, D]
-
-    def inference(self) -> TorchInference:
-        return TorchInference(self.lm)
-
-
-class OnnxRuntimeBackend:
-    """An exported bundle (manifest + ONNX graphs) on ONNX Runtime's CPU provider."""
-
-    name = "onnxruntime"
-
-    def __init__(self, path: str | Path, threads: int | dict[str, int] | None = None, int8: bool = False,
-                 providers: tuple[str, ...] | None = None, check_hashes: bool = True):
-        from export.ort_inference import OrtBundle
-
-        self.bundle = OrtBundle(path, int8=int8, threads=threads, providers=providers, check_hashes=check_hashes)
-        self.cfg = self.bundle.cfg
-        self.tokenizer = self.bundle.tokenizer()
-        self.instruction_tokenizer = self.tokenizer
-        if self.cfg.visual.instruction_tokenizer:
-            from favor.build import load_tokenizer
-
-            self.instruction_tokenizer = load_tokenizer(self.cfg.visual.instruction_tokenizer)
-        self._instruction: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._inference = None
-
-    def set_instruction(self, prompt: str) -> None:
-        self._instruction = instruction_inputs(self.instruction_tokenizer, [prompt],
-                                               self.cfg.visual.max_instruction_tokens)
-
-    def encode_frames(self, pixels: torch.Tensor) -> torch.Tensor:
-        if self._instruction is None:
-            raise ValueError("set_instruction(prompt) must be called before encode_frames")
-        return self.bundle.encode_visual(pixels[None], *self._instruction)[0]  # [n, Qv, Dv]
-
-    def encode_audio(self, mel: torch.Tensor) -> torch.Tensor:
-        return self.bundle.encode_audio(mel[None])[0]  # [Ta, Da]
-
-    def fuse(self, visual: torch.Tensor | None, audio: torch.Tensor | None, num_frames: int) -> torch.Tensor:
-        cfg = self.cfg
-        present = torch.tensor([[float(visual is not None), float(audio is not None)]])  # [1, 2]
-        # The graph takes both streams: a missing one enters as zeros with its modality mask at 0,
-        # which is what sync.align does with None.
-        if visual is None:
-            visual = torch.zeros(num_frames, cfg.visual.num_query_tokens, cfg.visual_width)
-        if visual.shape[0] < num_frames:  # video ended inside this window: zero frames, as align pads
-            visual = torch.cat([visual, visual.new_zeros(num_frames - visual.shape[0], *visual.shape[1:])])
-        if audio is None:
-            audio = torch.zeros(round(num_frames * cfg.timing.audio_tokens_per_frame), cfg.audio_proj_dim)
-        embeds, mask = self.bundle.fuse(visual[None], audio[None], present)
-        return embeds[0][mask[0].bool()]  # [Nq, D]: the window's rows
-
-    def embed_tokens(self, ids: list[int]) -> torch.Tensor:
-        rows = self.bundle.embedding[np.asarray(ids, dtype=np.int64)]  # [L, D]
-        return torch.from_numpy(np.ascontiguousarray(rows))
-
-    def inference(self):
-        if self._inference is None:
-            self._inference = self.bundle.inference()
-        return self._inference
+    def caption(self, prompt: str, av: torch.Tensor, max_new_tokens: int,
+                on_token: OnToken | None = None) -> CaptionResult: ...
 
 
 class TimedInference:
@@ -200,34 +123,156 @@ class TimedInference:
         return self.inner.reorder(cache, rows)
 
 
-def greedy_caption(backend, embeds: torch.Tensor, max_new_tokens: int) -> tuple[list[int], float, float]:
-    """favor.captions' greedy loop on prompt embeds [L, D]: (token ids, prefill s, decode s)."""
-    timed = TimedInference(backend.inference())
-    mask = torch.ones(1, embeds.shape[0], dtype=torch.long)  # [1, L]: one stream, no padding
-    eos = backend.cfg.llm.eos_token_id
-    result = captions_greedy_decode(timed, embeds[None], mask, max_new_tokens, eos)[0]
-    return result.tokens, timed.prefill_s, timed.decode_s
+class StepwiseCaptioner:
+    """``caption`` for backends with a step-wise decoder: needs ``cfg``, ``tokenizer``, ``embedding``
+    [V, D] and ``inference()`` (a favor.captions.Inference)."""
+
+    def caption(self, prompt: str, av: torch.Tensor, max_new_tokens: int,
+                on_token: OnToken | None = None) -> CaptionResult:
+        """Greedy caption of ``prompt`` around AV rows av [A, D] (one stream: batch 1, no padding)."""
+        av = torch.as_tensor(av)
+        timed = TimedInference(self.inference())
+        result = captions.caption(timed, self.embedding, self.tokenizer, self.cfg.llm, [prompt], av[None],
+                                  torch.ones(1, av.shape[0], dtype=torch.bool),
+                                  GenerationSettings(max_new_tokens=max_new_tokens), on_token)[0]
+        result.prefill_s, result.decode_s = timed.prefill_s, timed.decode_s
+        return result
 
 
-def prompt_embeds(backend, prompt: str, av: torch.Tensor) -> torch.Tensor:
-    """[BOS] "USER: <Img>" AV "</Img> {prompt}\\nASSISTANT:" as embeddings [L, D] (favor.prompt)."""
-    p = inference_ids(backend.tokenizer, prompt)
-    pre = backend.embed_tokens([backend.cfg.llm.bos_token_id, *p.pre])
-    post = backend.embed_tokens(p.post)
-    return torch.cat([pre, torch.as_tensor(av).to(pre.dtype), post])  # [L, D]
+class TorchBackend(StepwiseCaptioner):
+    """Eager PyTorch on the model's own stages (the reference every other backend must match)."""
+
+    name = "torch"
+
+    def __init__(self, model: FavorModel, merge_lora: bool = True):
+        from peft import PeftModel
+
+        self.model = model.eval()
+        self.cfg = model.cfg
+        self.tokenizer = model.tokenizer
+        if merge_lora and isinstance(model.llm.model, PeftModel):
+            from favor.llm import merge_lora as merge
+
+            model.llm.model = merge(model.llm.model)  # one matmul per projection instead of three
+        self.lm = model.llm.base
+        self.embedding = self.lm.get_input_embeddings().weight.detach()  # [V, D]
+        self._instruction: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def set_instruction(self, prompt: str) -> None:
+        self._instruction = instruction_inputs(self.model.instruction_tokenizer, [prompt],
+                                               self.cfg.visual.max_instruction_tokens)
+
+    @torch.inference_mode()
+    def encode_frames(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self._instruction is None:
+            raise ValueError("set_instruction(prompt) must be called before encode_frames")
+        ids, mask = self._instruction
+        return self.model.encode_visual(pixels[None], ids, mask)[0]  # [n, Qv, Dv]
+
+    @torch.inference_mode()
+    def encode_audio(self, mel: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_audio(mel[None])[0]  # [Ta, Da]
+
+    @torch.inference_mode()
+    def fuse(self, visual: torch.Tensor | None, audio: torch.Tensor | None, num_frames: int) -> torch.Tensor:
+        av = self.model.fuse(None if visual is None else visual[None], None if audio is None else audio[None],
+                             num_frames=num_frames)
+        return av.embeds[0]  # [Nq, D]: one window, never padding
+
+    def inference(self) -> TorchInference:
+        return TorchInference(self.lm)
 
 
-def caption_tokens(backend, prompt: str, av: torch.Tensor, max_new_tokens: int
-                   ) -> tuple[list[int], int, float, float]:
-    """Greedy caption of one prompt around AV rows [A, D]: (ids, prompt length, prefill s, decode s).
+def bundle_tokenizer(bundle: Path):
+    """bundle/tokenizer/ (written by favor-export from a model with a tokenizer)."""
+    path = bundle / "tokenizer"
+    if not path.is_dir():
+        raise ValueError(f"{path}: the bundle has no tokenizer (export from a model with one)")
+    from transformers import AutoTokenizer
 
-    TensorRT-LLM decodes inside its engine (``backend.generate``); every other backend runs
-    favor.captions' loop on the spliced prompt embeddings."""
-    if hasattr(backend, "generate"):
-        return backend.generate(prompt, av, max_new_tokens)
-    full = prompt_embeds(backend, prompt, av)  # [L, D]
-    ids, prefill_s, decode_s = greedy_caption(backend, full, max_new_tokens)
-    return ids, full.shape[0], prefill_s, decode_s
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+class BundleBackend(StepwiseCaptioner):
+    """What every engine over an exported bundle shares; a subclass implements ``run(stage, feeds)``
+    (named torch inputs -> named torch outputs) and its decoder (``inference()`` or ``caption``)."""
+
+    name = "bundle"
+
+    def __init__(self, path: str | Path, manifest: dict):
+        self.path, self.manifest = Path(path), manifest
+        self.cfg = FavorConfig.from_dict(manifest["config"])
+        self.tokenizer = bundle_tokenizer(self.path)
+        self.instruction_tokenizer = self.tokenizer
+        if self.cfg.visual.instruction_tokenizer:
+            from favor.build import load_tokenizer
+
+            self.instruction_tokenizer = load_tokenizer(self.cfg.visual.instruction_tokenizer)
+        self._instruction: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._embedding: np.ndarray | None = None
+
+    def run(self, stage: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} must implement run(stage, feeds)")
+
+    @property
+    def embedding(self) -> np.ndarray:
+        """The LLM's input embeddings [V, D] (embed_tokens.safetensors), for ids and the prompt table."""
+        if self._embedding is None:
+            from safetensors.numpy import load_file
+
+            from export.bundle import EMBED_FILE
+
+            self._embedding = load_file(str(self.path / EMBED_FILE))["weight"]
+        return self._embedding
+
+    def set_instruction(self, prompt: str) -> None:
+        self._instruction = instruction_inputs(self.instruction_tokenizer, [prompt],
+                                               self.cfg.visual.max_instruction_tokens)
+
+    def encode_frames(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self._instruction is None:
+            raise ValueError("set_instruction(prompt) must be called before encode_frames")
+        ids, mask = self._instruction
+        out = self.run("visual_encoder", {"pixels": pixels[None].float(), "instruction_ids": ids.long(),
+                                          "instruction_mask": mask.long()})
+        return out["visual_tokens"][0].float()  # [n, Qv, Dv]
+
+    def encode_audio(self, mel: torch.Tensor) -> torch.Tensor:
+        return self.run("audio_encoder", {"mel": mel[None].float()})["audio_tokens"][0].float()  # [Ta, Da]
+
+    def fuse(self, visual: torch.Tensor | None, audio: torch.Tensor | None, num_frames: int) -> torch.Tensor:
+        from export.frontend import fusion_feed
+
+        feed = fusion_feed(self.cfg, None if visual is None else visual[None], None if audio is None else audio[None],
+                           num_frames=num_frames)
+        out = self.run("fusion", feed)
+        return out["av_embeds"][0][out["av_mask"][0].bool()].float()  # [Nq, D]: the window's rows
+
+
+class OnnxRuntimeBackend(BundleBackend):
+    """An exported bundle (manifest + ONNX graphs) on ONNX Runtime (providers from runtime/selection.py)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, path: str | Path, threads: int | dict[str, int] | None = None, int8: bool = False,
+                 providers: tuple[str, ...] | None = None, check_hashes: bool = True):
+        from export.ort_inference import OrtBundle
+
+        self.bundle = OrtBundle(path, int8=int8, threads=threads, providers=providers, check_hashes=check_hashes)
+        super().__init__(path, self.bundle.manifest)
+        self._inference = None
+
+    def run(self, stage: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.bundle.run(stage, feeds)
+
+    @property
+    def embedding(self) -> np.ndarray:
+        return self.bundle.embedding  # one copy, shared with the decoder
+
+    def inference(self):
+        if self._inference is None:
+            self._inference = self.bundle.inference()
+        return self._inference
 
 
 def is_bundle(path: Path) -> bool:

@@ -33,9 +33,8 @@ import numpy as np
 import torch
 
 from favor.media import log_mel_spectrogram, preprocess_frames
-from favor.prompt import chat_prompt, clean_answer
+from favor.prompt import chat_prompt
 from runtime.assembler import FrameSlot, Window, WindowAssembler
-from runtime.backends import caption_tokens
 from runtime.scheduler import DeadlineScheduler, SchedulerStats
 from runtime.sources import Capture, MediaSource, Ring
 
@@ -158,9 +157,9 @@ class StreamingCaptioner:
             stages["audio"] += t2 - t1
             stages["fusion"] += t3 - t2
         av = torch.cat([torch.as_tensor(e) for e in embeds])  # [A, D]
-        ids, n_in, stages["llm_prefill"], stages["llm_decode"] = caption_tokens(
-            self.backend, self.llm_prompt(), av, self.max_new_tokens)
-        text = clean_answer(self.backend.tokenizer.decode(ids, skip_special_tokens=True))
+        out = self.backend.caption(self.llm_prompt(), av, self.max_new_tokens)  # runtime.backends.Backend
+        ids, n_in, text = out.tokens, out.prompt_tokens, out.text
+        stages["llm_prefill"], stages["llm_decode"] = out.prefill_s, out.decode_s
         if self.context:
             self.history = (self.history + [text])[-self.context:]
         ahead = sum(self.ahead_seconds.pop(w.index, 0.0) for w in windows)

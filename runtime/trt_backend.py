@@ -3,22 +3,23 @@
 Unverified on hardware: TensorRT and TensorRT-LLM cannot be installed on our machines (no GPU, NVIDIA's
 index unreachable). Everything that does not need the libraries is a plain function below and unit
 tested (tests/test_runtime_trt.py): which files must exist, engine I/O names against the manifest,
-input shapes against the build profiles, the fusion inputs, the decoder request and its limits,
+input shapes against the build profiles, the decoder request and its limits,
 and every error message. ``TensorRTBackend`` itself is the documented-API path, import-guarded.
 
     bundle/tensorrt/<stage>.plan   tensorrt/build_engines.sh (export/tensorrt.py), one profile each
     bundle/trtllm/engine/          trtllm/build_engine.sh (export/trtllm.py), prompt table enabled
 
-Stages (same calls as OnnxRuntimeBackend, runtime/backends.py):
-    encode_frames(pixels [n, 3, S, S])   -> [n, Qv, Dv]   visual_encoder.plan
-    encode_audio(mel [M, Tm])            -> [Ta, Da]      audio_encoder.plan
-    fuse(visual, audio, num_frames)      -> [Nq, D]       fusion.plan
-    generate(prompt, av [A, D], n)       -> caption ids   TensorRT-LLM ModelRunner, AV as prompt table
+``TensorRTBackend`` is a ``runtime.backends.BundleBackend``: manifest, config, tokenizers, instruction,
+embedding table, encode_frames / encode_audio / fuse (``export.frontend.fusion_feed``) are shared with
+the ONNX Runtime backend; this file implements ``run(stage, feeds)`` on the engines
+(visual_encoder.plan, audio_encoder.plan, fusion.plan) and the decoder.
 
 The decoder is the one place this backend differs: TensorRT-LLM owns its decode loop (KV cache in
-its own paged buffers), so there is no step-wise ``inference()``; ``generate`` feeds
-``favor.prompt_table.build_inputs`` ids (AV rows addressed as vocab_size + row) and the AV rows as
-``prompt_table``, greedy (top_k 1), streaming so prefill and decode are timed apart.
+its own paged buffers, sampling inside the engine; its Python API offers no per-step logits worth a
+round trip per token), so there is no step-wise ``inference()`` and favor.captions' loop does not
+run here. ``caption`` feeds ``favor.prompt_table.build_inputs`` ids (the one prompt convention: AV rows
+addressed as vocab_size + row) and the AV rows as ``prompt_table``, greedy (top_k 1), streaming so
+prefill and decode are timed apart and each new token reaches ``on_token`` as it is decided.
 
 Notation: n frames, S image size, Qv/Dv visual tokens/width, Ta/Da audio tokens/width, M mel bins,
 Tm mel frames, Nq queries per window, A AV rows (windows x Nq), L prompt ids, D LLM width.
@@ -37,9 +38,11 @@ from pathlib import Path
 import torch
 
 from export.tensorrt import ENGINE_STAGES, PLUGIN_ENV, profile_shapes
-from favor import prompt_table
+from favor import captions, prompt_table
+from favor.captions import CaptionResult, OnToken
 from favor.config import FavorConfig
 from favor.prompt import inference_ids
+from runtime.backends import BundleBackend
 
 ENGINE_DIR = "tensorrt"  # <stage>.plan, written by tensorrt/build_engines.sh
 LLM_ENGINE_DIR = "trtllm/engine"  # written by trtllm/build_engine.sh
@@ -72,16 +75,6 @@ def engine_paths(bundle: Path, manifest: dict) -> dict[str, Path]:
             raise ValueError(f"{p}: engine missing (run {ENGINE_DIR}/build_engines.sh on the target GPU)")
         paths[stage] = p
     return paths
-
-
-def bundle_tokenizer(bundle: Path):
-    """bundle/tokenizer/ (written by favor-export from a model with a tokenizer)."""
-    path = bundle / "tokenizer"
-    if not path.is_dir():
-        raise ValueError(f"{path}: the bundle has no tokenizer (export from a model with one)")
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(path))
 
 
 @dataclass(frozen=True)
@@ -161,32 +154,7 @@ def torch_dtype(trt_dtype_name: str) -> torch.dtype:
     return TORCH_DTYPES[trt_dtype_name]
 
 
-# -- stage inputs ---------------------------------------------------------------------------------
-def fusion_inputs(cfg: FavorConfig, visual: torch.Tensor | None, audio: torch.Tensor | None, num_frames: int
-                  ) -> dict[str, torch.Tensor]:
-    """One window's fusion-graph feed (batch 1), as OnnxRuntimeBackend.fuse builds it.
-
-    A missing stream enters as zeros with its modality flag at 0 (what sync.align does with None);
-    a video that ended inside the window is zero-padded to ``num_frames``, then to whole windows.
-    """
-    from export.frontend import fusion_frames, pad_frames
-
-    if visual is None and audio is None:
-        raise ValueError("fuse needs visual or audio tokens, got neither")
-    present = torch.tensor([[float(visual is not None), float(audio is not None)]])  # [1, 2]
-    if visual is None:
-        visual = torch.zeros(num_frames, cfg.visual.num_query_tokens, cfg.visual_width)
-    if visual.shape[0] < num_frames:
-        visual = torch.cat([visual, visual.new_zeros(num_frames - visual.shape[0], *visual.shape[1:])])
-    if audio is None:
-        audio = torch.zeros(round(num_frames * cfg.timing.audio_tokens_per_frame), cfg.audio_proj_dim)
-    T = fusion_frames(cfg, visual.shape[0], audio.shape[0])
-    v = torch.cat([visual, visual.new_zeros(T - visual.shape[0], *visual.shape[1:])])[None]  # [1, T, Qv, Dv]
-    v = pad_frames(v, cfg.timing.frames_per_window)  # [1, W*F, Qv, Dv]
-    return {"visual_tokens": v.float(), "audio_tokens": audio[None].float(), "modality_mask": present,
-            "frame_lengths": torch.full((1,), T, dtype=torch.long)}
-
-
+# -- the decoder request ------------------------------------------------------------------------
 @dataclass
 class DecoderRequest:
     ids: torch.Tensor  # [L] int32; ids >= vocab_size address rows of ``table``
@@ -224,6 +192,12 @@ def generated_tokens(output_ids: torch.Tensor, input_len: int, seq_len: int, end
     return new[:new.index(end_id)] if end_id in new else new
 
 
+def _synchronize() -> None:
+    """Wait for the GPU before reading the clock (a no-op where CUDA is absent, e.g. unit tests)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 # -- the backend ----------------------------------------------------------------------------------
 class TrtEngine:
     """One deserialized engine and its execution context (TensorRT 10 named-tensor API)."""
@@ -258,7 +232,7 @@ class TrtEngine:
         return {n: bufs[n].cpu() for n in self.outputs}
 
 
-class TensorRTBackend:
+class TensorRTBackend(BundleBackend):
     """An exported bundle's TensorRT engines (encoders, fusion) and TensorRT-LLM decoder engine."""
 
     name = "tensorrt"
@@ -268,21 +242,11 @@ class TensorRTBackend:
         if reason:
             raise ValueError(f"backend 'tensorrt' is not available: {reason}")
         import tensorrt as trt
-        from safetensors.numpy import load_file
         from tensorrt_llm.runtime import ModelRunner
 
-        from export.bundle import EMBED_FILE
         from export.manifest import load_manifest
 
-        self.path = Path(bundle_dir)
-        self.manifest = load_manifest(self.path)
-        self.cfg = FavorConfig.from_dict(self.manifest["config"])
-        self.tokenizer = bundle_tokenizer(self.path)
-        self.instruction_tokenizer = self.tokenizer
-        if self.cfg.visual.instruction_tokenizer:
-            from favor.build import load_tokenizer
-
-            self.instruction_tokenizer = load_tokenizer(self.cfg.visual.instruction_tokenizer)
+        super().__init__(bundle_dir, load_manifest(Path(bundle_dir)))
         paths = engine_paths(self.path, self.manifest)
         llm_dir = Path(engine_dir) if engine_dir is not None else self.path / LLM_ENGINE_DIR
         self.limits = llm_limits(llm_dir)
@@ -296,52 +260,34 @@ class TensorRTBackend:
         self.engines = {s: TrtEngine(trt, runtime, p, s, self.manifest["stages"][s], axes) for s, p in paths.items()}
         self.stream = torch.cuda.Stream()
         self.runner = ModelRunner.from_dir(str(llm_dir))
-        self.embedding = torch.from_numpy(load_file(str(self.path / EMBED_FILE))["weight"])  # [V, D]
-        self._instruction: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def set_instruction(self, prompt: str) -> None:
-        from favor.generation import instruction_inputs
+    def run(self, stage: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.engines[stage](self.stream, feeds)
 
-        self._instruction = instruction_inputs(self.instruction_tokenizer, [prompt],
-                                               self.cfg.visual.max_instruction_tokens)
-
-    def encode_frames(self, pixels: torch.Tensor) -> torch.Tensor:
-        if self._instruction is None:
-            raise ValueError("set_instruction(prompt) must be called before encode_frames")
-        ids, mask = self._instruction
-        out = self.engines["visual_encoder"](self.stream, {"pixels": pixels[None].float(), "instruction_ids": ids,
-                                                          "instruction_mask": mask})
-        return out["visual_tokens"][0].float()  # [n, Qv, Dv]
-
-    def encode_audio(self, mel: torch.Tensor) -> torch.Tensor:
-        return self.engines["audio_encoder"](self.stream, {"mel": mel[None].float()})["audio_tokens"][0].float()
-
-    def fuse(self, visual: torch.Tensor | None, audio: torch.Tensor | None, num_frames: int) -> torch.Tensor:
-        out = self.engines["fusion"](self.stream, fusion_inputs(self.cfg, visual, audio, num_frames))
-        return out["av_embeds"][0][out["av_mask"][0].bool()].float()  # [Nq, D]: the window's rows
-
-    def embed_tokens(self, ids: list[int]) -> torch.Tensor:
-        return self.embedding[torch.as_tensor(ids, dtype=torch.long)]  # [L, D]
-
-    def generate(self, prompt: str, av: torch.Tensor, max_new_tokens: int) -> tuple[list[int], int, float, float]:
-        """Greedy caption of ``prompt`` around AV rows [A, D]: (ids, prompt length, prefill s, decode s)."""
+    def caption(self, prompt: str, av: torch.Tensor, max_new_tokens: int,
+                on_token: OnToken | None = None) -> CaptionResult:
+        """Greedy caption of ``prompt`` around AV rows [A, D] decoded inside TensorRT-LLM."""
         req = decoder_request(self.tokenizer, self.cfg, prompt, av)
         check_request(req, self.limits, max_new_tokens)
-        eos = self.cfg.llm.eos_token_id
+        eos, L = self.cfg.llm.eos_token_id, req.ids.shape[0]
         t0 = time.perf_counter()
-        first, out = None, None
+        first, tokens = None, []
         # prompt_tasks stays None: one 2-D table, task 0, so id v >= vocab reads table row v - vocab.
         steps = self.runner.generate([req.ids], prompt_table=req.table, max_new_tokens=max_new_tokens,
                                      end_id=eos, pad_id=eos, top_k=1, num_beams=1, streaming=True,
                                      return_dict=True, output_sequence_lengths=True)
         for step in steps:  # one dict per generated token; the last holds the whole answer
             if first is None:
-                torch.cuda.synchronize()
+                _synchronize()
                 first = time.perf_counter()  # the first step is the context phase plus one token
-            out = step
-        torch.cuda.synchronize()
+            seq_len = int(step["sequence_lengths"][0, 0])
+            now = generated_tokens(step["output_ids"][0, 0].cpu(), L, seq_len, eos)
+            for t in now[len(tokens):] if on_token is not None else ():
+                on_token(0, t)
+            tokens = now
+        _synchronize()
         end = time.perf_counter()
-        L = req.ids.shape[0]
-        seq_len = int(out["sequence_lengths"][0, 0])
-        tokens = generated_tokens(out["output_ids"][0, 0].cpu(), L, seq_len, eos)
-        return tokens, L, first - t0, end - first
+        first = end if first is None else first
+        result = captions.decode_text([CaptionResult(tokens, prompt_tokens=L)], self.tokenizer)[0]
+        result.prefill_s, result.decode_s = first - t0, end - first
+        return result

@@ -11,7 +11,7 @@ from conftest import make_tokenizer
 
 from favor.config import get_config
 from favor.generation import generate, get_settings
-from runtime.backends import TorchBackend, greedy_caption, load_runtime_model, make_backend, prompt_embeds
+from runtime.backends import TorchBackend, load_runtime_model, make_backend
 from runtime.scheduler import DeadlineScheduler
 from runtime.sources import MediaSource
 from runtime.stream import MAX_PENDING_WINDOWS, StreamingCaptioner
@@ -46,18 +46,12 @@ class SlowBackend:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def inference(self):
-        inner, delay = self.inner.inference(), self.delay
-
-        class _Slow:
-            def prefill(self, *args):
-                time.sleep(delay)
-                return inner.prefill(*args)
-
-            def __getattr__(self, name):
-                return getattr(inner, name)
-
-        return _Slow()
+    def caption(self, *args, **kwargs):  # runtime.backends.Backend.caption
+        t0 = time.perf_counter()
+        time.sleep(self.delay)
+        out = self.inner.caption(*args, **kwargs)
+        out.prefill_s += time.perf_counter() - t0 - out.prefill_s - out.decode_s  # the delay counts as prefill
+        return out
 
 
 def captions(ckpt, spec, realtime, incremental=True, max_latency=None, delay=None, context=1, max_merge=2):
@@ -115,7 +109,8 @@ def test_latency_bound_holds_with_a_slow_backend(tiny_ckpt, tmp_path):
     assert len(stats.latencies) == len(caps) == stats.captions
 
 
-def test_greedy_loop_matches_hf_generate(tiny_ckpt):
+def test_backend_caption_matches_favor_generate(tiny_ckpt):
+    """The runtime path (backend.fuse + backend.caption) equals the training/eval path (fuse + generate)."""
     model = load_runtime_model(tiny_ckpt)
     backend = TorchBackend(model, merge_lora=False)
     torch.manual_seed(1)
@@ -123,7 +118,7 @@ def test_greedy_loop_matches_hf_generate(tiny_ckpt):
     visual = torch.randn(2, cfg.visual.num_query_tokens, cfg.visual_width)  # a 2-frame window
     audio = torch.randn(7, cfg.audio_proj_dim)
     av = backend.fuse(visual, audio, num_frames=2)  # [Nq, D]
-    ids, _, _ = greedy_caption(backend, prompt_embeds(backend, PROMPT, av), 6)
+    ids = backend.caption(PROMPT, av, 6).tokens
     fused = model.fuse(visual[None], audio[None], num_frames=2)
     assert torch.equal(fused.embeds[0], av)
     theirs = generate(model, fused, [PROMPT], get_settings("greedy", max_new_tokens=6))[0]

@@ -12,11 +12,13 @@ import torch
 from conftest import make_tokenizer
 
 from export import profiles
+from export.frontend import fusion_feed
 from favor import prompt_table
 from favor.config import get_config
 from favor.prompt import inference_ids
+from favor.prompt_table import embed_with_prompt_table
 from runtime import trt_backend as tb
-from runtime.backends import TorchBackend, caption_tokens, greedy_caption, make_backend, prompt_embeds
+from runtime.backends import TorchBackend, make_backend
 
 NO_TRT = "TensorRT cannot be installed on this machine (NVIDIA index unreachable, no GPU)"
 
@@ -95,7 +97,7 @@ def test_engine_io_names_checked_against_the_manifest(manifest, tmp_path):
 def test_input_shapes_against_the_profile(tiny_cfg, manifest):
     stage, axes = manifest["stages"]["fusion"], manifest["dynamic_axes"]
     F = tiny_cfg.timing.frames_per_window
-    feed = tb.fusion_inputs(tiny_cfg, torch.randn(2, 5, 20), torch.randn(7, 20), num_frames=F)
+    feed = fusion_feed(tiny_cfg, torch.randn(1, 2, 5, 20), torch.randn(1, 7, 20), num_frames=F)
     shapes = tb.check_input_shapes("fusion", stage, axes, {n: tuple(t.shape) for n, t in feed.items()})
     assert shapes["visual_tokens"] == (1, F, 5, 20) and shapes["frame_lengths"] == (1,)
     too_many = (1, F * (axes["windows"]["max"] + 1), 5, 20)  # one window past the export limit
@@ -107,21 +109,6 @@ def test_input_shapes_against_the_profile(tiny_cfg, manifest):
     with pytest.raises(ValueError, match=r"inputs \['mel', 'x'\] given"):
         tb.check_input_shapes("audio_encoder", manifest["stages"]["audio_encoder"], axes, {"mel": (1, 16, 9),
                                                                                            "x": (1,)})
-
-
-def test_fusion_inputs_pad_and_flag_like_the_onnx_backend(tiny_cfg):
-    cfg, F = tiny_cfg, tiny_cfg.timing.frames_per_window
-    audio_per_window = round(F * cfg.timing.audio_tokens_per_frame)
-    feed = tb.fusion_inputs(cfg, None, torch.randn(audio_per_window, cfg.audio_proj_dim), F)
-    assert feed["modality_mask"].tolist() == [[0.0, 1.0]] and not feed["visual_tokens"].any()
-    assert feed["frame_lengths"].tolist() == [F] and feed["frame_lengths"].dtype == torch.long
-    v = torch.randn(F - 1, cfg.visual.num_query_tokens, cfg.visual_width)  # video ended inside the window
-    feed = tb.fusion_inputs(cfg, v, None, F)
-    assert feed["modality_mask"].tolist() == [[1.0, 0.0]]
-    assert feed["visual_tokens"].shape == (1, F, *v.shape[1:]) and torch.equal(feed["visual_tokens"][0, :F - 1], v)
-    assert tuple(feed["audio_tokens"].shape) == (1, audio_per_window, cfg.audio_proj_dim)
-    with pytest.raises(ValueError, match="neither"):
-        tb.fusion_inputs(cfg, None, None, F)
 
 
 def test_decoder_request_addresses_av_rows_after_the_vocab(tiny_cfg):
@@ -192,20 +179,45 @@ def test_dtype_table():
         tb.torch_dtype("FP8")
 
 
-def test_caption_tokens_dispatch(tiny_ckpt):
-    backend = make_backend("torch", tiny_ckpt)
-    assert isinstance(backend, TorchBackend)
-    av = torch.randn(backend.cfg.qformer.num_queries, backend.cfg.llm.hidden)
-    full = prompt_embeds(backend, "describe the video", av)
-    ids, _, _ = greedy_caption(backend, full, 5)
-    got, length, prefill_s, decode_s = caption_tokens(backend, "describe the video", av, 5)
-    assert got == ids and length == full.shape[0] and prefill_s > 0 and decode_s >= 0
+class PromptTableRunner:
+    """Stands in for TensorRT-LLM's ModelRunner: decodes ``generate``'s prompt-table request the way
+    the engine's PromptTuningEmbedding reads it (ids >= vocab address table rows), greedily with the
+    torch LLM, and streams one output dict per token as ModelRunner does (streaming=True)."""
 
-    class Generating:  # a backend that decodes inside its engine, as TensorRTBackend does
-        def generate(self, prompt, av, max_new_tokens):
-            return [len(prompt), av.shape[0], max_new_tokens], 9, 0.5, 0.25
+    def __init__(self, backend: TorchBackend):
+        self.torch = backend
 
-    assert caption_tokens(Generating(), "abc", av, 4) == ([3, av.shape[0], 4], 9, 0.5, 0.25)
+    def generate(self, batch_ids, prompt_table: torch.Tensor, max_new_tokens, end_id, **kwargs):
+        from favor.captions import greedy_decode
+
+        assert kwargs["top_k"] == 1 and kwargs["streaming"] and kwargs["num_beams"] == 1
+        ids = batch_ids[0].long()[None]  # [1, L]
+        embeds = embed_with_prompt_table(ids, self.torch.embedding, prompt_table)
+        answer = []
+        greedy_decode(self.torch.inference(), embeds, torch.ones_like(ids), max_new_tokens, end_id,
+                      on_token=lambda b, t: answer.append(t))
+        L, width = ids.shape[1], ids.shape[1] + max_new_tokens
+        for n in range(1, len(answer) + 2):  # the last dict ends in EOS (or the length limit)
+            row = torch.full((width,), end_id)
+            row[:L], row[L:L + min(n, len(answer))] = ids[0], torch.tensor(answer[:n])
+            yield {"output_ids": row[None, None], "sequence_lengths": torch.tensor([[L + min(n, len(answer))]])}
+
+
+def test_tensorrt_caption_decodes_the_prompt_table_request_like_torch(tiny_ckpt):
+    """TensorRTBackend.caption (own TensorRT-LLM loop) over an engine that reads the prompt table as
+    TensorRT-LLM does must give the torch backend's caption, token for token, streamed in order."""
+    torch_backend = make_backend("torch", tiny_ckpt)
+    trt = tb.TensorRTBackend.__new__(tb.TensorRTBackend)  # no engines here: only the decoder glue runs
+    trt.cfg, trt.tokenizer, trt.runner = torch_backend.cfg, torch_backend.tokenizer, PromptTableRunner(torch_backend)
+    trt.limits = tb.LlmLimits(1, 256, 512, 64)
+    torch.manual_seed(5)
+    av = torch.randn(2 * trt.cfg.qformer.num_queries, trt.cfg.llm.hidden)  # two windows
+    want = torch_backend.caption("describe the video", av, 6)
+    streamed = []
+    got = trt.caption("describe the video", av, 6, on_token=lambda b, t: streamed.append((b, t)))
+    assert want.tokens and got.tokens == want.tokens and got.text == want.text
+    assert streamed == [(0, t) for t in want.tokens]
+    assert got.prompt_tokens == want.prompt_tokens and got.prefill_s > 0 and got.decode_s >= 0
 
 
 @pytest.mark.slow
@@ -216,7 +228,8 @@ def test_against_a_real_exported_fusion_stage(tmp_path, tiny_cfg, manifest):
     from favor.build import build_model
 
     out = tmp_path / "bundle"
-    real = export_bundle(build_model(tiny_cfg, pretrained=False, tokenizer=make_tokenizer()), out,
+    model = build_model(tiny_cfg, pretrained=False, tokenizer=make_tokenizer()).eval()
+    real = export_bundle(model, out,
                          ExportOptions(stages=("fusion",), targets=("onnx", "tensorrt")))
     fusion = real["stages"]["fusion"]
     for kind in ("inputs", "outputs"):
@@ -228,13 +241,15 @@ def test_against_a_real_exported_fusion_stage(tmp_path, tiny_cfg, manifest):
     F = tiny_cfg.timing.frames_per_window
     v = torch.randn(F - 1, tiny_cfg.visual.num_query_tokens, tiny_cfg.visual_width)
     a = torch.randn(round(F * tiny_cfg.timing.audio_tokens_per_frame), tiny_cfg.audio_proj_dim)
-    feed = tb.fusion_inputs(tiny_cfg, v, a, F)
+    feed = fusion_feed(tiny_cfg, v[None], a[None], num_frames=F)  # the video ended inside the window
     tb.check_input_shapes("fusion", fusion, real["dynamic_axes"], {n: tuple(t.shape) for n, t in feed.items()})
-    session = bundle.stage("fusion")
-    got = session.run(None, {n: t.numpy() for n, t in feed.items()})
-    padded = torch.cat([v, v.new_zeros(1, *v.shape[1:])])  # [F, Qv, Dv]: what OnnxRuntimeBackend.fuse pads
-    want = bundle.fuse(padded[None], a[None], torch.ones(1, 2))
-    assert torch.equal(torch.from_numpy(got[0]), want[0]) and torch.equal(torch.from_numpy(got[1]), want[1])
+    assert tuple(feed["visual_tokens"].shape) == (1, F, *v.shape[1:]) and feed["frame_lengths"].tolist() == [F]
+    got = bundle.run("fusion", feed)
+    with torch.no_grad():
+        ref = model.fuse(v[None], a[None], num_frames=F)  # the eager model, unpadded: the spec
+    # fp32 graph vs eager: ORT reorders reductions; 1e-4 relative is export/verify.py's fp32 tolerance.
+    torch.testing.assert_close(got["av_embeds"], ref.embeds, rtol=1e-4, atol=1e-4 * float(ref.embeds.abs().max()))
+    assert torch.equal(got["av_mask"].bool(), ref.mask)
 
 
 @pytest.mark.tensorrt
@@ -261,6 +276,4 @@ def test_engines_match_onnxruntime(tmp_path):
     # their reduction-order differences on unit-scale activations of this width-20/48 model.
     for got, want in ((v_trt, v_ort), (a_trt, a_ort), (av_trt, av_ort)):
         torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
-    ids, _, _, _ = caption_tokens(trt, "describe the video", av_ort, 5)
-    want, _, _, _ = caption_tokens(ort, "describe the video", av_ort, 5)
-    assert ids == want
+    assert trt.caption("describe the video", av_ort, 5).tokens == ort.caption("describe the video", av_ort, 5).tokens
