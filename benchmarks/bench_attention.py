@@ -1,11 +1,22 @@
-"""Block-causal window attention: fused kernel vs torch SDPA + mask vs FlexAttention vs reference.
+"""Block-causal window attention: fused kernel (fp32, bf16) vs torch SDPA + mask, round-robin.
 
-    .venv/bin/python -m benchmarks.bench_attention            # release shape + frames sweep
-    .venv/bin/python -m benchmarks.bench_attention --windows 1 --repeats 5
+    .venv/bin/python -m benchmarks.bench_attention                     # quiet machine: refuses if load > 0.5
+    .venv/bin/python -m benchmarks.bench_attention --windows 1 --repeats 5 --force   # smoke run, marked
 
 Shapes: q, k, v [W, H, F*S, Dh], the release's causal Q-Former self-attention (H = 12 heads of
 Dh = 128 at encoder width 1536, S = 32 tokens per frame slot, F = 10 frames per window) taken from
 FavorConfig('favor-13b'). The sweep varies F.
+
+Protocol: per thread count, every backend is warmed up, then timed round-robin (one call of each
+per round, `repeats` rounds) so they share whatever the machine does; medians are reported, and
+ratios are taken between medians of the same run. Besides wall time, each call's CPU time on the
+calling thread is recorded: at 1 thread every backend runs on that thread, so it is a load-
+independent cross-check of the wall-clock ratios.
+
+Quiet-machine guard: the run is refused when the 1-min load average exceeds --max-load before it
+starts (--force runs anyway). During the run the CPU time of *other* processes is measured from
+/proc/stat minus this process's own CPU time; records carry it as `foreign_cpus` (average CPUs
+busy with other work) and are marked `quiet: false` when it or the starting load exceeds the limit.
 
 Work formula (counts only unmasked work): with orientation 'past' frame f sees f + 1 frames, so a
 window has S^2 F (F + 1) / 2 visible (query, key) pairs per head; each costs 2 Dh FLOPs for q.k and
@@ -15,21 +26,33 @@ work, so GFLOP/s compare like with like (SDPA also computes the masked half and 
 
 from __future__ import annotations
 
+import os
+import statistics
+import sys
+import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
 import typer
 
-from benchmarks.common import append_jsonl, machine, machine_line, markdown_table, measure_interleaved
+from benchmarks.common import append_jsonl, machine, machine_line, markdown_table
 from favor import ops
 from favor.attention import block_causal_mask, reference_attention
 from favor.config import get_config
 
 HERE = Path(__file__).resolve().parent
 app = typer.Typer(add_completion=False)
+
+SDPA = "torch SDPA + bool mask"
+SDPA_BF16 = "torch SDPA + bool mask, bf16"
+FUSED = "fused fp32 (favor._C)"
+FUSED_BF16 = "fused bf16 (favor._C)"
+REFERENCE = "reference (favor.attention)"
+FLEX = "FlexAttention + block mask"
 
 
 def attention_flops(windows: int, heads: int, frames: int, tokens_per_frame: int, head_dim: int) -> int:
@@ -38,7 +61,59 @@ def attention_flops(windows: int, heads: int, frames: int, tokens_per_frame: int
     return 4 * windows * heads * head_dim * visible_pairs
 
 
-def _flex(frames: int, tpf: int, windows: int, heads: int):
+class ForeignLoad:
+    """CPU time other processes used while the block ran, in CPUs (0 = machine to ourselves)."""
+
+    def __enter__(self) -> ForeignLoad:
+        self.load_before = os.getloadavg()[0]
+        self._busy0, self._own0, self._t0 = _busy_seconds(), _own_seconds(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall = time.perf_counter() - self._t0
+        busy, own = _busy_seconds(), _own_seconds()
+        self.load_after = os.getloadavg()[0]
+        self.foreign_cpus = None if busy is None or self._busy0 is None else max(
+            0.0, (busy - self._busy0 - (own - self._own0)) / wall)
+
+
+def _busy_seconds() -> float | None:
+    """Non-idle CPU seconds of the whole machine (including steal: another VM took our CPU)."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def round_robin(fns: dict[str, Callable[[], Any]], warmup: int, repeats: int) -> dict[str, dict[str, float]]:
+    """Median / min / p90 wall ms and median calling-thread CPU ms per backend, round-robin."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    wall: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            c0, t0 = time.thread_time(), time.perf_counter()
+            fn()
+            wall[name].append((time.perf_counter() - t0) * 1e3)
+            cpu[name].append((time.thread_time() - c0) * 1e3)
+    out = {}
+    for name, ts in wall.items():
+        ts.sort()
+        out[name] = {"median_ms": statistics.median(ts), "min_ms": ts[0], "p90_ms": ts[int(0.9 * (len(ts) - 1))],
+                     "thread_cpu_ms": statistics.median(cpu[name]), "repeats": len(ts)}
+    return out
+
+
+def _flex(frames: int, tpf: int):
     """Compiled FlexAttention with a block mask; None (and why) when it cannot run here."""
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -57,121 +132,148 @@ def _flex(frames: int, tpf: int, windows: int, heads: int):
         return None, f"unavailable: {type(err).__name__}: {str(err).splitlines()[0][:80]}"
 
 
-def bench_shape(windows: int, frames: int, tpf: int, heads: int, head_dim: int, repeats: int,
-                with_flex: bool) -> list[dict]:
-    L = frames * tpf
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(windows, heads, L, head_dim, generator=g) for _ in range(3))
-    mask = block_causal_mask(L, tpf, "past")  # [L, L] bool, True = attend
-    flops = attention_flops(windows, heads, frames, tpf, head_dim)
-    ref = reference_attention(q, k, v, tpf, "past")
-    backends = {
-        "fused (favor._C)": lambda: ops.block_causal_attention(q, k, v, tpf, "past"),
-        "torch SDPA + bool mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
-        "reference (favor.attention)": lambda: reference_attention(q, k, v, tpf, "past"),
+def _backends(q, k, v, tpf: int, mask, extra: set[str]) -> tuple[dict[str, Callable[[], Any]], dict[str, str]]:
+    qb, kb, vb = (t.bfloat16() for t in (q, k, v))
+    fns = {
+        SDPA: lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+        FUSED: lambda: ops.block_causal_attention(q, k, v, tpf, "past"),
+        FUSED_BF16: lambda: ops.block_causal_attention(qb, kb, vb, tpf, "past"),
+        SDPA_BF16: lambda: F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask),
     }
-    notes = {}
-    if with_flex:
-        flex, note = _flex(frames, tpf, windows, heads)
-        notes["FlexAttention + block mask"] = note
+    notes = {FUSED_BF16: ops.extension().build_info()["micro_kernels"].split("bf16: ")[-1]}
+    if "reference" in extra:
+        fns[REFERENCE] = lambda: reference_attention(q, k, v, tpf, "past")
+    if "flex" in extra:
+        flex, notes[FLEX] = _flex(q.shape[2] // tpf, tpf)
         if flex is not None:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     flex(q, k, v)  # compile outside the timed region
-                backends["FlexAttention + block mask"] = lambda: flex(q, k, v)
+                fns[FLEX] = lambda: flex(q, k, v)
             except Exception as err:  # noqa: BLE001
-                notes["FlexAttention + block mask"] = f"unavailable: {type(err).__name__}"
+                notes[FLEX] = f"unavailable: {type(err).__name__}"
+    return fns, notes
+
+
+def bench_shape(windows: int, frames: int, tpf: int, heads: int, head_dim: int, repeats: int,
+                extra: set[str]) -> list[dict]:
+    L = frames * tpf
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(windows, heads, L, head_dim, generator=g) for _ in range(3))
+    mask = block_causal_mask(L, tpf, "past")  # [L, L] bool, True = attend
+    flops = attention_flops(windows, heads, frames, tpf, head_dim)
+    ref64 = reference_attention(q.double(), k.double(), v.double(), tpf, "past")
+    fns, notes = _backends(q, k, v, tpf, mask, extra)
+    with ForeignLoad() as load:
+        timings = round_robin(fns, warmup=3, repeats=repeats)
     records = []
-    timings = measure_interleaved(backends, warmup=3, repeats=repeats)
-    for name, fn in backends.items():
-        err = (fn().float() - ref).abs().max().item()  # sanity: every backend computes the same thing
+    for name, fn in fns.items():
+        err = (fn().double() - ref64).abs().max().item()  # every backend computes the same thing
         t = timings[name]
-        records.append({"backend": name, "windows": windows, "heads": heads, "frames": frames,
-                        "tokens_per_frame": tpf, "head_dim": head_dim, "dtype": "float32",
-                        "median_ms": t.median_ms, "min_ms": t.min_ms, "p90_ms": t.p90_ms, "repeats": t.repeats,
-                        "gflops": flops / t.median_ms / 1e6, "max_abs_err_vs_ref": err,
-                        "note": notes.get(name, "")})
+        records.append({"backend": name, "windows": windows, "heads": heads, "frames": frames, "tokens_per_frame": tpf,
+                        "head_dim": head_dim, "dtype": "bfloat16" if "bf16" in name else "float32", **t,
+                        "gflops": flops / t["median_ms"] / 1e6, "x_sdpa": timings[SDPA]["median_ms"] / t["median_ms"],
+                        "x_sdpa_thread_cpu": timings[SDPA]["thread_cpu_ms"] / t["thread_cpu_ms"],
+                        "x_fused_fp32": timings[FUSED]["median_ms"] / t["median_ms"],
+                        "max_abs_err_vs_fp64": err, "note": notes.get(name, ""),
+                        "load_before": round(load.load_before, 2), "load_after": round(load.load_after, 2),
+                        "foreign_cpus": None if load.foreign_cpus is None else round(load.foreign_cpus, 3)})
     for name, note in notes.items():
-        if name not in backends:
+        if name not in fns:
             records.append({"backend": name, "frames": frames, "median_ms": None, "note": note})
     return records
 
 
-def _release_table(records: list[dict]) -> str:
-    sdpa = next(r["median_ms"] for r in records if r["backend"].startswith("torch SDPA"))
+def _release_table(records: list[dict], show_cpu: bool) -> str:
+    header = ["backend", "median ms", "min ms", "ms / window", "useful GFLOP/s", "x SDPA+mask fp32",
+              "x fused fp32", "max |err| vs fp64"] + (["thread CPU ms", "x SDPA (CPU time)"] if show_cpu else [])
     rows = []
     for r in records:
         if r["median_ms"] is None:
-            rows.append([r["backend"], "-", "-", "-", "-", "-", r["note"]])
+            rows.append([r["backend"]] + ["-"] * (len(header) - 2) + [r["note"]])
             continue
-        rows.append([r["backend"], r["median_ms"], r["min_ms"], r["median_ms"] / r["windows"], r["gflops"],
-                     sdpa / r["median_ms"], f"{r['max_abs_err_vs_ref']:.1e}"])
-    return markdown_table(["backend", "median ms", "min ms", "ms / window", "useful GFLOP/s",
-                           "x SDPA+mask (median)", "max |err| vs ref"], rows)
+        row = [r["backend"], r["median_ms"], r["min_ms"], r["median_ms"] / r["windows"], r["gflops"], r["x_sdpa"],
+               r["x_fused_fp32"], f"{r['max_abs_err_vs_fp64']:.1e}"]
+        rows.append(row + ([r["thread_cpu_ms"], r["x_sdpa_thread_cpu"]] if show_cpu else []))
+    return markdown_table(header, rows)
 
 
 def _sweep_table(records: list[dict]) -> str:
     rows = []
     for f in sorted({r["frames"] for r in records}):
         by = {r["backend"]: r for r in records if r["frames"] == f}
-        fused, sdpa, ref = (by[k] for k in ("fused (favor._C)", "torch SDPA + bool mask",
-                                            "reference (favor.attention)"))
-        rows.append([f, f * fused["tokens_per_frame"], fused["median_ms"], fused["gflops"], sdpa["median_ms"],
-                     sdpa["gflops"], ref["median_ms"], sdpa["median_ms"] / fused["median_ms"]])
-    return markdown_table(["frames", "tokens", "fused ms", "fused GFLOP/s", "SDPA+mask ms", "SDPA GFLOP/s",
-                           "reference ms", "fused speed-up vs SDPA"], rows)
+        fused, bf16, sdpa = by[FUSED], by[FUSED_BF16], by[SDPA]
+        rows.append([f, f * fused["tokens_per_frame"], fused["median_ms"], fused["gflops"], bf16["median_ms"],
+                     sdpa["median_ms"], fused["x_sdpa"], bf16["x_fused_fp32"]])
+    return markdown_table(["frames", "tokens", "fused fp32 ms", "fused fp32 GFLOP/s", "fused bf16 ms", "SDPA+mask ms",
+                           "fused fp32 x SDPA", "bf16 x fused fp32"], rows)
+
+
+def _load_line(records: list[dict], max_load: float) -> str:
+    r = next(x for x in records if x.get("median_ms") is not None)
+    quiet = r["load_before"] <= max_load and (r["foreign_cpus"] or 0.0) <= max_load
+    return (f"Load: 1-min average {r['load_before']} before, {r['load_after']} after (includes this run's own "
+            f"threads); other processes used {r['foreign_cpus']} CPUs on average during the timed rounds. "
+            + ("Quiet run." if quiet else f"**Not a quiet run** (limit {max_load}): treat absolute times as "
+               "inflated; the round-robin ratios and the 1-thread CPU-time ratios are the robust figures."))
 
 
 @app.command()
 def main(windows: Annotated[int, typer.Option(help="windows per call (the Q-Former's batch)")] = 4,
-         repeats: Annotated[int, typer.Option(help="timed repeats per backend (median reported)")] = 15,
-         threads: Annotated[str, typer.Option(help="torch/kernel thread counts, one section each")] = "2,1",
-         sweep: Annotated[str, typer.Option(help="frames per window (first thread count only)")] = "1,2,5,10,15,20",
-         flex: Annotated[bool, typer.Option(help="include compiled FlexAttention (slow compile)")] = True,
+         repeats: Annotated[int, typer.Option(help="timed rounds (median reported)")] = 25,
+         threads: Annotated[str, typer.Option(help="thread counts, one section each")] = "1,2",
+         sweep: Annotated[str, typer.Option(help="frames per window (first thread count only; '' = none)")]
+         = "1,2,5,10,15,20",
+         flex: Annotated[bool, typer.Option(help="include compiled FlexAttention (slow compile)")] = False,
+         reference: Annotated[bool, typer.Option(help="include the readable PyTorch reference")] = True,
+         max_load: Annotated[float, typer.Option(help="refuse to start above this 1-min load average")] = 0.5,
+         force: Annotated[bool, typer.Option(help="run on a loaded machine anyway (records marked)")] = False,
          out: Annotated[Path, typer.Option(help="Markdown results section")] = HERE / "out" / "RESULTS_attention.md",
          jsonl: Annotated[Path, typer.Option(help="JSON-lines log")] = HERE / "results" / "bench_attention.jsonl",
          ) -> None:
+    load = os.getloadavg()[0]
+    if load > max_load and not force:
+        print(f"error: 1-min load average {load:.2f} > {max_load}: wait for a quiet machine or pass --force "
+              "(the records are then marked quiet: false)", file=sys.stderr)
+        raise typer.Exit(2)
+    if not ops.available():
+        print("error: favor._C is not built; run `make setup` (or pip install -e .)", file=sys.stderr)
+        raise typer.Exit(2)
     cfg = get_config("favor-13b")
     heads = cfg.qformer.encoder_heads
     head_dim = cfg.fused_width // heads  # 1536 / 12 = 128
     tpf, frames = cfg.tokens_per_frame, cfg.timing.frames_per_window
-    sections = ["## Block-causal window attention (CPU, fp32)", ""]
+    extra = {name for name, on in (("flex", flex), ("reference", reference)) if on}
+    sections = ["## Block-causal window attention (CPU, fp32 and bf16)", ""]
     for i, nt in enumerate(int(x) for x in threads.split(",")):
         torch.set_num_threads(nt)  # the fused op follows torch's thread count
         info = machine()
         info["kernel"] = ops.extension().build_info()
-        release = bench_shape(windows, frames, tpf, heads, head_dim, repeats, flex)
+        release = bench_shape(windows, frames, tpf, heads, head_dim, repeats, extra)
         sections += [
-            f"### {nt} thread{'s' if nt > 1 else ''}",
-            "",
-            f"Machine: {machine_line(info)}. Kernel build: {info['kernel']['isa_dispatch']}, "
-            f"OpenMP {info['kernel']['openmp']}.",
-            "",
-            f"Release shape: {windows} windows x {heads} heads x {frames * tpf} tokens x head dim {head_dim}, "
-            f"{tpf} tokens per frame, {frames} frames, orientation 'past'; median of {repeats} repeats after "
-            "3 warm-up calls, backends timed round-robin (one call each per round) so they share the "
-            "machine's load. GFLOP/s = 4 W H Dh S^2 F(F+1)/2 / median time (unmasked work only, the same "
-            "for every backend).",
-            "",
-            _release_table(release),
-            "",
+            f"### {nt} thread{'s' if nt > 1 else ''}", "",
+            f"Machine: {machine_line(info)}. Kernel: {info['kernel']['micro_kernels']} "
+            f"({info['kernel']['isa_dispatch']}).", "",
+            f"Release shape: {windows} windows x {heads} heads x {frames * tpf} tokens x head dim {head_dim}, {tpf} "
+            f"tokens per frame, {frames} frames, orientation 'past'; median of {repeats} round-robin rounds after 3 "
+            "warm-up calls. GFLOP/s = 4 W H Dh S^2 F(F+1)/2 / median time (unmasked work only, the same for every "
+            "backend). Errors against a float64 reference from the same (fp32) inputs; the bf16 rows' inputs are "
+            "those rounded to bf16.", "",
+            _release_table(release, show_cpu=nt == 1), "",
+            _load_line(release, max_load), "",
         ]
-        load, cpus = info.get("load_avg_1min"), info["logical_cpus"] or 1
-        if load is not None and load > 1.5 * cpus:
-            sections += [f"Note: other processes shared the machine during this run (load {load} on {cpus} "
-                         "CPUs): absolute times are inflated and noisy; the ratios of round-robin medians "
-                         "are the robust figure.", ""]
         records = list(release)
         if i == 0 and sweep:
             swept = [r for f in (int(x) for x in sweep.split(","))
-                     for r in bench_shape(windows, f, tpf, heads, head_dim, repeats, with_flex=False)]
+                     for r in bench_shape(windows, f, tpf, heads, head_dim, repeats, set())]
             records += swept
-            sections += [f"Sweep over frames per window ({windows} windows, {heads} heads, head dim "
-                         f"{head_dim}, {tpf} tokens per frame, {nt} threads; FlexAttention omitted to bound "
-                         "compile time):", "", _sweep_table(swept), ""]
+            sections += [f"Sweep over frames per window ({windows} windows, {heads} heads, head dim {head_dim}, "
+                         f"{tpf} tokens per frame, {nt} thread{'s' if nt > 1 else ''}):", "", _sweep_table(swept), "",
+                         _load_line(swept, max_load), ""]
         for r in records:
-            append_jsonl(jsonl, {"bench": "attention", "machine": info, **r})
+            quiet = r.get("load_before", 0) <= max_load and (r.get("foreign_cpus") or 0.0) <= max_load
+            append_jsonl(jsonl, {"bench": "attention", "machine": info, "quiet": quiet, "max_load": max_load, **r})
     text = "\n".join(sections)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)  # a section to paste into benchmarks/RESULTS.md

@@ -89,7 +89,7 @@ FAVOR_AVX512 inline __attribute__((always_inline)) void pv_chunk_f32(const float
     for (int c = 0; c < NV; ++c) _mm512_storeu_ps(o + r * dp + 16 * c, acc[r][c]);
 }
 
-FAVOR_AVX512 void pv_f32(const float* p, uint16_t*, const void* v_packed, int64_t k0, int64_t dp, float* o,
+FAVOR_AVX512 void pv_f32(const float* p, const uint16_t*, const void* v_packed, int64_t k0, int64_t dp, float* o,
                          int64_t rows) {
   const float* v = static_cast<const float*>(v_packed) + k0 * dp;
   for (int64_t r0 = 0; r0 < rows; r0 += kR) {
@@ -160,13 +160,8 @@ FAVOR_AVX512_BF16 inline __attribute__((always_inline)) void pv_chunk_bf16(const
     for (int c = 0; c < NV; ++c) _mm512_storeu_ps(o + r * dp + 16 * c, acc[r][c]);
 }
 
-FAVOR_AVX512_BF16 void pv_bf16(const float* p, uint16_t* pb, const void* v_packed, int64_t k0, int64_t dp,
+FAVOR_AVX512_BF16 void pv_bf16(const float*, const uint16_t* pb, const void* v_packed, int64_t k0, int64_t dp,
                                float* o, int64_t rows) {
-  const int64_t padded = (rows + kR - 1) / kR * kR;
-  for (int64_t r = 0; r < padded; ++r) {  // P row of 32 keys -> 32 bf16 in key order (RNE)
-    const __m512bh h = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(p + r * kBlockK + 16), _mm512_loadu_ps(p + r * kBlockK));
-    _mm512_storeu_si512(pb + r * kBlockK, (__m512i)h);
-  }
   const uint32_t* vp = static_cast<const uint32_t*>(v_packed) + (k0 / 2) * dp;
   for (int64_t r0 = 0; r0 < rows; r0 += kR) {
     int64_t d0 = 0;
@@ -177,16 +172,25 @@ FAVOR_AVX512_BF16 void pv_bf16(const float* p, uint16_t* pb, const void* v_packe
 
 // ---- shared: online softmax and packing ----------------------------------------------------------
 
-// exp2_neg (block_causal_attention.h) on 16 lanes: same clamp, rounding and polynomial. max(-127, x)
-// returns x when x is NaN, so NaN scores propagate as in the scalar version.
+// exp2_neg (block_causal_attention.h) on 16 lanes: same clamp, rounding and 2^f = e^(f ln 2) Taylor
+// series, of degree 7 (fp32: truncation < 6e-9 relative) or 4 (bf16 path: < 6e-5 relative, far
+// below the 2^-9 rounding P gets when converted to bf16; l and P share it, so it cancels in
+// P / l to first order). max(-127, x) returns x when x is NaN, so NaN scores propagate.
+template <int kDegree>
 FAVOR_AVX512 inline __attribute__((always_inline)) __m512 exp2_neg_v(__m512 x) {
+  static_assert(kDegree == 4 || kDegree == 7, "the two accuracies in use");
   x = _mm512_max_ps(_mm512_set1_ps(-127.f), x);
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_mul_ps(_mm512_sub_ps(x, n), _mm512_set1_ps(0.6931471805599453f));
-  __m512 p = _mm512_set1_ps(1.f / 5040.f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 720.f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 120.f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 24.f));
+  __m512 p;
+  if (kDegree == 7) {
+    p = _mm512_set1_ps(1.f / 5040.f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 720.f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 120.f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 24.f));
+  } else {
+    p = _mm512_set1_ps(1.f / 24.f);
+  }
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 6.f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
@@ -195,31 +199,84 @@ FAVOR_AVX512 inline __attribute__((always_inline)) __m512 exp2_neg_v(__m512 x) {
   return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
 }
 
-// Online-softmax step (the maths of softmax_block in block_causal_attention_cpu.cpp), one row of
-// kBlockK = 32 scores in two registers.
-FAVOR_AVX512 void softmax_avx512(float* s, float* m, float* l, float* o, int64_t rows, int64_t dp) {
-  static_assert(kBlockK == 32, "one row of scores is two zmm registers");
-  constexpr float kNegInf = -__builtin_huge_valf();
-  for (int64_t r = 0; r < rows; ++r) {
-    float* row = s + r * kBlockK;
-    const __m512 a = _mm512_loadu_ps(row), b = _mm512_loadu_ps(row + 16);
-    float m_new;
-    const float alpha = softmax_rescale(m[r], _mm512_reduce_max_ps(_mm512_max_ps(a, b)), &m_new);
-    m[r] = m_new;
-    if (m_new == kNegInf) {  // nothing visible yet: this block adds nothing
-      _mm512_storeu_ps(row, _mm512_setzero_ps());
-      _mm512_storeu_ps(row + 16, _mm512_setzero_ps());
-      continue;
+// float_to_bf16 (round to nearest even) on 16 finite or NaN-from-arithmetic lanes, AVX-512F only,
+// so the fp32-path instantiation of the softmax below needs no avx512_bf16.
+FAVOR_AVX512 inline __attribute__((always_inline)) __m256i to_bf16(__m512 x) {
+  const __m512i b = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+}
+
+// Reduce 16 vectors to one: lane r = op over the 16 lanes of v[r]. Four halving steps (256-bit
+// halves, 128-bit lanes, pairs, elements) leave row 4 (i % 4) + i / 4 in lane i; one permute
+// restores row order.
+template <typename Op>
+FAVOR_AVX512 inline __attribute__((always_inline)) __m512 reduce16(__m512* v, Op op) {
+  __m512 u[8], w[4], z[2];
+  for (int i = 0; i < 8; ++i)
+    u[i] = op(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44), _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xee));
+  for (int i = 0; i < 4; ++i)
+    w[i] = op(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0x88), _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0xdd));
+  for (int i = 0; i < 2; ++i)
+    z[i] = op(_mm512_shuffle_ps(w[2 * i], w[2 * i + 1], 0x44), _mm512_shuffle_ps(w[2 * i], w[2 * i + 1], 0xee));
+  const __m512 x = op(_mm512_shuffle_ps(z[0], z[1], 0x88), _mm512_shuffle_ps(z[0], z[1], 0xdd));
+  const __m512i order = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+  return _mm512_permutexvar_ps(order, x);
+}
+
+// Online-softmax step (the maths of softmax_block in block_causal_attention_cpu.cpp) for 16 rows
+// at a time: one row of kBlockK = 32 scores is two registers; row max, row sum and the rescale
+// factor alpha are computed for the 16 rows in one register each, not row by row. Rows beyond
+// `rows` (up to kTileQ, zero scores) are computed but their P is written as zeros, so micro-tile
+// padding rows add nothing in P.V. kBf16 writes P as bf16 into pb (round to nearest even) for
+// the vdpbf16ps P.V; otherwise P replaces s.
+template <bool kBf16>
+FAVOR_AVX512 void softmax_avx512(float* s, uint16_t* pb, float* m, float* l, float* o, int64_t rows,
+                                                int64_t dp) {
+  static_assert(kBlockK == 32 && kTileQ % 16 == 0, "rows of two zmm, groups of 16 rows");
+  constexpr int kDegree = kBf16 ? 4 : 7;
+  const __m512 neg_inf = _mm512_set1_ps(-__builtin_huge_valf()), one = _mm512_set1_ps(1.f);
+  for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+    float* blk = s + r0 * kBlockK;
+    __m512 t[16];
+    for (int r = 0; r < 16; ++r)
+      t[r] = _mm512_max_ps(_mm512_loadu_ps(blk + r * kBlockK), _mm512_loadu_ps(blk + r * kBlockK + 16));
+    const __m512 bmax = reduce16(t, [](__m512 a, __m512 b) FAVOR_AVX512 { return _mm512_max_ps(a, b); });
+    const __m512 m_old = _mm512_loadu_ps(m + r0);
+    const __m512 m_new = _mm512_max_ps(m_old, bmax);
+    // Rows that have seen only masked keys keep m = -inf: alpha 1, and their p = 2^(-inf - 0) = 0.
+    const __mmask16 empty = _mm512_cmp_ps_mask(m_new, neg_inf, _CMP_EQ_OQ);
+    const __m512 alpha = _mm512_mask_blend_ps(empty, exp2_neg_v<kDegree>(_mm512_sub_ps(m_old, m_new)), one);
+    alignas(64) float shift[16];
+    _mm512_store_ps(shift, _mm512_mask_blend_ps(empty, m_new, _mm512_setzero_ps()));
+    _mm512_storeu_ps(m + r0, m_new);
+    for (int r = 0; r < 16; ++r) {
+      float* row = blk + r * kBlockK;
+      const __m512 mv = _mm512_set1_ps(shift[r]);
+      __m512 pa = exp2_neg_v<kDegree>(_mm512_sub_ps(_mm512_loadu_ps(row), mv));
+      __m512 pc = exp2_neg_v<kDegree>(_mm512_sub_ps(_mm512_loadu_ps(row + 16), mv));
+      if (r0 + r >= rows) pa = pc = _mm512_setzero_ps();
+      if constexpr (kBf16) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pb + (r0 + r) * kBlockK), to_bf16(pa));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pb + (r0 + r) * kBlockK + 16), to_bf16(pc));
+      } else {
+        _mm512_storeu_ps(row, pa);
+        _mm512_storeu_ps(row + 16, pc);
+      }
+      t[r] = _mm512_add_ps(pa, pc);
     }
-    const __m512 mv = _mm512_set1_ps(m_new);
-    const __m512 pa = exp2_neg_v(_mm512_sub_ps(a, mv)), pb = exp2_neg_v(_mm512_sub_ps(b, mv));
-    _mm512_storeu_ps(row, pa);
-    _mm512_storeu_ps(row + 16, pb);
-    l[r] = l[r] * alpha + _mm512_reduce_add_ps(_mm512_add_ps(pa, pb));
-    if (alpha != 1.f) {
-      const __m512 av = _mm512_set1_ps(alpha);
-      for (int64_t d = 0; d < dp; d += 16)
-        _mm512_storeu_ps(o + r * dp + d, _mm512_mul_ps(_mm512_loadu_ps(o + r * dp + d), av));
+    const __m512 sum = reduce16(t, [](__m512 a, __m512 b) FAVOR_AVX512 { return _mm512_add_ps(a, b); });
+    _mm512_storeu_ps(l + r0, _mm512_fmadd_ps(_mm512_loadu_ps(l + r0), alpha, sum));
+    __mmask16 rescale = _mm512_cmp_ps_mask(alpha, one, _CMP_NEQ_UQ);
+    if (!rescale) continue;
+    alignas(64) float a[16];
+    _mm512_store_ps(a, alpha);
+    for (; rescale; rescale &= rescale - 1) {  // each row whose max moved
+      const int r = __builtin_ctz(rescale);
+      const __m512 av = _mm512_set1_ps(a[r]);
+      float* orow = o + (r0 + r) * dp;
+      for (int64_t d = 0; d < dp; d += 16) _mm512_storeu_ps(orow + d, _mm512_mul_ps(_mm512_loadu_ps(orow + d), av));
     }
   }
 }
@@ -320,12 +377,12 @@ void load_q_bf16(const BlockCausalParams& p, int64_t b, int64_t h, int64_t row0,
 }  // namespace
 
 const Path* avx512_fp32_path() {
-  static const Path path{"kAvx512 8x32", kR, 4, pack_f32_avx512, load_q_f32, scores_f32, pv_f32, softmax_avx512};
+  static const Path path{"kAvx512 8x32", kR, 4, pack_f32_avx512, load_q_f32, scores_f32, softmax_avx512<false>, pv_f32};
   return &path;
 }
 
 const Path* avx512_bf16_path() {
-  static const Path path{"kAvx512Bf16 8x32 vdpbf16ps", kR, 2, pack_bf16, load_q_bf16, scores_bf16, pv_bf16, softmax_avx512};
+  static const Path path{"kAvx512Bf16 8x32 vdpbf16ps", kR, 2, pack_bf16, load_q_bf16, scores_bf16, softmax_avx512<true>, pv_bf16};
   return &path;
 }
 

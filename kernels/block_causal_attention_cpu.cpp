@@ -120,12 +120,12 @@ FAVOR_ALWAYS_INLINE void pv_tile(const float* __restrict p, const float* __restr
       score_tile<R, C>(static_cast<const float*>(q) + r * dp, static_cast<const float*>(kt) + k0, dp, \
                        lp, scale, s + r * kBlockK);                                                  \
   }                                                                                                  \
-  TARGET void NAME##_pv(const float* p, uint16_t*, const void* v, int64_t k0, int64_t dp, float* o, \
+  TARGET void NAME##_pv(const float* p, const uint16_t*, const void* v, int64_t k0, int64_t dp, float* o, \
                         int64_t rows) {                                                              \
     for (int64_t r = 0; r < rows; r += R)                                                            \
       pv_tile<R, C>(p + r * kBlockK, static_cast<const float*>(v) + k0 * dp, dp, o + r * dp);        \
   }                                                                                                  \
-  const Path NAME{#NAME " " #R "x" #C, R, 4, pack_f32, load_q_f32, NAME##_scores, NAME##_pv, softmax_block};
+  const Path NAME{#NAME " " #R "x" #C, R, 4, pack_f32, load_q_f32, NAME##_scores, softmax_block, NAME##_pv};
 
 // Measured on one Zen 5 core at the release shape: AVX2 4 x 32 42 GFLOP/s, while 4 x 16 fell to
 // 12 (GCC fully unrolls the 16-wide loop and its SLP pass emits poor code). Baseline uses 4 x 32.
@@ -170,7 +170,7 @@ const Path& path_for(DType t) {
 // m, l, o are the running max, sum and unnormalised output.
 }  // namespace
 
-FAVOR_CLONES void softmax_block(float* __restrict s, float* __restrict m, float* __restrict l,
+FAVOR_CLONES void softmax_block(float* __restrict s, uint16_t*, float* __restrict m, float* __restrict l,
                                 float* __restrict o, int64_t rows, int64_t dp) {
   for (int64_t r = 0; r < rows; ++r) {
     float* __restrict row = s + r * kBlockK;
@@ -241,6 +241,7 @@ void attend_tile(const BlockCausalParams& p, const Path& path, const void* kpack
   float m[kTileQ], l[kTileQ];
   int64_t lo_row[kTileQ], hi_row[kTileQ];
   path.load_q(p, b, h, row0, rows, dp, qtile);
+  std::fill(s, s + kTileQ * kBlockK, 0.f);  // rows past `rows` stay finite in 16-row softmax groups
   const float qscale = p.softmax_scale * kLog2e;  // scores in the log2 domain (exp -> exp2)
   std::fill(o, o + kTileQ * dp, 0.f);
   for (int64_t r = 0; r < kTileQ; ++r) {
@@ -270,7 +271,7 @@ void attend_tile(const BlockCausalParams& p, const Path& path, const void* kpack
           for (int64_t r = 0; r < rows; ++r) s[r * kBlockK + c] = kNegInf;
       }
     }
-    path.softmax(s, m, l, o, rows, dp);
+    path.softmax(s, pbuf, m, l, o, rows, dp);
     for (int64_t r = rows; r < round_up(rows, path.rows_per_tile); ++r)  // micro-tile tail rows add nothing
       std::fill(s + r * kBlockK, s + (r + 1) * kBlockK, 0.f);
     path.pv(s, pbuf, vpack, k0, dp, o, rows);

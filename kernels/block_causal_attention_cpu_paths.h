@@ -40,15 +40,17 @@ struct Path {
   // s [rows][kBlockK] = (q . k_j) * scale for the keys [k0, k0 + kBlockK).
   void (*scores)(const void* qtile, const void* k_packed, int64_t k0, int64_t dp, int64_t lp, float scale,
                  float* s, int64_t rows);
-  // o [rows][Dp] += p [rows][kBlockK] . V[k0 : k0 + kBlockK]; scratch holds kTileQ x kBlockK bf16.
-  void (*pv)(const float* p, uint16_t* scratch, const void* v_packed, int64_t k0, int64_t dp, float* o,
+  // Online-softmax step over s [rows][kBlockK]: updates the running max m, sum l and rescales the
+  // output o [rows][Dp]; P goes back into s (fp32 paths) or into pb [kTileQ][kBlockK] as bf16
+  // (bf16 path; rows past `rows` up to the micro-tile padding are zeros there).
+  void (*softmax)(float* s, uint16_t* pb, float* m, float* l, float* o, int64_t rows, int64_t dp);
+  // o [rows][Dp] += P [rows][kBlockK] . V[k0 : k0 + kBlockK], P from s or pb as written above.
+  void (*pv)(const float* s, const uint16_t* pb, const void* v_packed, int64_t k0, int64_t dp, float* o,
              int64_t rows);
-  // Online-softmax step over s [rows][kBlockK] (becomes P), running max m, sum l, output o [rows][Dp].
-  void (*softmax)(float* s, float* m, float* l, float* o, int64_t rows, int64_t dp);
 };
 
 // Portable online-softmax step (block_causal_attention_cpu.cpp), built per ISA by target_clones.
-void softmax_block(float* s, float* m, float* l, float* o, int64_t rows, int64_t dp);
+void softmax_block(float* s, uint16_t* pb, float* m, float* l, float* o, int64_t rows, int64_t dp);
 
 // Defined in block_causal_attention_avx512.cpp; nullptr when not built for x86-64 with GCC.
 const Path* avx512_fp32_path();
