@@ -159,19 +159,25 @@ def check_prompt_fits(engine, o: RunOptions) -> None:
     before any allocation (a 100,000-character prompt would otherwise ask for gigabytes)."""
     from favor.prompt import chat_prompt, inference_ids
 
-    cfg = engine.cfg
-    history = [(o.prompt, "")] * o.context
-    ids = inference_ids(engine.tokenizer, chat_prompt(o.prompt, history))
-    text = 1 + len(ids.pre) + len(ids.post)  # BOS + the text around the AV chunk
+    cfg, tok = engine.cfg, engine.tokenizer
+
+    def text_tokens(question: str) -> int:  # BOS + the text around the AV chunk, history included
+        ids = inference_ids(tok, chat_prompt(question, [(question, "")] * o.context))
+        return 1 + len(ids.pre) + len(ids.post)
+
     av = o.max_merge * cfg.queries_per_window
-    answers = (o.context + 1) * o.max_new_tokens
+    answers = (o.context + 1) * o.max_new_tokens  # this caption and each earlier one at full length
     positions = cfg.llm.max_positions
-    if text + av + answers > positions:
-        room = positions - av - answers - (text - len(inference_ids(engine.tokenizer, o.prompt).post))
+    need = text_tokens(o.prompt) + av + answers
+    if need > positions:
+        # the question appears once per turn (context + 1 times); the rest of the budget is fixed
+        room = (positions - av - answers - text_tokens("")) // (o.context + 1)
+        advice = (f"shorten the prompt to at most ~{room} tokens" if room > 0
+                  else "lower --context, --max-new-tokens or --max-merge")
         raise UsageError(
             f"--prompt is too long: with --context {o.context}, --max-new-tokens {o.max_new_tokens} and up to "
-            f"{o.max_merge} merged windows ({av} AV tokens) the LLM needs {text + av + answers} positions, "
-            f"the model has {positions}; shorten the prompt (to about {max(room, 0)} tokens) or lower those options")
+            f"{o.max_merge} merged windows ({av} AV tokens) the LLM needs {need} positions, the model has "
+            f"{positions}; {advice}")
 
 
 # -- opening ---------------------------------------------------------------------------------------
@@ -192,7 +198,10 @@ def open_engine(o: RunOptions):
         source = MediaSource(o.input, engine.cfg.timing.sample_rate, timeout=o.timeout)
     except (ValueError, FileNotFoundError) as e:  # SourceError and MediaError are ValueErrors
         export_view.close()
-        raise UsageError(str(e)) from None
+        message = str(e)
+        if o.fps is not None and message.startswith("video_fps"):  # the config's check of --fps
+            message = "--fps" + message[len("video_fps"):]
+        raise UsageError(message) from None
     try:
         check_fps_against_source(o.fps, source)
         captioner = StreamingCaptioner(engine, o.prompt, o.max_new_tokens, o.context, o.incremental)
