@@ -40,6 +40,7 @@ DYNAMO = "torch-dynamo"  # the decoder kind when the manifest's stage names none
 # Decoder kind (manifest stages[decoder]["kind"]) -> "module:Class" with from_bundle(bundle, stage_name).
 DECODERS = {
     DYNAMO: "export.ort_inference:OrtInference",
+    "genai": "export.ort_decoder:GenaiInference",  # ONNX Runtime GenAI builder graph (export/genai_decoder.py)
 }
 
 
