@@ -21,11 +21,15 @@ axis written ``("windows", F)`` means F x windows.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from favor.config import FavorConfig
-from favor.model import FavorModel
+
+if TYPE_CHECKING:  # annotations only: ort_inference imports fusion_feed without the model stack
+    from favor.model import FavorModel
 
 AxisSpec = dict[int, "str | tuple[str, int]"]
 

@@ -24,6 +24,7 @@ from typing import Any
 from favor.config import FavorConfig
 
 MANIFEST = "manifest.json"
+EMBED_FILE = "embed_tokens.safetensors"  # LLM input embeddings [V, D]; read without importing the exporter
 FORMAT = "favor-bundle"
 BUNDLE_VERSION = 1
 TOOLCHAIN = ("torch", "onnx", "onnxscript", "onnxruntime", "onnxruntime-extensions", "transformers",

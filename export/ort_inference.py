@@ -30,9 +30,8 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file
 
-from export.bundle import EMBED_FILE
 from export.frontend import fusion_feed
-from export.manifest import load_manifest
+from export.manifest import EMBED_FILE, load_manifest
 from favor.config import FavorConfig
 from favor.onnx_attention import ort_session
 

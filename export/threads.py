@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from favor.fileio import atomic_write
+
 TUNED_STAGES = ("audio_encoder", "visual_encoder", "fusion", "decoder")
 BUDGET_S = 8.0  # whole autotune, session creation included: "a few seconds" at export
 REPEATS = 5  # timed calls per (stage, count) when the budget allows; the median is kept
@@ -114,6 +116,8 @@ def autotune(bundle_dir: str | Path, budget_s: float = BUDGET_S, cores: int | No
         runs = {n: _workloads(OrtBundle(bundle_dir, threads=n, check_hashes=False), rng)[stage] for n in counts}
         samples: dict[int, list[dict[str, float]]] = {n: [] for n in counts}
         for call in runs.values():
+            if time.perf_counter() >= deadline:
+                break
             call()  # warm-up: session creation, allocator arenas, first-run kernels
         for _ in range(REPEATS):
             if time.perf_counter() >= deadline:
@@ -140,9 +144,8 @@ def record(bundle_dir: str | Path, runtime: dict) -> None:
     path = Path(bundle_dir) / "manifest.json"
     manifest = json.loads(path.read_text())
     manifest["runtime"] = runtime
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def tune_bundle(bundle_dir: str | Path, budget_s: float = BUDGET_S) -> dict[str, int]:

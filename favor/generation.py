@@ -8,11 +8,14 @@ greedy decoding must equal.
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import torch
 
 from favor.captions import GenerationSettings, TorchInference, caption
-from favor.model import AVEmbeddings, FavorModel
+
+if TYPE_CHECKING:  # annotations only: importing favor.model costs seconds (peft, transformers)
+    from favor.model import AVEmbeddings, FavorModel
 
 __all__ = ["GENERATION_PRESETS", "GenerationSettings", "generate", "get_settings", "instruction_inputs"]
 

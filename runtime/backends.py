@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -43,7 +43,9 @@ from favor.captions import CaptionResult, GenerationSettings, OnToken, TorchInfe
 from favor.checkpoint import load_model
 from favor.config import FavorConfig
 from favor.generation import instruction_inputs
-from favor.model import FavorModel
+
+if TYPE_CHECKING:  # favor.model pulls in peft / transformers (seconds): the bundle path never needs it
+    from favor.model import FavorModel
 
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 # Tokenizer directories looked for beside a checkpoint whose config names no base LLM (tests, tiny).
@@ -220,7 +222,7 @@ class BundleBackend(StepwiseCaptioner):
         if self._embedding is None:
             from safetensors.numpy import load_file
 
-            from export.bundle import EMBED_FILE
+            from export.manifest import EMBED_FILE
 
             self._embedding = load_file(str(self.path / EMBED_FILE))["weight"]
         return self._embedding
