@@ -9,8 +9,9 @@
 //     domain), element masks where a block crosses a row's interval, online softmax, P.V.
 // Paths, chosen once per process at run time (the wheel is built without -march):
 //   AVX-512 BF16 (vdpbf16ps) for bf16 inputs when the CPU has avx512_bf16; AVX-512 fp32 (FMA
-//   intrinsics, block_causal_attention_avx512.cpp) for everything else on x86-64-v4; AVX2+FMA and
-//   baseline x86-64 from the portable templates below, which GCC vectorises per target.
+//   intrinsics, block_causal_attention_avx512.cpp) for everything else on x86-64-v4; AVX2+FMA
+//   (block_causal_attention_avx2.cpp) on x86-64-v3; baseline x86-64 from the portable template
+//   below, which GCC vectorises for SSE2.
 // fp16 (and bf16 without avx512_bf16) inputs are converted to fp32 when packed.
 
 #include <algorithm>
@@ -127,11 +128,8 @@ FAVOR_ALWAYS_INLINE void pv_tile(const float* __restrict p, const float* __restr
   }                                                                                                  \
   const Path NAME{#NAME " " #R "x" #C, R, 4, pack_f32, load_q_f32, NAME##_scores, softmax_block, NAME##_pv};
 
-// Measured on one Zen 5 core at the release shape: AVX2 4 x 32 42 GFLOP/s, while 4 x 16 fell to
-// 12 (GCC fully unrolls the 16-wide loop and its SLP pass emits poor code). Baseline uses 4 x 32.
-#if FAVOR_X86_DISPATCH
-FAVOR_PORTABLE_PATH(kAvx2, __attribute__((target("arch=x86-64-v3"))), 4, 32)
-#endif
+// Baseline x86-64 (SSE2) and non-x86 builds: 4 x 32, which GCC vectorises for the target (on
+// x86-64 the AVX2 and AVX-512 paths have their own intrinsics files).
 FAVOR_PORTABLE_PATH(kPortable, , 4, 32)
 
 // What this process runs: the widest ISA the CPU supports, or FAVOR_CPU_ISA=avx512|avx2|baseline
@@ -152,8 +150,8 @@ const Dispatch& dispatch() {
     if (v4 && avx512_fp32_path()) {
       d.fp32 = avx512_fp32_path();
       if (force != "avx512" && __builtin_cpu_supports("avx512bf16")) d.bf16 = avx512_bf16_path();
-    } else if (force != "baseline" && __builtin_cpu_supports("x86-64-v3")) {
-      d.fp32 = &kAvx2;
+    } else if (force != "baseline" && __builtin_cpu_supports("x86-64-v3") && avx2_fp32_path()) {
+      d.fp32 = avx2_fp32_path();
     }
 #endif
     return d;
@@ -210,6 +208,15 @@ void zero_padding(const Path& path, int64_t dp, int64_t lp, int64_t k_lo, int64_
   const int64_t krows = dp * path.packed_bytes / 4;
   for (int64_t r = 0; r < krows; ++r) std::memset(k + (r * lp + k_lo) * 4, 0, static_cast<size_t>((k_hi - k_lo) * 4));
   std::memset(v + k_lo * dp * path.packed_bytes, 0, static_cast<size_t>((k_hi - k_lo) * dp * path.packed_bytes));
+}
+
+// Ask L1 for q rows [r0, r1) of head (b, h) one tile ahead: the next tile's rows are read while
+// this tile computes, instead of stalling its first micro-tile on memory.
+void prefetch_q_rows(const BlockCausalParams& p, int64_t b, int64_t h, int64_t r0, int64_t r1) {
+  const int64_t elem = p.dtype == DType::kFloat32 ? 4 : 2;
+  const char* base = static_cast<const char*>(p.q) + (b * p.q_stride[0] + h * p.q_stride[1]) * elem;
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t off = 0; off < p.head_dim * elem; off += 64) __builtin_prefetch(base + r * p.q_stride[2] * elem + off, 0, 3);
 }
 
 // out[at : at + D] = o / l in the output dtype (l == 0: the row saw no key -> zeros). One loop per
@@ -381,8 +388,10 @@ const char* block_causal_attention_cpu(const BlockCausalParams& p, int num_threa
     k_hi = round_up(k_hi, kBlockK);
     if (lp != L || dp != p.head_dim) zero_padding(path, dp, lp, k_lo, k_hi, kpack, vpack);
     path.pack(p, b, bh % H, dp, lp, k_lo, k_hi, kpack, vpack);
-    for (int64_t t = t0; t < t1; ++t)
+    for (int64_t t = t0; t < t1; ++t) {
+      if (t + 1 < t1) prefetch_q_rows(p, b, bh % H, (t + 1) * kTileQ, std::min((t + 2) * kTileQ, L));
       attend_tile(p, path, kpack, vpack, key_ok ? key_ok + b * nkb * 2 : nullptr, b, bh % H, t * kTileQ, dp, lp);
+    }
   };
   const int64_t items = B * H * split;
 #if defined(_OPENMP)

@@ -55,6 +55,7 @@ void softmax_block(float* s, uint16_t* pb, float* m, float* l, float* o, int64_t
 // Defined in block_causal_attention_avx512.cpp; nullptr when not built for x86-64 with GCC.
 const Path* avx512_fp32_path();
 const Path* avx512_bf16_path();
+const Path* avx2_fp32_path();  // block_causal_attention_avx2.cpp; nullptr likewise
 
 }  // namespace cpu
 }  // namespace favor
