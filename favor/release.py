@@ -103,7 +103,7 @@ def convert_release_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, tor
             continue
         canon = _canonical(key)
         if canon is not None:
-            if canon in state and not torch.equal(state[canon], value):
+            if canon in state and state[canon] is not value and not torch.equal(state[canon], value):
                 raise ValueError(f"alias {key} differs from its canonical {canon}")
             if canon not in state:  # only the alias was saved: it carries the weight
                 weights[_favor_name(canon)] = value
@@ -205,16 +205,22 @@ def release_config(state: dict[str, torch.Tensor], base_dirs: list[Path] | None 
 
 
 def import_release_checkpoint(path: str | Path, base_dirs: list[Path] | None = None, preset: str | None = None,
-                              *, pretrained: bool = True, tokenizer=None, instruction_tokenizer=None,
-                              llm_dtype: torch.dtype = torch.float32, **overrides: Any):
+                              *, config: FavorConfig | None = None, pretrained: bool = True, tokenizer=None,
+                              instruction_tokenizer=None, llm_dtype: torch.dtype = torch.float32,
+                              **overrides: Any):
     """Delta checkpoint + base models -> (FavorModel in eval mode, ImportReport, FAVOR weights).
+
+    ``config`` (e.g. from a bundle's manifest) replaces the derived release config.
 
     ``pretrained=False`` builds the model on the meta device: every name and shape is checked, no base
     weight is read and no memory is allocated for them (all ``import-release`` needs)."""
     from favor.build import build_model
 
     state = load_release_state(path)
-    cfg = release_config(state, base_dirs, preset, **overrides)
+    if config is not None:  # e.g. the config a bundle was exported with
+        cfg = config.replace(**overrides) if overrides else config
+    else:
+        cfg = release_config(state, base_dirs, preset, **overrides)
     weights, report = convert_release_state(state)
     if report.unknown:
         raise ValueError(f"{path}: {len(report.unknown)} key(s) not understood, e.g. {report.unknown[:3]}")

@@ -13,14 +13,18 @@ def _release_cfg():
     return get_config("tiny", **{"qformer.orientation": "future"})
 
 
-def release_state(cfg, zero3: bool) -> dict[str, torch.Tensor]:
-    """A delta checkpoint with the release's exact key names (not derived from our module names)."""
+def release_state(cfg, zero3: bool, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """A delta checkpoint with the release's exact key names (not derived from our module names).
+
+    ``device="meta"``: names and shapes only (7B/13B-sized deltas without allocating them)."""
     g = torch.Generator().manual_seed(1)
     H, E, ffn, Nq = cfg.qformer.hidden, cfg.fused_width, cfg.qformer.ffn_dim, cfg.qformer.num_queries
     Dllm, r = cfg.llm.hidden, cfg.llm.lora_r
     kv = cfg.llm.hidden // cfg.llm.heads * cfg.llm.kv_heads
 
     def t(*shape):
+        if device == "meta":
+            return torch.empty(*shape, dtype=torch.float16, device="meta")
         return torch.randn(*shape, generator=g).half()  # the release stores fp16 under ZeRO-3
 
     s = {"speech_pre_qformer_proj.weight": t(cfg.audio_proj_dim, cfg.audio.d_model),
@@ -58,8 +62,8 @@ def release_state(cfg, zero3: bool) -> dict[str, torch.Tensor]:
                 if k.startswith(src):
                     for a in aliases:
                         s[a + k[len(src):]] = s[k]
-        s["video_Qformer.bert.embeddings.position_ids"] = torch.arange(512)[None]
-        s["visual_encoder.blocks.0.attn.relative_position_index"] = torch.zeros(3, dtype=torch.long)
+        s["video_Qformer.bert.embeddings.position_ids"] = torch.arange(512, device=device)[None]
+        s["visual_encoder.blocks.0.attn.relative_position_index"] = torch.zeros(3, dtype=torch.long, device=device)
     return s
 
 
