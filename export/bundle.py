@@ -37,9 +37,10 @@ from safetensors.numpy import save_file
 from export import profiles
 from export.decoder import DecoderFrontend, merged_llm
 from export.frontend import AudioFrontend, FusionFrontend, VisualFrontend
-from export.manifest import BUNDLE_VERSION, FORMAT, MANIFEST, load_manifest, sha256_file, toolchain_versions
+from export.manifest import BUNDLE_VERSION, FORMAT, MANIFEST, load_manifest, toolchain_versions
 from export.onnx import OPSET, ExportedStage, example_size, export_stage
-from favor.checkpoint import MODEL_VERSION, atomic_write
+from favor.checkpoint import MODEL_VERSION
+from favor.fileio import atomic_write, sha256_file
 from favor.model import FavorModel
 
 TARGETS = ("onnx", "tensorrt", "trtllm")

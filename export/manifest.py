@@ -13,7 +13,6 @@ graph whose embedded config hash (export/onnx.py) differs from the manifest's co
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import platform
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from favor.config import FavorConfig
+from favor.fileio import atomic_write, sha256_file
 
 MANIFEST = "manifest.json"
 EMBED_FILE = "embed_tokens.safetensors"  # LLM input embeddings [V, D]; read without importing the exporter
@@ -29,14 +29,6 @@ FORMAT = "favor-bundle"
 BUNDLE_VERSION = 1
 TOOLCHAIN = ("torch", "onnx", "onnxscript", "onnxruntime", "onnxruntime-extensions", "transformers",
              "peft", "safetensors", "numpy", "tensorrt", "tensorrt-llm", "favor-rt")
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def toolchain_versions() -> dict[str, str | None]:
@@ -60,7 +52,8 @@ def write_manifest(bundle: str | Path, manifest: dict[str, Any]) -> Path:
     manifest = dict(manifest, format=FORMAT, bundle_version=BUNDLE_VERSION)
     manifest["files"] = hash_files(bundle, list(manifest.get("files", {})))
     path = bundle / MANIFEST
-    path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))  # a reader never sees half a manifest
     return path
 
 

@@ -10,11 +10,8 @@ crash mid-save leaves the previous checkpoint intact. ``self_contained=True`` em
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import pickle
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from favor import __version__
 from favor.config import FORMAT_VERSION, FavorConfig
+from favor.fileio import atomic_write, sha256_path
 
 MAGIC = "favor-checkpoint"
 MODEL_VERSION = __version__
@@ -37,20 +35,6 @@ class Checkpoint:
     extra: dict = field(default_factory=dict)  # e.g. training step, metrics (JSON-serialisable)
 
 
-def sha256_path(path: str | Path) -> str:
-    """sha256 of a file, or of a directory's files (name + content, sorted) for HF model dirs."""
-    path = Path(path)
-    h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for f in files:
-        if path.is_dir():
-            h.update(str(f.relative_to(path)).encode())
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
 def base_model_refs(cfg: FavorConfig, hash_files: bool = True) -> dict[str, dict]:
     refs = {}
     for stage, path in (("audio", cfg.audio.pretrained), ("visual", cfg.visual.pretrained),
@@ -62,24 +46,6 @@ def base_model_refs(cfg: FavorConfig, hash_files: bool = True) -> dict[str, dict
             refs[stage] = {"path": str(path),
                            "sha256": sha256_path(target) if hash_files and target.exists() else None}
     return refs
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then atomically move the result to ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a checkpoint is a normal file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:

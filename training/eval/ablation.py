@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from favor.fileio import atomic_write
 from training.eval.runner import LOWER_IS_BETTER, score_predictions
 
 VARIANTS = ("full", "no_causal_encoder", "no_sync", "no_sliding_window", "no_diversity_loss")
@@ -215,9 +216,8 @@ def run_one(config: Path, work: Path, variant: str, seed: int, paths: dict[str, 
               "final_loss": history[-1].loss if history else None, "config": cfg.to_dict(),
               "train": json.loads(json.dumps(dataclasses.asdict(tc)))}
     write_results(out, records, scores, {k: v for k, v in result.items() if k != "scores"})
-    tmp = result_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(result_path)  # a result.json exists only for a finished run
+    text = json.dumps(result, indent=2) + "\n"
+    atomic_write(result_path, lambda tmp: Path(tmp).write_text(text))  # exists only for a finished run
     return json.loads(result_path.read_text())  # the same object a later call reads back
 
 

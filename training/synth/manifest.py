@@ -11,9 +11,10 @@ Paths are relative to the manifest's directory; a null or absent modality key me
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
+
+from favor.fileio import atomic_write
 
 from .tasks import TASKS
 
@@ -25,13 +26,9 @@ ROLES = ("human", "gpt")
 def write_manifest(path: Path | str, samples: Iterable[dict]) -> Path:
     """Write samples as JSONL (fixed key order, so equal samples give equal bytes); atomic replace."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # plain open(): the umask applies, unlike mkstemp
-    with open(tmp, "w", encoding="utf-8") as f:
-        for s in samples:
-            row = {k: s[k] for k in KEY_ORDER if k in s}
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    text = "".join(json.dumps({k: s[k] for k in KEY_ORDER if k in s}, ensure_ascii=False) + "\n"
+                   for s in samples)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return path
 
 
