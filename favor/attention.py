@@ -80,11 +80,6 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens_p
     return reference_attention(q, k, v, tokens_per_frame, orientation, key_padding_mask)
 
 
-def set_fused(enabled: bool) -> None:
-    global _USE_FUSED
-    _USE_FUSED = enabled
-
-
 @contextlib.contextmanager
 def fused_attention(enabled: bool = True) -> Iterator[None]:
     """Context manager switching window_attention to the fused kernel (inference only)."""
