@@ -91,6 +91,7 @@ class PipeReader(io.RawIOBase):
 
     def __init__(self, spec: str, timeout: float):
         self.spec, self.timeout = spec, timeout
+        self.interrupted = False  # Ctrl-C while waiting (PyAV drops a KeyboardInterrupt raised in read)
         # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer without limit.
         self.fd = os.open(spec, os.O_RDONLY | os.O_NONBLOCK)
 
@@ -99,7 +100,11 @@ class PipeReader(io.RawIOBase):
 
     def read(self, size: int = -1) -> bytes:
         while True:
-            ready, _, _ = select.select([self.fd], [], [], self.timeout)
+            try:
+                ready, _, _ = select.select([self.fd], [], [], self.timeout)
+            except KeyboardInterrupt:
+                self.interrupted = True
+                raise SourceError(f"{self.spec}: interrupted") from None
             if not ready:
                 raise SourceError(f"{self.spec}: timed out: no data for {self.timeout:g} s "
                                   "(nothing is writing to the pipe)")
@@ -147,10 +152,10 @@ def _open_container(spec: str, kind: str, timeout: float = NETWORK_TIMEOUT_S
     except (av.FFmpegError, SourceError, OSError) as e:
         if pipe is not None:
             pipe.close()
+        if getattr(e, "errno", None) == errno.EINTR or (pipe is not None and pipe.interrupted):
+            raise KeyboardInterrupt from None  # Ctrl-C during a blocking open: the caller exits 130
         if isinstance(e, SourceError):
             raise
-        if getattr(e, "errno", None) == errno.EINTR:  # Ctrl-C during a blocking open
-            raise KeyboardInterrupt from None
         reason = getattr(e, "strerror", None) or str(e)
         if kind in ("stream", "camera") and time.monotonic() - t0 >= TIMED_OUT_FRACTION * timeout:
             raise SourceError(f"{spec}: timed out: no data within {timeout:g} s (--timeout)") from None
