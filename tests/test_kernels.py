@@ -355,3 +355,28 @@ def test_flop_formula_counts_only_visible_pairs():
     # 'past', 10 frames: frame f sees f + 1 frames -> 55 of 100 frame pairs.
     assert attention_flops(1, 1, 10, 32, 128) == 4 * 55 * 32 * 32 * 128
     assert math.isclose(attention_flops(2, 12, 10, 32, 128) / (4 * 2 * 12 * 320 ** 2 * 128), 0.55)
+
+
+def test_bench_refuses_a_loaded_machine(tmp_path):
+    """The attention benchmark's quiet-machine guard: above --max-load it exits 2 with one line."""
+    from typer.testing import CliRunner
+
+    from benchmarks.bench_attention import app
+
+    # A negative limit is below any load average, so the guard must refuse before timing anything.
+    result = CliRunner().invoke(app, ["--max-load", "-1", "--out", str(tmp_path / "r.md"),
+                                      "--jsonl", str(tmp_path / "r.jsonl")])
+    assert result.exit_code == 2
+    assert "error: 1-min load average" in result.output
+    assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_bench_round_robin_and_foreign_load():
+    from benchmarks.bench_attention import ForeignLoad, round_robin
+
+    calls = []
+    with ForeignLoad() as load:
+        t = round_robin({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, warmup=1, repeats=3)
+    assert calls == ["a", "b"] + ["a", "b"] * 3  # warm-up each, then strictly alternating rounds
+    assert set(t) == {"a", "b"} and all(r["repeats"] == 3 and r["median_ms"] >= 0 for r in t.values())
+    assert load.foreign_cpus is None or load.foreign_cpus >= 0
