@@ -118,10 +118,15 @@ class CachedAudioEncoder(_Cached):
         Ta = max([math.ceil(mel.shape[-1] / stride)] + [f.shape[0] for f in feats if f is not None])
         width = next((f.shape[-1] for f in feats if f is not None), self.inner.width)
         out = mel.new_zeros(mel.shape[0], Ta, width)  # [B, Ta, Da]; padded tokens are masked downstream
-        for b, f in enumerate(feats):
-            if f is not None:
-                out[b, : f.shape[0]] = f.to(out.device, out.dtype)
-        return out
+        return _fill(out, feats)
+
+
+def _fill(out: torch.Tensor, feats: list[torch.Tensor | None]) -> torch.Tensor:
+    """Copy each clip's features [n_b, ...] into the zero batch ``out`` [B, N, ...] (left-aligned)."""
+    for b, f in enumerate(feats):
+        if f is not None:
+            out[b, : f.shape[0]] = f.to(out.device, out.dtype)
+    return out
 
 
 class CachedVisualEncoder(_Cached):
@@ -140,8 +145,4 @@ class CachedVisualEncoder(_Cached):
                                         self.inner(pixels[b:b + 1, :t], ids, mask)[0],
                                         suffix=f"|{ids.tolist()}"))  # features depend on the prompt
         ref = next(f for f in feats if f is not None)
-        out = pixels.new_zeros(B, T, *ref.shape[1:])  # [B, T, Qv, Dv]
-        for b, f in enumerate(feats):
-            if f is not None:
-                out[b, : f.shape[0]] = f.to(out.device, out.dtype)
-        return out
+        return _fill(pixels.new_zeros(B, T, *ref.shape[1:]), feats)  # [B, T, Qv, Dv]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,39 +59,48 @@ def _conversation(turns, where: str) -> tuple[dict, ...]:
     return tuple({"from": t["from"], "value": t["value"]} for t in turns)
 
 
+def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    """(1-based line number, object) for each non-blank line of a JSONL file.
+
+    A line that is not a JSON object raises ValueError naming ``file:line`` (both manifest readers,
+    this one and training/synth's validating one, read lines through here).
+    """
+    with open(path, encoding="utf-8") as fh:
+        for n, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue
+            try:
+                d = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(d, dict):
+                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(d).__name__}")
+            yield n, d
+
+
 def parse_manifest(path: str | os.PathLike) -> list[Entry]:
     """Read a JSONL manifest; any malformed line raises ValueError naming ``file:line``."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: manifest not found")
-    root = path.parent
-    entries = []
-    with open(path, encoding="utf-8") as fh:
-        for n, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                d = json.loads(raw)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(d, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(d).__name__}")
-            video, audio, image = (_path(d.get(k), k, root, where) for k in ("video", "audio", "image"))
-            if video is not None and image is not None:
-                raise ValueError(f"{where}: a sample has a video or an image, not both")
-            if video is None and audio is None and image is None:
-                raise ValueError(f"{where}: no media (video, audio and image are all null)")
-            task = d.get("task")
-            if not isinstance(task, str) or not task:
-                raise ValueError(f"{where}: 'task' must be a non-empty string, got {task!r}")
-            meta = d.get("meta") or {}
-            entries.append(Entry(n, str(d.get("id", n)), task, video, audio, image,
-                                 _conversation(d.get("conversation"), where),
-                                 meta if isinstance(meta, dict) else {"value": meta}))
+    entries = [_entry(d, n, path.parent, f"{path}:{n}") for n, d in read_jsonl(path)]
     if not entries:
         raise ValueError(f"{path}: manifest has no samples")
     return entries
+
+
+def _entry(d: dict, n: int, root: Path, where: str) -> Entry:
+    video, audio, image = (_path(d.get(k), k, root, where) for k in ("video", "audio", "image"))
+    if video is not None and image is not None:
+        raise ValueError(f"{where}: a sample has a video or an image, not both")
+    if video is None and audio is None and image is None:
+        raise ValueError(f"{where}: no media (video, audio and image are all null)")
+    task = d.get("task")
+    if not isinstance(task, str) or not task:
+        raise ValueError(f"{where}: 'task' must be a non-empty string, got {task!r}")
+    meta = d.get("meta") or {}
+    return Entry(n, str(d.get("id", n)), task, video, audio, image, _conversation(d.get("conversation"), where),
+                 meta if isinstance(meta, dict) else {"value": meta})
 
 
 def check_media(entry: Entry) -> str | None:

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from favor.fileio import atomic_write
+from training.manifest import read_jsonl
 
 from .tasks import TASKS
 
@@ -32,10 +33,8 @@ def write_manifest(path: Path | str, samples: Iterable[dict]) -> Path:
     return path
 
 
-def _problem(row: object, root: Path, check_files: bool) -> str | None:
+def _problem(row: dict, root: Path, check_files: bool) -> str | None:
     """What is wrong with one decoded line, or None."""
-    if not isinstance(row, dict):
-        return f"expected a JSON object, got {type(row).__name__}"
     unknown = sorted(set(row) - set(KEY_ORDER))
     if unknown:
         return f"unknown keys {unknown}; expected only {list(KEY_ORDER)}"
@@ -84,19 +83,12 @@ def load_manifest(path: Path | str, *, check_files: bool = True) -> list[dict]:
         raise ValueError(f"manifest {path} does not exist")
     root = path.parent
     samples, seen = [], {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            problem = _problem(row, root, check_files)
-            if problem is None and row["id"] in seen:
-                problem = f"duplicate id {row['id']!r} (first on line {seen[row['id']]})"
-            if problem is not None:
-                raise ValueError(f"{path}:{lineno}: {problem}")
-            seen[row["id"]] = lineno
-            samples.append({**{k: None for k in MODALITIES}, "meta": {}, **row})
+    for lineno, row in read_jsonl(path):
+        problem = _problem(row, root, check_files)
+        if problem is None and row["id"] in seen:
+            problem = f"duplicate id {row['id']!r} (first on line {seen[row['id']]})"
+        if problem is not None:
+            raise ValueError(f"{path}:{lineno}: {problem}")
+        seen[row["id"]] = lineno
+        samples.append({**{k: None for k in MODALITIES}, "meta": {}, **row})
     return samples

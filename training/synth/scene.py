@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from favor.config import TimingConfig, exact_div
+from favor.validate import check_number
 
 from .font import GAP, GLYPH_H, GLYPH_W
 
@@ -212,10 +213,8 @@ def clip_seed_key(seed: int, split: str, index: int) -> tuple[int, int, int]:
     """(seed, split code, clip index): the identity of a clip's random streams, recorded in the manifest."""
     if split not in SPLIT_CODES:
         raise ValueError(f"split ({split!r}) must be one of {sorted(SPLIT_CODES)}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed ({seed!r}) must be a non-negative int")
-    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
-        raise ValueError(f"clip index ({index!r}) must be a non-negative int")
+    check_number("seed", seed, lo=0, integer=True)
+    check_number("clip index", index, lo=0, integer=True)
     return seed, SPLIT_CODES[split], index
 
 
