@@ -8,13 +8,13 @@ may name a video file (its audio track is used).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from favor import media
+from favor.validate import json_object
 
 
 @dataclass(frozen=True)
@@ -67,15 +67,8 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
     """
     with open(path, encoding="utf-8") as fh:
         for n, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue
-            try:
-                d = json.loads(raw)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(d, dict):
-                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(d).__name__}")
-            yield n, d
+            if raw.strip():
+                yield n, json_object(raw, f"{path}:{n}: the line")
 
 
 def parse_manifest(path: str | os.PathLike) -> list[Entry]:
