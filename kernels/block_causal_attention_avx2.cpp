@@ -57,15 +57,15 @@ FAVOR_AVX2 void scores_avx2(const void* qtile, const void* k_packed, int64_t k0,
 }
 
 FAVOR_AVX2 void pv_avx2(const float* p, const uint16_t*, const void* v_packed, int64_t k0, int64_t dp, float* o,
-                        int64_t rows) {
+                        int64_t rows, bool first) {
   const float* v = static_cast<const float*>(v_packed) + k0 * dp;
   for (int64_t r0 = 0; r0 < rows; r0 += kR) {
     for (int64_t d0 = 0; d0 < dp; d0 += kC) {  // dp is a multiple of kVec = 16
       float* orow = o + r0 * dp + d0;
       __m256 acc[kR][2];
       for (int r = 0; r < kR; ++r) {
-        acc[r][0] = _mm256_loadu_ps(orow + r * dp);
-        acc[r][1] = _mm256_loadu_ps(orow + r * dp + 8);
+        acc[r][0] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(orow + r * dp);
+        acc[r][1] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(orow + r * dp + 8);
       }
       for (int64_t j = 0; j < kBlockK; ++j) {
         const __m256 va = _mm256_loadu_ps(v + j * dp + d0), vb = _mm256_loadu_ps(v + j * dp + d0 + 8);

@@ -70,11 +70,11 @@ FAVOR_AVX512 void scores_f32(const void* qtile, const void* k_packed, int64_t k0
 // o[8][d0 : d0 + 16 NV] += p[8][0:32] . v[0:32][d0 : d0 + 16 NV]
 template <int NV>
 FAVOR_AVX512 inline __attribute__((always_inline)) void pv_chunk_f32(const float* p, const float* v, int64_t dp,
-                                                                     float* o) {
+                                                                     float* o, bool first) {
   __m512 acc[kR][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < kR; ++r)
-    for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_loadu_ps(o + r * dp + 16 * c);
+    for (int c = 0; c < NV; ++c) acc[r][c] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(o + r * dp + 16 * c);
   for (int64_t j = 0; j < kBlockK; ++j) {
     __m512 vv[NV];
     for (int c = 0; c < NV; ++c) vv[c] = _mm512_loadu_ps(v + j * dp + 16 * c);
@@ -90,12 +90,12 @@ FAVOR_AVX512 inline __attribute__((always_inline)) void pv_chunk_f32(const float
 }
 
 FAVOR_AVX512 void pv_f32(const float* p, const uint16_t*, const void* v_packed, int64_t k0, int64_t dp, float* o,
-                         int64_t rows) {
+                         int64_t rows, bool first) {
   const float* v = static_cast<const float*>(v_packed) + k0 * dp;
   for (int64_t r0 = 0; r0 < rows; r0 += kR) {
     int64_t d0 = 0;
-    for (; d0 + 32 <= dp; d0 += 32) pv_chunk_f32<2>(p + r0 * kBlockK, v + d0, dp, o + r0 * dp + d0);
-    if (d0 < dp) pv_chunk_f32<1>(p + r0 * kBlockK, v + d0, dp, o + r0 * dp + d0);  // dp % 32 == 16
+    for (; d0 + 32 <= dp; d0 += 32) pv_chunk_f32<2>(p + r0 * kBlockK, v + d0, dp, o + r0 * dp + d0, first);
+    if (d0 < dp) pv_chunk_f32<1>(p + r0 * kBlockK, v + d0, dp, o + r0 * dp + d0, first);  // dp % 32 == 16
   }
 }
 
@@ -141,11 +141,11 @@ FAVOR_AVX512_BF16 void scores_bf16(const void* qtile, const void* k_packed, int6
 // o[8][d0 : d0 + 16 NV] += pb[8][0:32] . V, V as 16 key pairs x Dp lanes.
 template <int NV>
 FAVOR_AVX512_BF16 inline __attribute__((always_inline)) void pv_chunk_bf16(const uint16_t* pb, const uint32_t* vp,
-                                                                           int64_t dp, float* o) {
+                                                                           int64_t dp, float* o, bool first) {
   __m512 acc[kR][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < kR; ++r)
-    for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_loadu_ps(o + r * dp + 16 * c);
+    for (int c = 0; c < NV; ++c) acc[r][c] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(o + r * dp + 16 * c);
   for (int64_t j = 0; j < kBlockK / 2; ++j) {
     __m512i vv[NV];
     for (int c = 0; c < NV; ++c) vv[c] = _mm512_loadu_si512(vp + j * dp + 16 * c);
@@ -161,42 +161,47 @@ FAVOR_AVX512_BF16 inline __attribute__((always_inline)) void pv_chunk_bf16(const
 }
 
 FAVOR_AVX512_BF16 void pv_bf16(const float*, const uint16_t* pb, const void* v_packed, int64_t k0, int64_t dp,
-                               float* o, int64_t rows) {
+                               float* o, int64_t rows, bool first) {
   const uint32_t* vp = static_cast<const uint32_t*>(v_packed) + (k0 / 2) * dp;
   for (int64_t r0 = 0; r0 < rows; r0 += kR) {
     int64_t d0 = 0;
-    for (; d0 + 32 <= dp; d0 += 32) pv_chunk_bf16<2>(pb + r0 * kBlockK, vp + d0, dp, o + r0 * dp + d0);
-    if (d0 < dp) pv_chunk_bf16<1>(pb + r0 * kBlockK, vp + d0, dp, o + r0 * dp + d0);
+    for (; d0 + 32 <= dp; d0 += 32) pv_chunk_bf16<2>(pb + r0 * kBlockK, vp + d0, dp, o + r0 * dp + d0, first);
+    if (d0 < dp) pv_chunk_bf16<1>(pb + r0 * kBlockK, vp + d0, dp, o + r0 * dp + d0, first);
   }
 }
 
 // ---- shared: online softmax and packing ----------------------------------------------------------
 
-// exp2_neg (block_causal_attention.h) on 16 lanes: same clamp, rounding and 2^f = e^(f ln 2) Taylor
-// series, of degree 7 (fp32: truncation < 6e-9 relative) or 4 (bf16 path: < 6e-5 relative, far
-// below the 2^-9 rounding P gets when converted to bf16; l and P share it, so it cancels in
-// P / l to first order). max(-127, x) returns x when x is NaN, so NaN scores propagate.
+// exp2_neg (block_causal_attention.h) on 16 lanes: x = n + t with n = round(x), |t| <= 1/2;
+// 2^t by the same Taylor series (coefficients ln2^k / k!, so no separate t ln 2 product), of degree
+// 7 (fp32: truncation < 6e-9 relative) or 4 (bf16 path: < 6e-5 relative, far below the 2^-9
+// rounding P gets when converted to bf16; l and P share it, so it cancels in P / l to first
+// order); 2^n applied by vscalefps. The clamp is -151 rather than -127 so that 2^-151 rounds to
+// exactly 0 (masked keys, -inf, contribute nothing); between -151 and -127 the vector form returns
+// subnormals where the scalar one returns 0 (weights below 2^-127 of the row's largest).
+// max(-151, x) returns x when x is NaN, so NaN scores propagate.
 template <int kDegree>
 FAVOR_AVX512 inline __attribute__((always_inline)) __m512 exp2_neg_v(__m512 x) {
   static_assert(kDegree == 4 || kDegree == 7, "the two accuracies in use");
-  x = _mm512_max_ps(_mm512_set1_ps(-127.f), x);
+  constexpr float c1 = 0.6931471805599453f, c2 = 0.2402265069591007f, c3 = 0.05550410866482158f,
+                  c4 = 0.009618129107628477f, c5 = 0.0013333558146428443f, c6 = 0.00015403530393381608f,
+                  c7 = 1.525273380405984e-05f;  // ln2^k / k!
+  x = _mm512_max_ps(_mm512_set1_ps(-151.f), x);
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(x, n), _mm512_set1_ps(0.6931471805599453f));
+  const __m512 t = _mm512_sub_ps(x, n);
   __m512 p;
   if (kDegree == 7) {
-    p = _mm512_set1_ps(1.f / 5040.f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 720.f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 120.f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 24.f));
+    p = _mm512_fmadd_ps(_mm512_set1_ps(c7), t, _mm512_set1_ps(c6));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(c5));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(c4));
   } else {
-    p = _mm512_set1_ps(1.f / 24.f);
+    p = _mm512_set1_ps(c4);
   }
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 6.f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(c3));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(c2));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(c1));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
 }
 
 // float_to_bf16 (round to nearest even) on 16 finite or NaN-from-arithmetic lanes, AVX-512F only,
@@ -268,7 +273,8 @@ FAVOR_AVX512 void softmax_avx512(float* s, uint16_t* pb, float* m, float* l, flo
     }
     const __m512 sum = reduce16(t, [](__m512 a, __m512 b) FAVOR_AVX512 { return _mm512_add_ps(a, b); });
     _mm512_storeu_ps(l + r0, _mm512_fmadd_ps(_mm512_loadu_ps(l + r0), alpha, sum));
-    __mmask16 rescale = _mm512_cmp_ps_mask(alpha, one, _CMP_NEQ_UQ);
+    // Rows whose max moved and that had seen something (a row still at -inf has no O yet).
+    __mmask16 rescale = _mm512_cmp_ps_mask(alpha, one, _CMP_NEQ_UQ) & _mm512_cmp_ps_mask(m_old, neg_inf, _CMP_NEQ_UQ);
     if (!rescale) continue;
     alignas(64) float a[16];
     _mm512_store_ps(a, alpha);

@@ -89,10 +89,10 @@ FAVOR_ALWAYS_INLINE void score_tile(const float* __restrict q, const float* __re
 // o[r][d0:d0+C] += sum_j p[r][j] v[j][d0:d0+C] for R rows.
 template <int R, int C>
 FAVOR_ALWAYS_INLINE void pv_chunk(const float* __restrict p, const float* __restrict v, int64_t dp,
-                                  int64_t d0, float* __restrict o) {
+                                  int64_t d0, float* __restrict o, bool first) {
   float acc[R][C];
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) acc[r][c] = o[r * dp + d0 + c];
+    for (int c = 0; c < C; ++c) acc[r][c] = first ? 0.f : o[r * dp + d0 + c];
   for (int64_t j = 0; j < kBlockK; ++j) {
     const float* __restrict vrow = v + j * dp + d0;
     for (int r = 0; r < R; ++r) {
@@ -106,11 +106,11 @@ FAVOR_ALWAYS_INLINE void pv_chunk(const float* __restrict p, const float* __rest
 
 template <int R, int C>
 FAVOR_ALWAYS_INLINE void pv_tile(const float* __restrict p, const float* __restrict v, int64_t dp,
-                                 float* __restrict o) {
+                                 float* __restrict o, bool first) {
   static_assert(C % kVec == 0 || kVec % C == 0, "columns must tile the kVec-padded head dim");
   int64_t d0 = 0;
-  for (; d0 + C <= dp; d0 += C) pv_chunk<R, C>(p, v, dp, d0, o);
-  for (; d0 < dp; d0 += kVec) pv_chunk<R, kVec>(p, v, dp, d0, o);  // dp is a multiple of kVec
+  for (; d0 + C <= dp; d0 += C) pv_chunk<R, C>(p, v, dp, d0, o, first);
+  for (; d0 < dp; d0 += kVec) pv_chunk<R, kVec>(p, v, dp, d0, o, first);  // dp is a multiple of kVec
 }
 
 // One ISA's portable fp32 path: micro-kernels over a whole tile (rows padded to a multiple of R).
@@ -122,9 +122,9 @@ FAVOR_ALWAYS_INLINE void pv_tile(const float* __restrict p, const float* __restr
                        lp, scale, s + r * kBlockK);                                                  \
   }                                                                                                  \
   TARGET void NAME##_pv(const float* p, const uint16_t*, const void* v, int64_t k0, int64_t dp, float* o, \
-                        int64_t rows) {                                                              \
+                        int64_t rows, bool first) {                                                  \
     for (int64_t r = 0; r < rows; r += R)                                                            \
-      pv_tile<R, C>(p + r * kBlockK, static_cast<const float*>(v) + k0 * dp, dp, o + r * dp);        \
+      pv_tile<R, C>(p + r * kBlockK, static_cast<const float*>(v) + k0 * dp, dp, o + r * dp, first); \
   }                                                                                                  \
   const Path NAME{#NAME " " #R "x" #C, R, 4, pack_f32, load_q_f32, NAME##_scores, softmax_block, NAME##_pv};
 
@@ -181,7 +181,8 @@ FAVOR_CLONES void softmax_block(float* __restrict s, uint16_t*, float* __restric
     float bmax = kNegInf;
     for (int64_t c = 0; c < kVec; ++c) bmax = lane[c] > bmax ? lane[c] : bmax;
     float m_new;
-    const float alpha = softmax_rescale(m[r], bmax, &m_new);
+    const float m_old = m[r];
+    const float alpha = softmax_rescale(m_old, bmax, &m_new);
     m[r] = m_new;
     if (m_new == kNegInf) {  // nothing visible yet: this block adds nothing
       for (int64_t c = 0; c < kBlockK; ++c) row[c] = 0.f;
@@ -194,7 +195,7 @@ FAVOR_CLONES void softmax_block(float* __restrict s, uint16_t*, float* __restric
     float sum = 0.f;
     for (int64_t c = 0; c < kVec; ++c) sum += lane[c];
     l[r] = l[r] * alpha + sum;
-    if (alpha != 1.f)
+    if (alpha != 1.f && m_old != kNegInf)  // a row that saw nothing yet has no O to rescale
       for (int64_t d = 0; d < dp; ++d) o[r * dp + d] *= alpha;
   }
 }
@@ -250,12 +251,12 @@ void attend_tile(const BlockCausalParams& p, const Path& path, const void* kpack
   path.load_q(p, b, h, row0, rows, dp, qtile);
   std::fill(s, s + kTileQ * kBlockK, 0.f);  // rows past `rows` stay finite in 16-row softmax groups
   const float qscale = p.softmax_scale * kLog2e;  // scores in the log2 domain (exp -> exp2)
-  std::fill(o, o + kTileQ * dp, 0.f);
   for (int64_t r = 0; r < kTileQ; ++r) {
     m[r] = kNegInf;
     l[r] = 0.f;
     if (r < rows) visible_keys(row0 + r, S, L, p.orientation, &lo_row[r], &hi_row[r]);
   }
+  bool first = true;  // o is written, not accumulated, by the first processed block
   int64_t lo, hi;
   tile_keys(row0, row1, S, L, p.orientation, &lo, &hi);
   for (int64_t k0 = lo / kBlockK * kBlockK; k0 < hi; k0 += kBlockK) {
@@ -281,8 +282,10 @@ void attend_tile(const BlockCausalParams& p, const Path& path, const void* kpack
     path.softmax(s, pbuf, m, l, o, rows, dp);
     for (int64_t r = rows; r < round_up(rows, path.rows_per_tile); ++r)  // micro-tile tail rows add nothing
       std::fill(s + r * kBlockK, s + (r + 1) * kBlockK, 0.f);
-    path.pv(s, pbuf, vpack, k0, dp, o, rows);
+    path.pv(s, pbuf, vpack, k0, dp, o, rows, first);
+    first = false;
   }
+  if (first) std::fill(o, o + kTileQ * dp, 0.f);  // no block processed (all keys padding): zeros
   const int64_t ob = b * p.o_stride[0] + h * p.o_stride[1];
   for (int64_t r = 0; r < rows; ++r)
     store_row(o + r * dp, l[r], p.head_dim, p.dtype, p.out, ob + (row0 + r) * p.o_stride[2]);

@@ -44,9 +44,10 @@ struct Path {
   // output o [rows][Dp]; P goes back into s (fp32 paths) or into pb [kTileQ][kBlockK] as bf16
   // (bf16 path; rows past `rows` up to the micro-tile padding are zeros there).
   void (*softmax)(float* s, uint16_t* pb, float* m, float* l, float* o, int64_t rows, int64_t dp);
-  // o [rows][Dp] += P [rows][kBlockK] . V[k0 : k0 + kBlockK], P from s or pb as written above.
+  // o [rows][Dp] += P [rows][kBlockK] . V[k0 : k0 + kBlockK], P from s or pb as written above;
+  // first (the tile's first processed block): o = P . V, its old contents are never read.
   void (*pv)(const float* s, const uint16_t* pb, const void* v_packed, int64_t k0, int64_t dp, float* o,
-             int64_t rows);
+             int64_t rows, bool first);
 };
 
 // Portable online-softmax step (block_causal_attention_cpu.cpp), built per ISA by target_clones.
