@@ -1,4 +1,4 @@
-"""Write a deployable bundle from a FavorModel: ONNX graphs, embedding table, tokenizer, int8 decoder,
+"""Write a deployable bundle from a FavorModel: ONNX graphs, embedding table, tokenizer,
 TensorRT / TensorRT-LLM artefacts when asked, and the manifest that pins them all.
 
     bundle/
@@ -6,8 +6,8 @@ TensorRT / TensorRT-LLM artefacts when asked, and the manifest that pins them al
       audio_encoder.onnx (+ .onnx.data)   mel -> audio tokens
       visual_encoder.onnx                 frames + instruction -> visual tokens
       fusion.onnx                         sync + windows + causal Q-Former + projector
-      decoder.onnx                        merged-LoRA LLM, inputs_embeds + KV cache
-      decoder.int8.onnx                   --precision int8 (ORT CPU)
+      decoder.onnx (+ .onnx.data)         merged-LoRA LLM, inputs_embeds + KV cache (export/genai_decoder.py:
+                                          GenAI builder graph, fp32 / weight-only int8 / int4)
       embed_tokens.safetensors            LLM input embeddings [V, D] for ids and the prompt table
       tokenizer/                          when the model has a tokenizer
       instruction_tokenizer/              the visual Q-Former's own tokenizer (BERT for 7B/13B)
@@ -26,7 +26,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ from safetensors.numpy import save_file
 from export import profiles
 from export.decoder import DecoderFrontend, merged_llm
 from export.frontend import AudioFrontend, FusionFrontend, VisualFrontend
+from export.genai_decoder import decoder_stage
 from export.manifest import BUNDLE_VERSION, FORMAT, MANIFEST, load_manifest, toolchain_versions
 from export.onnx import OPSET, ExportedStage, example_size, export_stage
 from favor.checkpoint import MODEL_VERSION
@@ -44,7 +44,7 @@ from favor.fileio import atomic_write, sha256_file
 from favor.model import FavorModel
 
 TARGETS = ("onnx", "tensorrt", "trtllm")
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 STAGES = ("audio_encoder", "visual_encoder", "fusion", "decoder")
 EMBED_FILE = "embed_tokens.safetensors"
 
@@ -52,8 +52,8 @@ EMBED_FILE = "embed_tokens.safetensors"
 @dataclass(frozen=True)
 class ExportOptions:
     targets: tuple[str, ...] = ("onnx",)
-    # ONNX graphs stay fp32 (ORT CPU gains nothing from fp16); fp16/bf16 set the TensorRT and
-    # TensorRT-LLM build precision, int8 adds the dynamically quantised ORT decoder (and TensorRT int8).
+    # ONNX encoders stay fp32 (ORT CPU gains nothing from fp16); fp16/bf16 set the TensorRT and
+    # TensorRT-LLM build precision; int8 / int4 quantise the ONNX decoder's weights (MatMulNBits).
     precision: str = "fp32"
     max_frames: int | None = None
     max_batch: int = 1
@@ -228,6 +228,11 @@ def _export_onnx(model: FavorModel, out: Path, options: ExportOptions, source: d
     files: list[str] = []
     for stage in options.stages:
         say(stage, "exporting")
+        if stage == "decoder":  # the GenAI builder graph, or our export as fallback (export/genai_decoder.py)
+            stages[stage] = decoder_stage(model, out, options.precision, table, say)
+            files += stages[stage]["files"]
+            say(stage, f"done in {stages[stage]['export_seconds']:.1f} s")
+            continue
         wrapper = _wrapper(model, stage)
         exported: ExportedStage = export_stage(wrapper, example_inputs(wrapper, table), table, out, cfg,
                                                options.fused_attention and stage == "fusion")
@@ -239,15 +244,6 @@ def _export_onnx(model: FavorModel, out: Path, options: ExportOptions, source: d
         emb = model.llm.base.get_input_embeddings().weight.detach().float().cpu().numpy()
         save_file({"weight": emb}, str(out / EMBED_FILE))
         files.append(EMBED_FILE)
-        if options.precision == "int8":
-            from export.quantize import quantize_graph
-
-            say("decoder.int8", "quantising")
-            start = time.perf_counter()
-            q = quantize_graph(out / "decoder.onnx", out / "decoder.int8.onnx")
-            stages["decoder.int8"] = dict(stages["decoder"], files=q, precision="int8",
-                                          export_seconds=round(time.perf_counter() - start, 2))
-            files += q
     for sub, tok in (("tokenizer", model.tokenizer), ("instruction_tokenizer", model._instruction_tokenizer)):
         if tok is not None:
             tok.save_pretrained(str(out / sub))

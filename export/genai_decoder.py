@@ -65,12 +65,24 @@ DEFAULT_OPTIONS = {"fp32": BuilderOptions(), "int8": BuilderOptions(),
                    "int4": BuilderOptions(lm_head="int8")}
 
 
-def available() -> bool:
+# Bundle precision -> decoder precision: fp16 / bf16 are TensorRT build precisions, ONNX stays fp32.
+ONNX_PRECISION = {"fp32": "fp32", "fp16": "fp32", "bf16": "fp32", "int8": "int8", "int4": "int4"}
+# GroupQueryAttention's CPU kernel needs head_dim % 8 == 0 (it refuses the tiny preset's 12).
+GQA_HEAD_DIM_MULTIPLE = 8
+
+
+def unsupported(model) -> str | None:
+    """Why the builder cannot serve ``model`` (None when it can)."""
     try:
         import onnxruntime_genai.models.builder  # noqa: F401
     except ImportError:
-        return False
-    return True
+        return "onnxruntime-genai is not installed (pip install 'favor-rt[export]')"
+    head_dim = model.cfg.llm.hidden // model.cfg.llm.heads
+    if head_dim % GQA_HEAD_DIM_MULTIPLE:
+        return f"head_dim {head_dim} is not a multiple of {GQA_HEAD_DIM_MULTIPLE} (GroupQueryAttention on CPU)"
+    if model.tokenizer is None:
+        return "the model has no tokenizer (the builder reads its special ids)"
+    return None
 
 
 def extra_options(precision: str, opts: BuilderOptions) -> dict[str, str]:
@@ -119,29 +131,53 @@ def build_graph(llm: LlamaForCausalLM, tokenizer, out: str | Path, precision: st
 @contextlib.contextmanager
 def _quiet():
     """The builder prints progress bars and INFO logs; keep them out of our CLI unless -v."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
+    logging.disable(logging.CRITICAL)  # its handlers hold the real stderr, so redirecting is not enough
     try:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             yield
     finally:
-        root.setLevel(level)
+        logging.disable(logging.NOTSET)
 
 
-def stage_entry(files: list[str], precision: str, opts: BuilderOptions, cfg, seconds: float) -> dict:
+def stage_entry(out: Path, files: list[str], precision: str, opts: BuilderOptions, seconds: float) -> dict:
     """The manifest's ``stages["decoder"]`` for a builder graph (``kind`` picks the runtime class)."""
-    n, hd = cfg.llm.layers, cfg.llm.hidden // cfg.llm.heads
-    cache_in = {f"past_key_values.{i}.{kv}": ["batch", cfg.llm.kv_heads, "past", hd]
-                for i in range(n) for kv in ("key", "value")}
-    cache_out = {f"present.{i}.{kv}": ["batch", cfg.llm.kv_heads, "total", hd]
-                 for i in range(n) for kv in ("key", "value")}
+    import onnx
+
+    from export.onnx import _io
+
+    graph = onnx.load(str(out / files[0]), load_external_data=False).graph
     return {"kind": KIND, "precision": precision, "files": files,
             "builder": asdict(opts) if precision != "fp32" else {},
-            "inputs": {"inputs_embeds": ["batch", "seq", cfg.llm.hidden], "attention_mask": ["batch", "total"],
-                       **cache_in},
-            "outputs": {"logits": ["batch", 1, cfg.llm.vocab_size], **cache_out},
-            "export_seconds": round(seconds, 2)}
+            "inputs": _io(graph, "input"), "outputs": _io(graph, "output"), "export_seconds": round(seconds, 2)}
+
+
+def decoder_stage(model, out: Path, precision: str, table, say) -> dict:
+    """The bundle's ``decoder`` stage: the builder graph, or (when ``unsupported``) our torch-dynamo
+    export (export/decoder.py, kind ``torch-dynamo``), weight-only quantised by export/quantize.py."""
+    precision = ONNX_PRECISION[precision]
+    reason = unsupported(model)
+    if reason is None:
+        say("decoder", f"GenAI model builder, {precision}")
+        return export_decoder(model, out, precision)
+    from export.bundle import _wrapper, example_inputs
+    from export.onnx import export_stage
+    from export.quantize import quantize_weights
+
+    say("decoder", f"torch-dynamo export, {precision} ({reason})")
+    wrapper = _wrapper(model, "decoder")
+    st = export_stage(wrapper, example_inputs(wrapper, table), table, out, model.cfg)
+    entry = {"kind": "torch-dynamo", "precision": precision, "files": st.files, "inputs": st.inputs,
+             "outputs": st.outputs, "axes": st.axes, "export_seconds": round(st.seconds, 2)}
+    if precision != "fp32":
+        opts = DEFAULT_OPTIONS[precision]
+        start = time.perf_counter()
+        entry["files"] = quantize_weights(out / st.files[0], out / f"decoder.{precision}.onnx", precision,
+                                          opts.block_size, opts.symmetric, opts.accuracy_level)
+        for f in st.files:
+            (out / f).unlink()
+        entry["builder"] = asdict(opts)
+        entry["export_seconds"] = round(st.seconds + time.perf_counter() - start, 2)
+    return entry
 
 
 def export_decoder(model, out: str | Path, precision: str, opts: BuilderOptions | None = None) -> dict:
@@ -151,4 +187,4 @@ def export_decoder(model, out: str | Path, precision: str, opts: BuilderOptions 
     opts = opts or DEFAULT_OPTIONS[precision]
     start = time.perf_counter()
     files = build_graph(merged_llm(model), model.tokenizer, out, precision, opts)
-    return stage_entry(files, precision, opts, model.cfg, time.perf_counter() - start)
+    return stage_entry(Path(out), files, precision, opts, time.perf_counter() - start)

@@ -70,6 +70,11 @@ class GenaiInference:
             self.vocab = cfg.llm.vocab_size
         self._ones = np.ones(0, np.int64)
 
+    @classmethod
+    def from_bundle(cls, bundle, stage_name: str) -> GenaiInference:
+        """export.ort_inference's ``DECODERS`` hook: the bundle's session (its threads) and embedding."""
+        return cls(bundle.stage(stage_name), bundle.embedding, bundle.cfg)
+
     # -- buffers ---------------------------------------------------------------------------------
     def _mask(self, B: int, T: int) -> np.ndarray:
         """An all-ones [B, T] int64 view of a buffer grown only when a longer mask is needed."""

@@ -76,7 +76,7 @@ def profile_shapes(stage: dict, axes: dict[str, dict[str, int]]) -> dict[str, tu
 
 def builder_flags(precision: str) -> list[str]:
     """tensorrt.BuilderFlag names for a bundle precision (see module docstring for int8)."""
-    table = {"fp32": [], "fp16": ["FP16"], "bf16": ["BF16"], "int8": ["FP16"]}
+    table = {"fp32": [], "fp16": ["FP16"], "bf16": ["BF16"], "int8": ["FP16"], "int4": ["FP16"]}
     if precision not in table:
         raise ValueError(f"precision ({precision!r}) must be one of {sorted(table)}")
     return table[precision]

@@ -49,7 +49,7 @@ from favor.config import FavorConfig
 from favor.prompt_table import max_prompt_table_rows
 
 TRTLLM_VERSION = "0.12.0"
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "float16"}
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "float16", "int4": "float16"}
 # peft target names -> TensorRT-LLM LoRA module names
 LORA_MODULES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_dense",
                 "gate_proj": "mlp_h_to_4h", "up_proj": "mlp_gate", "down_proj": "mlp_4h_to_h"}
@@ -201,7 +201,8 @@ def write_bundle_checkpoint(model, bundle: Path, precision: str, max_batch: int,
               shlex.join(cmd)]
     (out / "build_engine.sh").write_text("\n".join(script) + "\n")
     files = [str(p.relative_to(bundle)) for p in sorted(out.rglob("*")) if p.is_file()]
-    note = "" if precision != "int8" else " (int8: use TensorRT-LLM weight-only int8 at build time)"
+    note = ("" if precision not in ("int8", "int4")
+            else f" ({precision}: use TensorRT-LLM weight-only {precision} at build time)")
     if missing is not None:
         return (f"checkpoint written ({how}, LoRA {lora}); engine not built: {missing} "
                 f"(run trtllm/build_engine.sh on the target){note}", files)

@@ -1,4 +1,5 @@
-"""favor-export end to end on the tiny model: CLI export + verify, parity, tampering, bad inputs, int8.
+"""favor-export end to end on the tiny model: CLI export + verify, parity, tampering, bad inputs, int8
+(weight-only: MatMulNBits).
 
 One bundle is exported once per module (dynamo export takes ~15 s per graph on 2 cores) through the
 real CLI with ``--verify``; the tests read its parity report and reuse its files. LoRA B matrices are
@@ -60,13 +61,13 @@ def test_every_stage_within_tolerance_at_one_and_many_windows(exported):
     report = exported["report"]
     assert report["ok"]
     rows = report["stages"]
-    for stage in ("audio_encoder", "visual_encoder", "fusion[past]", "fusion[future]", "decoder", "decoder.int8"):
+    for stage in ("audio_encoder", "visual_encoder", "fusion[past]", "fusion[future]", "decoder"):
         got = [r for r in rows if r["stage"] == stage]
         assert got and all(r["ok"] for r in got), stage
     windows = {r["case"].split()[0] for r in rows if r["stage"] == "fusion[past]"}
     max_w = exported["model"].cfg.timing.num_windows(exported["model"].cfg.timing.max_frames)
     assert windows == {f"W={w}" for w in range(1, max_w + 1)}  # every window count, 1..max
-    fp32 = [r for r in rows if r["stage"] != "decoder.int8"]
+    fp32 = [r for r in rows if r["stage"] != "decoder"]  # the decoder is weight-only int8 here
     assert max(r["max_rel"] for r in fp32) < 1e-5  # measured ~3e-7; the stated tolerance is 1e-4
 
 
@@ -79,23 +80,27 @@ def test_captions_identical_torch_vs_ort(exported):
 
 
 def test_int8_accuracy_bounds(exported):
-    rows = [r for r in exported["report"]["stages"] if r["stage"] == "decoder.int8"]
-    # per-channel int8 weights + dynamic int8 activations: ~1 % of the logit scale measured
+    rows = [r for r in exported["report"]["stages"] if r["stage"] == "decoder"]
+    # weight-only int8 (block 32, int8 activations per block): ~1 % of the logit scale measured
     assert all(r["max_rel"] < 0.05 for r in rows)
     assert all(r["max_rel"] > 1e-5 for r in rows)  # it really is quantised (not the fp32 graph)
     import onnx
 
-    graph = onnx.load(str(exported["out"] / "decoder.int8.onnx")).graph
-    int8 = [t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2]
+    stage = load_manifest(exported["out"])["stages"]["decoder"]
+    graph = onnx.load(str(exported["out"] / stage["files"][0])).graph
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"
+             and {a.name: a.i for a in n.attribute}["bits"] == 8]
     # q, k, v, o, gate, up, down in every layer, plus the LM head, carry int8 weights
-    assert len(int8) >= 7 * exported["model"].cfg.llm.layers + 1
+    assert len(nbits) >= 7 * exported["model"].cfg.llm.layers + 1
 
 
 def test_manifest_contents(exported):
     m = load_manifest(exported["out"])
     assert m["format"] == "favor-bundle" and m["opset"] == 18 and m["precision"] == "int8"
     assert m["config"]["preset"] == "tiny" and m["verified"] is True
-    assert set(m["stages"]) == {"audio_encoder", "visual_encoder", "fusion", "decoder", "decoder.int8"}
+    assert set(m["stages"]) == {"audio_encoder", "visual_encoder", "fusion", "decoder"}
+    # tiny's head_dim 12 is refused by GroupQueryAttention on CPU: our export, weight-only int8
+    assert m["stages"]["decoder"]["kind"] == "torch-dynamo" and m["stages"]["decoder"]["precision"] == "int8"
     assert m["dynamic_axes"]["windows"] == {"min": 1, "opt": 1, "max": 10}
     assert m["dynamic_axes"]["batch"]["max"] == 2
     fusion_in = {i["name"]: i["shape"] for i in m["stages"]["fusion"]["inputs"]}
@@ -174,7 +179,7 @@ def test_missing_base_model_is_one_line_error(exported, tmp_path):
 def test_info_prints_stages(exported):
     res = runner.invoke(app, ["info", str(exported["out"])])
     assert res.exit_code == 0, res.output
-    assert "decoder.int8" in res.output and "preset tiny" in res.output
+    assert "decoder" in res.output and "precision int8" in res.output and "preset tiny" in res.output
 
 
 def test_bad_options_rejected(exported, tmp_path):
