@@ -288,7 +288,7 @@ def _backend(name: str, base, model_path: Path | None, fps: float, frames_per_wi
         bundle = out / "bundles" / f"{base.cfg.preset}_{fps:g}fps_{frames_per_window}f{'_int8' if int8 else ''}"
         if not (bundle / "manifest.json").is_file():
             export_bundle(model, bundle, ExportOptions(precision="int8" if int8 else "fp32"))
-        backend = OnnxRuntimeBackend(bundle, threads=torch.get_num_threads(), int8=int8)
+        backend = OnnxRuntimeBackend(bundle, threads=torch.get_num_threads())  # int8: the bundle's decoder
         backend.name = name
         return backend
     return make_backend(name, out, fps, frames_per_window)  # names what is missing in one line
