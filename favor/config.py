@@ -21,11 +21,16 @@ FORMAT_VERSION = 1
 
 Orientation = Literal["past", "future"]
 
+# Float slack when a product or ratio of rates should be whole (3 frames x 12.5 tokens = 37.5 must floor
+# to 37, not 36; 1500 tokens / 25 per frame must ceil to 60, not 61): far above float64 rounding error,
+# far below one unit.
+WHOLE_EPS = 1e-9
+
 
 def exact_div(x: int | float, y: int | float) -> int:
     """x / y, required to be a whole number (used for timing constants that must line up)."""
     q = x / y
-    if abs(q - round(q)) > 1e-9:
+    if abs(q - round(q)) > WHOLE_EPS:
         raise ValueError(f"{x} is not a whole multiple of {y}")
     return int(round(q))
 
@@ -63,7 +68,7 @@ class TimingConfig:
 
     @property
     def max_audio_tokens_per_frame(self) -> int:  # rows one frame slot must hold for audio
-        return math.ceil(self.audio_tokens_per_frame - 1e-9)
+        return math.ceil(self.audio_tokens_per_frame - WHOLE_EPS)
 
     @property
     def samples_per_frame(self) -> float:  # 8000 samples = 0.5 s at 16 kHz

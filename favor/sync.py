@@ -23,20 +23,20 @@ import math
 
 import torch
 
-from favor.config import FavorConfig
+from favor.config import WHOLE_EPS, FavorConfig
 
 
 def audio_frame_starts(num_frames: int, cfg: FavorConfig) -> torch.Tensor:
     """start(t) for t = 0..T (inclusive end), in audio tokens: [T + 1] int64."""
     per_frame = cfg.timing.audio_tokens_per_frame  # 25.0 tokens = 50 Hz x 0.5 s
     t = torch.arange(num_frames + 1, dtype=torch.float64)
-    # + 1e-9 absorbs float error when the ratio is whole (e.g. 3 x 12.5 must give 37, not 36.999...)
-    return torch.floor(t * per_frame + 1e-9).to(torch.int64)
+    # + WHOLE_EPS absorbs float error when the product is whole (3 x 12.5 must give 37, not 36.999...)
+    return torch.floor(t * per_frame + WHOLE_EPS).to(torch.int64)
 
 
 def audio_frames(num_audio_tokens: int, cfg: FavorConfig) -> int:
     """Frames the audio covers: ceil(Ta / tokens per frame) (60 frames for 1500 tokens at 2 FPS)."""
-    return math.ceil(num_audio_tokens / cfg.timing.audio_tokens_per_frame - 1e-9)
+    return math.ceil(num_audio_tokens / cfg.timing.audio_tokens_per_frame - WHOLE_EPS)
 
 
 def repeat_image(visual: torch.Tensor, num_frames: int) -> torch.Tensor:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from favor.config import TimingConfig, exact_div
+from favor.config import WHOLE_EPS, TimingConfig, exact_div
 from favor.validate import check_number
 
 from .font import GAP, GLYPH_H, GLYPH_W
@@ -87,7 +87,7 @@ class SceneOptions:
             raise ValueError(f"fps ({self.fps}) must be > 0")
         # whole audio samples per video frame, so both streams end together
         for rate in (self.sample_rate, VARIED_SAMPLE_RATE) if self.varied_audio else (self.sample_rate,):
-            if abs(rate / self.fps - round(rate / self.fps)) > 1e-9:
+            if abs(rate / self.fps - round(rate / self.fps)) > WHOLE_EPS:
                 raise ValueError(f"sample rate ({rate} Hz) must be a whole multiple of fps ({self.fps})")
         if not MIN_CLIP_SECONDS <= self.min_seconds <= self.max_seconds:
             raise ValueError(f"clip length range ({self.min_seconds}, {self.max_seconds}) s must satisfy "
@@ -231,7 +231,7 @@ def make_scene(seed: int, split: str, index: int, options: SceneOptions | None =
 
 
 def _on_grid(t: float, fps: float) -> float:
-    return round(math.floor(t * fps + 1e-9) / fps, 6)
+    return round(math.floor(t * fps + WHOLE_EPS) / fps, 6)
 
 
 def sample_scene(rng: np.random.Generator, options: SceneOptions, *, split: str, seed: int,
