@@ -21,9 +21,9 @@ FORMAT_VERSION = 1
 
 Orientation = Literal["past", "future"]
 
-# Float slack when a product or ratio of rates should be whole (3 frames x 12.5 tokens = 37.5 must floor
-# to 37, not 36; 1500 tokens / 25 per frame must ceil to 60, not 61): far above float64 rounding error,
-# far below one unit.
+# Float slack when a product or ratio of rates should be whole (0.3 s / 0.1 s per frame evaluates to
+# 2.9999999999999996 and must floor to 3, and a whole ratio must not ceil one too high): far above
+# float64 rounding error, far below one unit.
 WHOLE_EPS = 1e-9
 
 
