@@ -96,9 +96,10 @@ class TorchInference:
 
     @torch.inference_mode()
     def _step(self, embeds, attention_mask, position_ids, kv) -> tuple[torch.Tensor, TorchCache]:
+        # transformers 5: ``cache=`` / ``out.cache`` (``past_key_values`` warns, removed in 5.40)
         out = self.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=kv, use_cache=True)
-        return out.logits[:, -1].float(), TorchCache(out.past_key_values, attention_mask)
+                         cache=kv, use_cache=True)
+        return out.logits[:, -1].float(), TorchCache(out.cache, attention_mask)
 
     def prefill(self, embeds: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, TorchCache]:
         mask = attention_mask.long()
