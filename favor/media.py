@@ -8,6 +8,8 @@ Notation:
 
     load_audio(path, sr)         -> float32 [n] mono in [-1, 1]
     load_frames(path, fps)       -> (uint8 [T, H, W, 3] RGB, float64 [T] seconds)
+    FrameGrid(fps).push(pts, s)  -> slots that close before a frame (the one sampling rule, also the
+                                    runtime's); frame_duration(frame, stream) -> seconds on screen
     load_image(path)             -> uint8 [H, W, 3] RGB
     preprocess_frames(frames, S) -> float32 [T, 3, S, S], CLIP-normalised
     log_mel_spectrogram(audio)   -> float32 [M, N] or [B, M, N], Whisper's recipe
