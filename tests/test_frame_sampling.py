@@ -1,5 +1,6 @@
-"""One frame-sampling rule: offline decoding (favor.media.load_frames) and the runtime's window
-assembler pick the same frames, including the tail after a last frame that has no duration."""
+"""One frame-sampling rule: offline decoding (favor.media.load_frames / load_audio, what training and
+eval see) and the runtime's window assembler pick the same frames, including the tail after a last frame
+that has no duration, and the same audio samples."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import av
 import numpy as np
 import pytest
 
-from favor.media import FrameGrid, frame_duration, load_frames
+from favor.media import FrameGrid, frame_duration, load_audio, load_frames
 from runtime.assembler import WindowAssembler
 from runtime.sources import MediaSource
+from runtime.synthclip import write_clip
 
 SR = 16_000
 PTS_MS = [0, 40, 200, 230, 600, 1010, 1500]  # variable frame rate, first frame at stream time 0
@@ -96,3 +98,26 @@ def test_grid_drops_out_of_order_frames_and_fills_before_the_first():
     assert grid.push(0.25, 0.1) is None and grid.push(0.1, 0.1) is None  # duplicate, out of order
     assert grid.push(0.3, 0.1) == 0  # slot 0.3 is on this frame's pts: it shows this frame, later
     assert grid.finish() == 1 and grid.time(grid.next) == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize("rate,channels", [(22_050, 2), (SR, 1)])  # resampled + down-mixed, and as is
+def test_offline_and_runtime_see_the_same_audio_and_frames(tmp_path, rate, channels):
+    path = write_clip(tmp_path / "c.mp4", 2.3, fps=25.0, sample_rate=rate, channels=channels)
+    windows = []
+    a = WindowAssembler(2.0, 3, SR, has_video=True, has_audio=True, on_window=windows.append)
+    source = MediaSource(str(path), SR)
+    try:
+        for item in source:
+            a.push(item)
+    finally:
+        source.close()
+    a.push(None)
+    runtime_audio = np.concatenate([w.audio for w in windows])  # [samples], zero-padded to whole windows
+    offline_audio = load_audio(path, SR).numpy()
+    n = len(offline_audio)
+    assert len(runtime_audio) >= n
+    # Bit-identical: the same down-mix/resample graph, chunks placed by their pts on the same clock.
+    np.testing.assert_array_equal(runtime_audio[:n], offline_audio)
+    assert not runtime_audio[n:].any()
+    offline_frames, _ = load_frames(path, 2.0)
+    np.testing.assert_array_equal(np.concatenate([w.frames for w in windows]), offline_frames.numpy())
