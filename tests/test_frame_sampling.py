@@ -37,10 +37,10 @@ def _write(path, pts_ms: list[int]) -> None:
             c.mux(p)
 
 
-def _runtime_frames(path, fps: float) -> np.ndarray:
-    """The frames the runtime's assembler puts on the grid, fed from the runtime's own source."""
-    slots = []
-    a = WindowAssembler(fps, 4, SR, has_video=True, has_audio=False, on_window=lambda w: None,
+def _runtime(path, fps: float, has_audio: bool) -> tuple[list, list]:
+    """(windows, frame slots) of the runtime's assembler, fed from the runtime's own source."""
+    windows, slots = [], []
+    a = WindowAssembler(fps, 3, SR, has_video=True, has_audio=has_audio, on_window=windows.append,
                         on_frame=slots.append)
     source = MediaSource(str(path), SR)
     try:
@@ -49,8 +49,14 @@ def _runtime_frames(path, fps: float) -> np.ndarray:
     finally:
         source.close()
     a.push(None)
+    return windows, slots
+
+
+def _runtime_frames(path, fps: float) -> np.ndarray:
+    """The frames the runtime's assembler puts on the grid: [T, H, W, 3]."""
+    _, slots = _runtime(path, fps, has_audio=False)
     assert [s.index for s in slots] == list(range(len(slots)))
-    return np.stack([s.rgb for s in slots])  # [T, H, W, 3]
+    return np.stack([s.rgb for s in slots])
 
 
 @pytest.mark.parametrize("ext", ["mkv", "nut"])  # mkv: frames carry durations; nut: none at all
@@ -103,15 +109,7 @@ def test_grid_drops_out_of_order_frames_and_fills_before_the_first():
 @pytest.mark.parametrize("rate,channels", [(22_050, 2), (SR, 1)])  # resampled + down-mixed, and as is
 def test_offline_and_runtime_see_the_same_audio_and_frames(tmp_path, rate, channels):
     path = write_clip(tmp_path / "c.mp4", 2.3, fps=25.0, sample_rate=rate, channels=channels)
-    windows = []
-    a = WindowAssembler(2.0, 3, SR, has_video=True, has_audio=True, on_window=windows.append)
-    source = MediaSource(str(path), SR)
-    try:
-        for item in source:
-            a.push(item)
-    finally:
-        source.close()
-    a.push(None)
+    windows, _ = _runtime(path, 2.0, has_audio=True)
     runtime_audio = np.concatenate([w.audio for w in windows])  # [samples], zero-padded to whole windows
     offline_audio = load_audio(path, SR).numpy()
     n = len(offline_audio)
