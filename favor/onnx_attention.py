@@ -41,6 +41,7 @@ OP_DOC = ("Block-causal attention inside one window of frames (favor/attention.p
           "that key_padding_mask marks real; rows that see no key are zeros.")
 
 Mode = Literal["custom", "portable"]
+ORT_LOG_ERROR = 3  # onnxruntime severity: 0 verbose, 1 info, 2 warning, 3 error, 4 fatal
 
 
 @functools.cache
@@ -179,6 +180,7 @@ def ort_session(model: onnx.ModelProto | str | Path | bytes, threads: int | None
     if threads:
         opts.intra_op_num_threads = threads
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = ORT_LOG_ERROR  # quiet by default: ORT's graph notes are not for users
     if uses_kernel(graph):
         opts.register_custom_ops_library(register_ort_kernel())
     return ort.InferenceSession(source, opts, providers=list(providers or ["CPUExecutionProvider"]))
