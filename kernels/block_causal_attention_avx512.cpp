@@ -204,13 +204,13 @@ FAVOR_AVX512 inline __attribute__((always_inline)) __m512 exp2_neg_v(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-// float_to_bf16 (round to nearest even) on 16 finite or NaN-from-arithmetic lanes, AVX-512F only,
-// so the fp32-path instantiation of the softmax below needs no avx512_bf16.
-FAVOR_AVX512 inline __attribute__((always_inline)) __m256i to_bf16(__m512 x) {
-  const __m512i b = _mm512_castps_si512(x);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-  const __m512i r = _mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+// 16 rows of P (fp32, kBlockK = 32 each) -> bf16, round to nearest even (vcvtne2ps2bf16). Its own
+// target: the softmax below is also instantiated for the fp32 path on CPUs without avx512_bf16.
+FAVOR_AVX512_BF16 void p_to_bf16(const float* p, uint16_t* pb) {
+  for (int r = 0; r < 16; ++r) {
+    const __m512bh h = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(p + r * kBlockK + 16), _mm512_loadu_ps(p + r * kBlockK));
+    _mm512_storeu_si512(pb + r * kBlockK, (__m512i)h);
+  }
 }
 
 // Reduce 16 vectors to one: lane r = op over the 16 lanes of v[r]. Four halving steps (256-bit
@@ -234,8 +234,8 @@ FAVOR_AVX512 inline __attribute__((always_inline)) __m512 reduce16(__m512* v, Op
 // at a time: one row of kBlockK = 32 scores is two registers; row max, row sum and the rescale
 // factor alpha are computed for the 16 rows in one register each, not row by row. Rows beyond
 // `rows` (up to kTileQ, zero scores) are computed but their P is written as zeros, so micro-tile
-// padding rows add nothing in P.V. kBf16 writes P as bf16 into pb (round to nearest even) for
-// the vdpbf16ps P.V; otherwise P replaces s.
+// padding rows add nothing in P.V. P replaces s; kBf16 also converts it to bf16 into pb for the
+// vdpbf16ps P.V.
 template <bool kBf16>
 FAVOR_AVX512 void softmax_avx512(float* s, uint16_t* pb, float* m, float* l, float* o, int64_t rows,
                                                 int64_t dp) {
@@ -262,15 +262,11 @@ FAVOR_AVX512 void softmax_avx512(float* s, uint16_t* pb, float* m, float* l, flo
       __m512 pa = exp2_neg_v<kDegree>(_mm512_sub_ps(_mm512_loadu_ps(row), mv));
       __m512 pc = exp2_neg_v<kDegree>(_mm512_sub_ps(_mm512_loadu_ps(row + 16), mv));
       if (r0 + r >= rows) pa = pc = _mm512_setzero_ps();
-      if constexpr (kBf16) {
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pb + (r0 + r) * kBlockK), to_bf16(pa));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pb + (r0 + r) * kBlockK + 16), to_bf16(pc));
-      } else {
-        _mm512_storeu_ps(row, pa);
-        _mm512_storeu_ps(row + 16, pc);
-      }
+      _mm512_storeu_ps(row, pa);
+      _mm512_storeu_ps(row + 16, pc);
       t[r] = _mm512_add_ps(pa, pc);
     }
+    if constexpr (kBf16) p_to_bf16(blk, pb + r0 * kBlockK);
     const __m512 sum = reduce16(t, [](__m512 a, __m512 b) FAVOR_AVX512 { return _mm512_add_ps(a, b); });
     _mm512_storeu_ps(l + r0, _mm512_fmadd_ps(_mm512_loadu_ps(l + r0), alpha, sum));
     // Rows whose max moved and that had seen something (a row still at -inf has no O yet).
