@@ -1,6 +1,7 @@
 """Causal Q-Former: shapes, release parameter names, window independence, block causality in both
 orientations, and through the whole fusion stage (streaming == offline)."""
 
+import pytest
 import torch
 
 from favor.config import get_config
@@ -46,36 +47,24 @@ def _window_inputs(cfg, n=1):
     return torch.randn(n, L, cfg.fused_width), torch.ones(n, L, dtype=torch.bool)
 
 
-def test_past_orientation_ignores_later_frames_in_causal_block():
-    """With 'past', the causal block's output for frame f does not depend on frames > f."""
-    cfg = get_config("tiny")
+@pytest.mark.parametrize("orientation", ["past", "future"])
+def test_causal_block_ignores_the_frames_it_may_not_see(orientation):
+    """'past': frame f's causal-block output does not depend on frames > f (change the last frame);
+    'future' (the release's triu): not on frames < f (change the first frame)."""
+    cfg = get_config("tiny").replace(**{"qformer.orientation": orientation})
     qf = CausalQFormer(cfg).eval()
     x, m = _window_inputs(cfg)
     layer = qf.bert.encoder.layer[0].encoder_causal_attention
     S = cfg.tokens_per_frame
     h = qf.ln(x) + qf.position_embedding(torch.arange(x.shape[1]))[None]
     base = layer(h, m)
+    changed = slice(2 * S, None) if orientation == "past" else slice(0, S)
+    kept = slice(0, 2 * S) if orientation == "past" else slice(S, None)
     h2 = h.clone()
-    h2[:, 2 * S:] += 1.0  # change the last frame only
+    h2[:, changed] += 1.0
     out = layer(h2, m)
-    torch.testing.assert_close(out[:, : 2 * S], base[:, : 2 * S])
-    assert not torch.allclose(out[:, 2 * S:], base[:, 2 * S:])
-
-
-def test_future_orientation_ignores_earlier_frames_in_causal_block():
-    """With 'future' (the release's triu), the causal block's output for frame f ignores frames < f."""
-    cfg = get_config("tiny").replace(**{"qformer.orientation": "future"})
-    qf = CausalQFormer(cfg).eval()
-    x, m = _window_inputs(cfg)
-    layer = qf.bert.encoder.layer[0].encoder_causal_attention
-    S = cfg.tokens_per_frame
-    h = qf.ln(x) + qf.position_embedding(torch.arange(x.shape[1]))[None]
-    base = layer(h, m)
-    h2 = h.clone()
-    h2[:, :S] += 1.0  # change the first frame only
-    out = layer(h2, m)
-    torch.testing.assert_close(out[:, S:], base[:, S:])
-    assert not torch.allclose(out[:, :S], base[:, :S])
+    torch.testing.assert_close(out[:, kept], base[:, kept])
+    assert not torch.allclose(out[:, changed], base[:, changed])
 
 
 @torch.no_grad()
