@@ -40,7 +40,7 @@ test: setup
 
 # Captions the demo clip with the embedded demo model, paced like a live camera; SRT beside the clip.
 # The default (compiled) path: the first run exports the model once into the bundle cache
-# ($FAVOR_CACHE or ~/.cache/favor/bundles, with a progress view), later runs start from it.
+# ($FAVOR_CACHE/bundles, default ~/.cache/favor/bundles, with a progress view), later runs start from it.
 demo: setup
 	$(PY) -m runtime run $(DEMO_CLIP) --no-live --srt $(DEMO_SRT)
 	@echo "captions written to $(DEMO_SRT)"

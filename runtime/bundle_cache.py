@@ -1,6 +1,6 @@
 """Compiled bundles cached per checkpoint: ``favor-rt run --model CKPT`` exports once, reuses after.
 
-    $FAVOR_CACHE or --cache-dir (default ~/.cache/favor/bundles)/
+    --cache-dir, $FAVOR_BUNDLE_CACHE, or $FAVOR_CACHE/bundles (default ~/.cache/favor/bundles)/
       <stem>-<key16>/                      a complete, verified bundle: manifest.json + cache.json
       <stem>-<key16>.lock                  flock'd while that entry is exported (a second exporter waits)
       .tmp-<stem>-<key16>-<pid>-<rand>/    an export in progress (bundle/ inside is renamed into place)
@@ -35,8 +35,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-CACHE_ENV = "FAVOR_CACHE"
-DEFAULT_CACHE = Path("~/.cache/favor/bundles")
+CACHE_ENV = "FAVOR_CACHE"  # favor's cache root (favor/pretrained.py keeps base weights there too)
+BUNDLE_CACHE_ENV = "FAVOR_BUNDLE_CACHE"  # this directory exactly (tests, a shared bundle store)
+DEFAULT_ROOT = Path("~/.cache/favor")
+BUNDLES = "bundles"
 RECORD = "cache.json"  # written last: its presence with the right key marks an entry complete
 KEY_HEX = 16  # 64 bits of the key in the directory name: collisions are not a practical concern
 
@@ -44,10 +46,12 @@ Say = Callable[[str, str], None]  # (step, message), as export.bundle.Progress
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
-    """--cache-dir, else $FAVOR_CACHE, else ~/.cache/favor/bundles."""
+    """--cache-dir, else $FAVOR_BUNDLE_CACHE, else $FAVOR_CACHE/bundles, else ~/.cache/favor/bundles."""
     if cache_dir is not None:
         return Path(cache_dir).expanduser()
-    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser()
+    if os.environ.get(BUNDLE_CACHE_ENV):
+        return Path(os.environ[BUNDLE_CACHE_ENV]).expanduser()
+    return Path(os.environ.get(CACHE_ENV) or DEFAULT_ROOT).expanduser() / BUNDLES
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,7 @@ class Request:
     frames_per_window: int | None = None
     options: object = None  # export.bundle.ExportOptions; None = its defaults
     autotune: bool = True  # tune threads per stage at export (export/threads.py); not part of the key
+    verbose: bool = False  # library logs during the export (favor.quiet); not part of the key
 
     def export_options(self):
         from export.bundle import ExportOptions
@@ -75,6 +80,7 @@ class Policy:
     autotune: bool = True
     options: object = None  # export.bundle.ExportOptions; None = its defaults
     say: Say | None = None  # progress messages (ExportView)
+    verbose: bool = False  # -v: the exporter's library logs are shown
 
 
 def checkpoint_timing(checkpoint: Path) -> tuple[float | None, int | None]:
@@ -158,7 +164,12 @@ def export_into(req: Request, out: Path, say: Say) -> None:
     """Load the checkpoint, export the bundle into ``out`` and tune its threads per stage.
     (Library chatter is the CLI's business: favor.quiet.quiet_libraries.)"""
     from export.bundle import export_bundle
+    from favor.quiet import quiet_libraries
     from runtime.backends import load_runtime_model
+
+    # again now that torch is imported: its logging setup resets torch.onnx's level, and the
+    # exporter's "torchvision is not installed" lines would break into the progress view
+    quiet_libraries(req.verbose)
 
     say("checkpoint", f"loading {req.checkpoint.name}")
     model = load_runtime_model(req.checkpoint, req.fps, req.frames_per_window)
@@ -255,7 +266,8 @@ def export_uncached(req: Request, say: Say | None = None,
 
 class ExportView:
     """Our progress view of an export: one line per step with a spinner and elapsed time, on the
-    given rich console. Starts on the first message, so a warm cache prints nothing."""
+    given rich console (plain lines when it is not a terminal). Starts on the first message, so a
+    warm cache prints nothing."""
 
     DONE = ("done", "built", "skipped", "wrote")
 
@@ -268,6 +280,9 @@ class ExportView:
         from rich.markup import escape
         from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+        if not self.console.is_terminal:  # a log (CI, make demo piped): one plain line per message
+            self.console.print(escape(f"favor-rt: {step}: {message}"), highlight=False)
+            return
         if self.bar is None:
             self.bar = Progress(SpinnerColumn(finished_text="[green]done[/]"), TextColumn("{task.description}"),
                                 TimeElapsedColumn(), console=self.console, transient=False)

@@ -98,6 +98,7 @@ class RunOptions:
     cache: bool = True  # the checkpoint's compiled bundle from the bundle cache (runtime/bundle_cache.py)
     cache_dir: Path | None = None
     autotune: bool = True
+    verbose: bool = False
 
 
 def check_options(o: RunOptions) -> None:
@@ -192,7 +193,7 @@ def open_engine(o: RunOptions):
     export_view = ExportView(Console(stderr=True, highlight=False, soft_wrap=True))
     try:
         engine = make_backend(o.backend, o.model, o.fps, o.window, threads=o.threads,
-                              policy=Policy(o.cache_dir, o.cache, o.autotune, say=export_view))
+                              policy=Policy(o.cache_dir, o.cache, o.autotune, say=export_view, verbose=o.verbose))
         export_view.close()
         check_prompt_fits(engine, o)
         source = MediaSource(o.input, engine.cfg.timing.sample_rate, timeout=o.timeout)
@@ -421,7 +422,8 @@ def run(
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="run a checkpoint from its compiled bundle "
                                         "in the bundle cache (--no-cache: export for this run only)")] = True,
     cache_dir: Annotated[Path | None, typer.Option(
-        help="bundle cache directory (default: $FAVOR_CACHE or ~/.cache/favor/bundles)")] = None,
+        help="bundle cache directory (default: $FAVOR_BUNDLE_CACHE, else $FAVOR_CACHE/bundles, "
+             "else ~/.cache/favor/bundles)")] = None,
     autotune: Annotated[bool, typer.Option("--autotune/--no-autotune",
                                            help="time threads per stage when exporting a bundle")] = True,
     verbose: VerboseOption = False,
@@ -433,7 +435,7 @@ def run(
     outputs = {k: p for k, p in (("srt", srt), ("vtt", vtt), ("jsonl", jsonl)) if p is not None}
     o = RunOptions(input, model or default_model_path(), backend, fps, window, prompt, max_latency,
                    max_new_tokens, context, max_merge, realtime, incremental, outputs, threads, timeout,
-                   cache=cache, cache_dir=cache_dir, autotune=autotune)
+                   cache=cache, cache_dir=cache_dir, autotune=autotune, verbose=verbose)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
         _run(o, live)

@@ -102,7 +102,7 @@ def _bundle_for(path: Path, fps: float | None, frames_per_window: int | None, po
     re-hashing (``trusted``); a bundle directory given directly is always checked."""
     from runtime import bundle_cache
 
-    req = bundle_cache.Request(path, fps, frames_per_window, policy.options, policy.autotune)
+    req = bundle_cache.Request(path, fps, frames_per_window, policy.options, policy.autotune, policy.verbose)
     if not policy.use_cache:
         return bundle_cache.export_uncached(req, policy.say), True
     entry, _ = bundle_cache.ensure_bundle(req, policy.cache_dir, policy.say)

@@ -33,9 +33,10 @@ def _seed():
 
 @pytest.fixture(autouse=True, scope="session")
 def _bundle_cache(tmp_path_factory):
-    """Checkpoints run by `auto` are exported into a per-session bundle cache, never ~/.cache."""
+    """Checkpoints run by `auto` are exported into a per-session bundle cache, never ~/.cache (the
+    base-weight cache, $FAVOR_CACHE, stays shared)."""
     mp = pytest.MonkeyPatch()
-    mp.setenv("FAVOR_CACHE", str(tmp_path_factory.mktemp("favor-cache")))
+    mp.setenv("FAVOR_BUNDLE_CACHE", str(tmp_path_factory.mktemp("bundle-cache")))
     yield
     mp.undo()
 

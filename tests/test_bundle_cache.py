@@ -201,11 +201,15 @@ def test_rename_wins_against_an_exporter_that_bypassed_the_lock(ckpt, tmp_path):
 
 
 def test_cache_location_and_no_cache(ckpt, tmp_path, monkeypatch):
-    monkeypatch.setenv("FAVOR_CACHE", str(tmp_path / "env"))
-    assert cache_root() == tmp_path / "env" and cache_root(tmp_path / "flag") == tmp_path / "flag"
+    monkeypatch.delenv("FAVOR_BUNDLE_CACHE")
+    monkeypatch.setenv("FAVOR_CACHE", str(tmp_path / "env"))  # favor's cache root: bundles/ inside
+    assert cache_root() == tmp_path / "env" / "bundles" and cache_root(tmp_path / "flag") == tmp_path / "flag"
+    monkeypatch.setenv("FAVOR_BUNDLE_CACHE", str(tmp_path / "exact"))
+    assert cache_root() == tmp_path / "exact"
+    monkeypatch.delenv("FAVOR_BUNDLE_CACHE")
     monkeypatch.delenv("FAVOR_CACHE")
     assert cache_root() == Path("~/.cache/favor/bundles").expanduser()
-    monkeypatch.setenv("FAVOR_CACHE", str(tmp_path / "env"))
+    monkeypatch.setenv("FAVOR_BUNDLE_CACHE", str(tmp_path / "env"))
     ex = Exporter()
     out = export_uncached(Request(ckpt), exporter=ex)
     assert (out / "manifest.json").is_file() and not (tmp_path / "env").exists()
@@ -223,7 +227,7 @@ def test_missing_checkpoint_and_unwritable_cache_are_one_line_errors(ckpt, tmp_p
 def test_export_view_shows_each_step(tmp_path):
     from rich.console import Console
 
-    console = Console(file=(tmp_path / "out.txt").open("w"), width=100, force_terminal=False)
+    console = Console(file=(tmp_path / "out.txt").open("w"), width=100, force_terminal=True)
     view = bundle_cache.ExportView(console)
     for step, msg in (("checkpoint", "loading m.safetensors"), ("checkpoint", "done"),
                       ("decoder", "exporting"), ("decoder", "done in 1.0 s")):
@@ -232,6 +236,10 @@ def test_export_view_shows_each_step(tmp_path):
     console.file.close()
     text = (tmp_path / "out.txt").read_text()
     assert "checkpoint: done" in text and "decoder: done in 1.0 s" in text
+    log = Console(file=(tmp_path / "log.txt").open("w"), width=100, force_terminal=False)
+    bundle_cache.ExportView(log)("decoder", "exporting")  # not a terminal: plain lines as they come
+    log.file.close()
+    assert (tmp_path / "log.txt").read_text() == "favor-rt: decoder: exporting\n"
 
 
 # -- the real export (slow: torch.onnx export of every tiny stage, ~30-50 s on 2 cores) -----------
