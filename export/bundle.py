@@ -37,7 +37,7 @@ from export import profiles
 from export.decoder import DecoderFrontend, merged_llm
 from export.frontend import AudioFrontend, FusionFrontend, VisualFrontend
 from export.genai_decoder import decoder_stage
-from export.manifest import BUNDLE_VERSION, FORMAT, MANIFEST, load_manifest, toolchain_versions
+from export.manifest import BUNDLE_VERSION, EMBED_FILE, FORMAT, MANIFEST, load_manifest, toolchain_versions
 from export.onnx import OPSET, ExportedStage, example_size, export_stage
 from favor.checkpoint import MODEL_VERSION
 from favor.fileio import atomic_write, sha256_file
@@ -46,7 +46,6 @@ from favor.model import FavorModel
 TARGETS = ("onnx", "tensorrt", "trtllm")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 STAGES = ("audio_encoder", "visual_encoder", "fusion", "decoder")
-EMBED_FILE = "embed_tokens.safetensors"
 
 
 @dataclass(frozen=True)
