@@ -187,4 +187,20 @@ def export_decoder(model, out: str | Path, precision: str, opts: BuilderOptions 
     opts = opts or DEFAULT_OPTIONS[precision]
     start = time.perf_counter()
     files = build_graph(merged_llm(model), model.tokenizer, out, precision, opts)
+    stamp_metadata(Path(out) / files[0], model.cfg)
     return stage_entry(Path(out), files, precision, opts, time.perf_counter() - start)
+
+
+def stamp_metadata(path: Path, cfg) -> None:
+    """The favor.* metadata every bundle graph carries (export/onnx.py), so load_manifest's config-hash
+    check (and the bundle cache's verify step) holds for the builder's graph too; weights untouched."""
+    import onnx
+
+    from export.onnx import config_sha256
+    from favor.checkpoint import MODEL_VERSION
+
+    graph = onnx.load(str(path), load_external_data=False)
+    props = {p.key: p.value for p in graph.metadata_props}
+    onnx.helper.set_model_props(graph, {**props, "favor.stage": "decoder", "favor.config_sha256": config_sha256(cfg),
+                                        "favor.model_version": MODEL_VERSION, "favor.attention": "portable"})
+    onnx.save(graph, str(path))
