@@ -14,9 +14,10 @@ calling thread is recorded: at 1 thread every backend runs on that thread, so it
 independent cross-check of the wall-clock ratios.
 
 Quiet-machine guard: the run is refused when the 1-min load average exceeds --max-load before it
-starts (--force runs anyway). During the run the CPU time of *other* processes is measured from
-/proc/stat minus this process's own CPU time; records carry it as `foreign_cpus` (average CPUs
-busy with other work) and are marked `quiet: false` when it or the starting load exceeds the limit.
+starts (--force runs anyway). During each timed block the CPU time of *other* processes is measured
+from /proc/stat minus this process's own CPU time; records carry it as `foreign_cpus` (average CPUs
+busy with other work) and are marked `quiet: false` when it exceeds the limit (the load average
+itself is only recorded: after the first section it counts this run's own threads).
 
 Work formula (counts only unmasked work): with orientation 'past' frame f sees f + 1 frames, so a
 window has S^2 F (F + 1) / 2 visible (query, key) pairs per head; each costs 2 Dh FLOPs for q.k and
@@ -210,9 +211,18 @@ def _sweep_table(records: list[dict]) -> str:
                            "fused fp32 x SDPA", "bf16 x fused fp32"], rows)
 
 
+def _quiet(r: dict, max_load: float) -> bool:
+    """Other processes stayed under max_load CPUs during the timed rounds.
+
+    The load average is not used here: after the first section it includes this run's own threads.
+    """
+    foreign = r.get("foreign_cpus")
+    return (foreign if foreign is not None else r.get("load_before", 0.0)) <= max_load
+
+
 def _load_line(records: list[dict], max_load: float) -> str:
     r = next(x for x in records if x.get("median_ms") is not None)
-    quiet = r["load_before"] <= max_load and (r["foreign_cpus"] or 0.0) <= max_load
+    quiet = _quiet(r, max_load)
     return (f"Load: 1-min average {r['load_before']} before, {r['load_after']} after (includes this run's own "
             f"threads); other processes used {r['foreign_cpus']} CPUs on average during the timed rounds. "
             + ("Quiet run." if quiet else f"**Not a quiet run** (limit {max_load}): treat absolute times as "
@@ -272,7 +282,7 @@ def main(windows: Annotated[int, typer.Option(help="windows per call (the Q-Form
                          f"{tpf} tokens per frame, {nt} thread{'s' if nt > 1 else ''}):", "", _sweep_table(swept), "",
                          _load_line(swept, max_load), ""]
         for r in records:
-            quiet = r.get("load_before", 0) <= max_load and (r.get("foreign_cpus") or 0.0) <= max_load
+            quiet = r.get("median_ms") is not None and _quiet(r, max_load)
             append_jsonl(jsonl, {"bench": "attention", "machine": info, "quiet": quiet, "max_load": max_load, **r})
     text = "\n".join(sections)
     out.parent.mkdir(parents=True, exist_ok=True)
