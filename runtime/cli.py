@@ -325,11 +325,12 @@ def stream(o: RunOptions, captioner, source, scheduler, writers, term: Terminal)
     if threading.current_thread() is threading.main_thread():
         previous_sigterm = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        if o.realtime:
-            captioner.warmup(scheduler)  # measures the per-window cost before the first deadline
         if term.view is not None:
             term.view.start()
-        outcome.report = captioner.run(source, o.realtime, scheduler, on_caption, stop)
+        # realtime: the warm-up measures the per-window cost before the first deadline, while the
+        # first window is being captured (so it adds nothing to the time to the first caption)
+        warmup = (lambda: captioner.warmup(scheduler)) if o.realtime else None
+        outcome.report = captioner.run(source, o.realtime, scheduler, on_caption, stop, before_first=warmup)
     except KeyboardInterrupt:
         outcome.interrupted = True
         stop.set()

@@ -198,17 +198,23 @@ class StreamingCaptioner:
     # -- the stream loop --------------------------------------------------------------------------
     def run(self, source: MediaSource, realtime: bool, scheduler: DeadlineScheduler,
             on_caption: Callable[[Caption], None], stop: threading.Event | None = None,
-            max_pending: int = MAX_PENDING_WINDOWS) -> StreamReport:
+            max_pending: int = MAX_PENDING_WINDOWS, before_first: Callable[[], None] | None = None
+            ) -> StreamReport:
         """Caption ``source`` until it ends, fails (``report.error``) or ``stop`` is set.
 
         ``realtime``: files are paced by their timestamps, rings drop the oldest item when full,
         and ``scheduler`` enforces its deadline. Otherwise nothing is dropped and nothing waits.
         Runs the worker on the calling thread, so Ctrl-C lands here; the capture thread is always
         stopped and joined before returning or raising.
+
+        ``before_first`` runs on this thread once capture has started (the realtime warm-up): the
+        first window is being filmed meanwhile, so start-up costs overlap it instead of preceding it.
         """
         loop = _Loop(self, source, realtime, scheduler, stop or threading.Event(), max_pending)
         loop.capture.start()
         try:
+            if before_first is not None:
+                before_first()
             while loop.step(on_caption):
                 pass
         finally:
