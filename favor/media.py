@@ -6,8 +6,9 @@ Notation:
     T frames, H x W source frame size, S model image size (config.visual.image_size),
     n audio samples at the target rate, B batch, M mel bins, N mel frames (n // hop).
 
-    load_audio(path, sr)         -> float32 [n] mono in [-1, 1]
-    load_frames(path, fps)       -> (uint8 [T, H, W, 3] RGB, float64 [T] seconds)
+    stream_origin(v0, a0)        -> stream time 0 on the container clock: the earlier stream start
+    load_audio(path, sr)         -> float32 [n] mono in [-1, 1], sample k at k / sr s of stream time
+    load_frames(path, fps)       -> (uint8 [T, H, W, 3] RGB, float64 [T] seconds of stream time)
     FrameGrid(fps).push(pts, s)  -> slots that close before a frame (the one sampling rule, also the
                                     runtime's); frame_duration(frame, stream) -> seconds on screen
     load_image(path)             -> uint8 [H, W, 3] RGB
@@ -23,8 +24,11 @@ Deviations from the release (authors' code), on purpose:
   PyAV's plain ``AudioResampler(layout="mono")`` leaves the matrix unnormalised for float output
   ((L + R) / sqrt(2), which clips correlated loud stereo), so a filter graph sets the option.
 - Frames are sampled on a uniform presentation-time grid t_i = start + i / fps (latest frame with
-  pts <= t_i), which also handles variable frame rate. The release cut 1-s clips and took the first and
-  last frame of each (e.g. frames 0 and 29 at 30 fps), which is not 0.5 s spacing.
+  pts <= t_i), which also handles variable frame rate. Audio and video share one clock whose time 0 is
+  the earlier stream's first timestamp (``stream_origin``), so a video that starts 0.3 s after its
+  audio keeps that offset; the release read audio from a separate wav, each stream from its own start.
+  The release cut 1-s clips and took the first and last frame of each (e.g. frames 0 and 29 at 30 fps),
+  which is not 0.5 s spacing.
 """
 
 from __future__ import annotations
@@ -137,6 +141,58 @@ def media_info(path: PathLike) -> MediaInfo:
         )
 
 
+# ----------------------------------------------------------------------------------------------- clock
+
+
+def stream_origin(video_start: float | None, audio_start: float | None) -> float | None:
+    """Stream time 0 on the container clock (seconds): the earlier of the two streams' first timestamps.
+
+    The one origin rule of offline decoding (``load_frames``, ``load_audio``) and the runtime's window
+    assembler. The earlier start, because then nothing of either stream is cut: the later stream is
+    placed by its own start (audio padded with silence in front, frame slots before the first frame
+    show that frame, the ``FrameGrid`` rule). Not container time 0: an MPEG-TS or live stream starting
+    at pts 1.4 s (or 10^5 s) would get that much invented silence. Not the video's start: the audio
+    before it would be lost. Clips whose streams both start at 0 keep container time unchanged.
+    A stream that is absent or has no known start is None and does not count; None if neither counts.
+    """
+    starts = [t for t in (video_start, audio_start) if t is not None]
+    return min(starts) if starts else None
+
+
+def sample_index(t: float, origin: float, sample_rate: int) -> int:
+    """Index of the audio sample that plays at container time ``t`` (s) on the clock ``origin``."""
+    return round((t - origin) * sample_rate)
+
+
+def declared_start(stream: av.stream.Stream | None) -> float | None:
+    """The start time (seconds, container clock) a stream's header declares; None if absent or unknown."""
+    return None if stream is None else _seconds(stream, stream.start_time)
+
+
+def _first_time(path: PathLike, kind: str) -> float | None:
+    """Time of the first decoded frame of the first ``kind`` stream with a timestamp (a second open,
+    so the caller's decoding is untouched). For streams whose header declares no start."""
+    with _open(path) as c:
+        try:
+            for frame in c.decode(**{kind: 0}):
+                if frame.pts is not None:
+                    return float(frame.time)
+        except av.FFmpegError:
+            return None
+    return None
+
+
+def _origin(c: av.container.InputContainer, path: PathLike) -> float:
+    """``stream_origin`` of a file's first video and audio stream: each stream's declared start, else
+    its first decoded timestamp (what the runtime's assembler then sees); 0 when neither is known."""
+    starts = {}
+    for kind, streams in (("video", c.streams.video), ("audio", c.streams.audio)):
+        start = declared_start(streams[0]) if streams else None
+        starts[kind] = _first_time(path, kind) if streams and start is None else start
+    origin = stream_origin(starts["video"], starts["audio"])
+    return 0.0 if origin is None else origin
+
+
 # ----------------------------------------------------------------------------------------------- audio
 
 
@@ -155,20 +211,33 @@ def mono_resampler(stream: av.audio.stream.AudioStream, sample_rate: int) -> av.
     return graph
 
 
-def _drain(graph: av.filter.Graph, out: list[np.ndarray]) -> None:
+def _drain(graph: av.filter.Graph, out: list[np.ndarray], times: list[float | None]) -> None:
     while True:
         try:
             frame = graph.pull()
         except (av.BlockingIOError, av.EOFError):
             return
         out.append(frame.to_ndarray().reshape(-1))  # flt packed mono: [1, n] -> [n]
+        times.append(float(frame.time) if frame.pts is not None else None)
+
+
+def _on_clock(audio: np.ndarray, first_t: float | None, origin: float, sample_rate: int) -> np.ndarray:
+    """Place decoded audio [n] on stream time: silence before its first sample, nothing before 0.
+
+    The first resampled chunk lands at ``sample_index(first_t, origin, sr)``, as the runtime's assembler
+    places it; later chunks follow contiguously. No timestamp: it starts at stream time 0.
+    """
+    lead = 0 if first_t is None else sample_index(first_t, origin, sample_rate)
+    if lead > 0:
+        return np.concatenate([np.zeros(lead, np.float32), audio])
+    return audio[-lead:] if lead < 0 else audio
 
 
 def load_audio(path: PathLike, sample_rate: int) -> torch.Tensor:
     """Decode the first audio stream of any container, down-mixed to mono and resampled.
 
-    Returns float32 [n] in [-1, 1] at ``sample_rate`` Hz. Sample 0 is the first decoded sample of the
-    stream (see ``MediaInfo.audio_start`` for where that sits on the container clock).
+    Returns float32 [n] in [-1, 1] at ``sample_rate`` Hz. Sample k plays at k / sample_rate seconds of
+    stream time (``stream_origin``): audio that starts after the video is preceded by silence.
     """
     if not isinstance(sample_rate, numbers.Integral) or sample_rate <= 0:
         raise ValueError(f"sample_rate must be a positive int (Hz), got {sample_rate!r}")
@@ -176,7 +245,9 @@ def load_audio(path: PathLike, sample_rate: int) -> torch.Tensor:
         if not c.streams.audio:
             raise MediaError(f"{path}: no audio stream (streams: {_stream_kinds(c)})")
         stream = c.streams.audio[0]
+        origin = _origin(c, path)
         chunks: list[np.ndarray] = []
+        times: list[float | None] = []
         graph = None
         layout = None
         try:
@@ -186,19 +257,19 @@ def load_audio(path: PathLike, sample_rate: int) -> torch.Tensor:
                     # Input format changed mid-stream (rare, e.g. concatenated files): flush, rebuild.
                     if graph is not None:
                         graph.push(None)
-                        _drain(graph, chunks)
+                        _drain(graph, chunks, times)
                     graph, layout = mono_resampler(stream, sample_rate), key
                 graph.push(frame)
-                _drain(graph, chunks)
+                _drain(graph, chunks, times)
             if graph is not None:
                 graph.push(None)
-                _drain(graph, chunks)
+                _drain(graph, chunks, times)
         except av.FFmpegError as e:
             decoded = sum(len(x) for x in chunks) / sample_rate
             raise MediaError(f"{path}: audio decode error after {decoded:.2f} s ({_reason(e)})") from None
     if not chunks or sum(len(x) for x in chunks) == 0:
         raise MediaError(f"{path}: audio stream decoded to no samples")
-    audio = torch.from_numpy(np.concatenate(chunks))
+    audio = torch.from_numpy(_on_clock(np.concatenate(chunks), times[0], origin, sample_rate))
     # Lossy decoders and float sources can overshoot full scale slightly; the model expects [-1, 1].
     return audio.clamp_(-1.0, 1.0)
 
@@ -319,8 +390,11 @@ class FrameGrid:
     window assembler both pick frames through this one rule.
 
     Slot i of the grid is at t_i = start + i / fps and shows the latest frame with pts <= t_i; slots
-    before the first frame show the first frame. Push frames in decode order; ``finish`` then gives the
-    slots the last frame fills until it ends (pts + duration, and at least the slot at its own pts).
+    before the first frame show the first frame (a video that starts after its audio, ``stream_origin``,
+    opens on its first picture, as ffmpeg's fps filter pads a late start; not on an invented black one).
+    Times are stream time, computed as ``pts - origin`` by every caller. Push frames in decode order;
+    ``finish`` then gives the slots the last frame fills until it ends (pts + duration, and at least the
+    slot at its own pts).
     Variable frame rate works because only pts matter, never frame counts.
     """
 
@@ -368,10 +442,12 @@ def load_frames(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample RGB frames at ``fps`` by presentation time (the ``FrameGrid`` rule), from ``start`` s.
 
-    Sampling stops at the end of the stream (last pts + that frame's duration, see ``frame_duration``)
-    or after ``max_frames``. Returns frames uint8 [T, H, W, 3] and timestamps float64 [T]: the pts
-    (seconds) of the frame picked for each slot (repeated when fps exceeds the source rate). Frames that
-    change size mid-stream are scaled to the first picked frame's size.
+    ``start`` and the returned times are stream time: seconds after ``stream_origin`` of the file's
+    streams (container time when both start at 0). Sampling stops at the end of the stream (last pts +
+    that frame's duration, see ``frame_duration``) or after ``max_frames``. Returns frames uint8
+    [T, H, W, 3] and timestamps float64 [T]: the pts of the frame picked for each slot (repeated when
+    fps exceeds the source rate). Frames that change size mid-stream are scaled to the first picked
+    frame's size.
     """
     if max_frames is not None and max_frames < 1:
         raise ValueError(f"max_frames must be >= 1 or None, got {max_frames}")
@@ -381,11 +457,13 @@ def load_frames(
     picker = _Picker(math.inf if max_frames is None else max_frames)
     with _open(path) as c:
         stream = _video_stream(c, path)
+        origin = _origin(c, path)
         try:
-            for frame in _decoded(c, stream, start):
+            for frame in _decoded(c, stream, origin + start if start > 0 else 0.0):
                 t = _frame_time(frame)
                 if t is None:
                     raise MediaError(f"{path}: video frame without a presentation timestamp")
+                t -= origin  # stream time, the same subtraction as the runtime's assembler
                 n = grid.push(t, frame_duration(frame, stream))
                 if n is not None and picker.show(frame, t, n):
                     break

@@ -1,9 +1,12 @@
 """Window assembler: frames and audio placed on one clock by presentation time, cut into windows.
 
-Stream time 0 is the first video frame's pts (the first audio pts for audio-only input). Then
+Stream time 0 is t0 = favor.media.stream_origin of the streams' starts: the earlier of the two, the
+clock load_frames and load_audio use. The source's declared starts give it before any media arrives
+(MediaSource.origin); without them, the first timestamp of each stream, once each has shown one. Then
 
-    frame slot i   shows the latest decoded frame with pts <= i / fps      (favor.media.FrameGrid, the
-                   rule load_frames uses; the last frame lasts its favor.media.frame_duration)
+    frame slot i   shows the latest decoded frame with pts - t0 <= i / fps   (favor.media.FrameGrid, the
+                   rule load_frames uses: slots before the first frame show it; the last frame lasts
+                   its favor.media.frame_duration)
     audio sample k plays at k / sample_rate; a chunk lands at round((pts - t0) x sample_rate)
     window w       = slots [wF, (w+1)F)  +  samples [round(wF x sr / fps), round((w+1)F x sr / fps))
 
@@ -27,15 +30,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from favor.media import TIME_EPS_S, FrameGrid
+from favor.media import TIME_EPS_S, FrameGrid, sample_index, stream_origin
 from runtime.sources import AudioChunk, Frame
 
 # A chunk whose start is this close to the end of the previous one is taken as contiguous: resampler
 # timestamps are rounded to whole samples, so a 1-2 sample jitter is clock noise, not a gap.
 AUDIO_JITTER_SAMPLES = 2
-# Audio waiting for video before the first frame fixes stream time 0 (bounded: a video stream that
-# never delivers must not grow memory without limit).
-MAX_EARLY_AUDIO_CHUNKS = 4096
+# Media held while stream time 0 is not known yet (no declared starts): bounded, so a stream that never
+# delivers cannot grow memory without limit; the origin is then fixed from what has arrived.
+MAX_EARLY_ITEMS = 4096
+# Audio kept while the video stream has not delivered its first frame (windows cannot close before it).
+# Bounded for the same reason; the oldest is dropped, as a full live ring drops it.
+MAX_AUDIO_BEFORE_VIDEO_S = 300.0
 
 
 @dataclass
@@ -62,14 +68,16 @@ class WindowAssembler:
 
     def __init__(self, fps: float, frames_per_window: int, sample_rate: int, has_video: bool,
                  has_audio: bool, on_window: Callable[[Window], None],
-                 on_frame: Callable[[FrameSlot], None] | None = None, audio_grace: float = 1.0):
+                 on_frame: Callable[[FrameSlot], None] | None = None, audio_grace: float = 1.0,
+                 origin: float | None = None):
+        """``origin``: stream time 0 on the source clock (MediaSource.origin); None = from the media."""
         if not (has_video or has_audio):
             raise ValueError("the assembler needs a video or an audio stream")
         self.fps, self.F, self.sr = fps, frames_per_window, sample_rate
         self.has_video, self.has_audio = has_video, has_audio
         self.on_window, self.on_frame, self.audio_grace = on_window, on_frame, audio_grace
-        self.t0: float | None = None
-        self.early_audio: list[AudioChunk] = []
+        self.t0: float | None = origin
+        self.early: list[Frame | AudioChunk] = []  # media that arrived before t0 was known
         # video: the held frame and the next slot to fill
         self.grid = FrameGrid(fps)  # on stream time (t0 = 0)
         self.prev: Frame | None = None
@@ -101,19 +109,37 @@ class WindowAssembler:
             self.finish()
             return
         if self.t0 is None:
-            if isinstance(item, AudioChunk) and self.has_video:
-                self.early_audio.append(item)
-                del self.early_audio[:-MAX_EARLY_AUDIO_CHUNKS]
+            self.early.append(item)
+            if not self._fix_origin(at_end=False):
                 return
-            self.t0 = item.t
-            for chunk in self.early_audio:
-                self._audio(chunk)
-            self.early_audio.clear()
+        else:
+            self._place(item)
+        self._close_ready()
+
+    def _place(self, item: Frame | AudioChunk) -> None:
         if isinstance(item, Frame):
             self._video(item)
         else:
             self._audio(item)
-        self._close_ready()
+
+    def _fix_origin(self, at_end: bool) -> bool:
+        """No declared origin: stream_origin of each stream's first timestamp, once every stream has
+        shown one (or the other has run ``audio_grace`` s ahead, or the stream ended: a stream that has
+        not delivered by then starts later). Places the held media; False while still waiting."""
+        first_v = next((x.t for x in self.early if isinstance(x, Frame)), None)
+        first_a = next((x.t for x in self.early if isinstance(x, AudioChunk)), None)
+        waiting = (self.has_video and first_v is None) or (self.has_audio and first_a is None)
+        if waiting and not at_end and len(self.early) < MAX_EARLY_ITEMS:
+            seen = first_v if first_v is not None else first_a
+            if self.early[-1].t - seen <= self.audio_grace:
+                return False
+        self.t0 = stream_origin(first_v, first_a)
+        if self.t0 is None:  # nothing arrived
+            return False
+        early, self.early = self.early, []
+        for x in early:
+            self._place(x)
+        return True
 
     def _pick(self, frame: Frame) -> None:
         if self.size is None:
@@ -135,8 +161,9 @@ class WindowAssembler:
         self.prev = frame
 
     def _audio(self, chunk: AudioChunk) -> None:
-        start = round((chunk.t - self.t0) * self.sr)
-        if abs(start - self.audio_end) <= AUDIO_JITTER_SAMPLES:
+        start = sample_index(chunk.t, self.t0, self.sr)  # the index load_audio gives the first sample
+        # (the first chunk is placed exactly: nothing precedes it to be contiguous with)
+        if self.audio_end > 0 and abs(start - self.audio_end) <= AUDIO_JITTER_SAMPLES:
             start = self.audio_end
         x = chunk.samples
         if start < self.audio_base:  # before stream time 0 or in an already closed window
@@ -149,6 +176,9 @@ class WindowAssembler:
             self.buf = np.concatenate([self.buf, np.zeros(need - self.buf.size, np.float32)])
         self.buf[start - self.audio_base: start - self.audio_base + x.size] = x
         self.audio_end = max(self.audio_end, start + x.size)
+        excess = self.buf.size - round(MAX_AUDIO_BEFORE_VIDEO_S * self.sr)
+        if self.has_video and self.prev is None and excess > 0:  # video has not started: drop oldest
+            self.buf, self.audio_base = self.buf[excess:], self.audio_base + excess
 
     # -- windows ----------------------------------------------------------------------------------
     def _audio_ready(self, end_sample: int, end_time: float) -> bool:
@@ -193,14 +223,8 @@ class WindowAssembler:
             return
         self.finished = True
         self.audio_done = True
-        if self.t0 is None:
-            if not self.early_audio:
-                return
-            # a video stream that never delivered a frame: caption the audio alone
-            self.has_video, self.t0 = False, self.early_audio[0].t
-            for chunk in self.early_audio:
-                self._audio(chunk)
-            self.early_audio.clear()
+        if self.t0 is None and not self._fix_origin(at_end=True):
+            return  # no media at all
         for _ in range(self.grid.finish()):  # the last frame, until it ends
             self._pick(self.prev)
         video_frames = self.next_slot if self.has_video else 0

@@ -149,7 +149,7 @@ def assemble(clip: Path, fps: float, frames_per_window: int, sample_rate: int
     t0 = time.perf_counter()
     source = MediaSource(str(clip), sample_rate)
     a = WindowAssembler(fps, frames_per_window, sample_rate, source.video is not None,
-                        source.audio is not None, windows.append, slots.append)
+                        source.audio is not None, windows.append, slots.append, origin=source.origin)
     try:
         for item in source:
             a.push(item)

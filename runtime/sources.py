@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import av
 import numpy as np
 
-from favor.media import frame_duration, mono_resampler  # mono_resampler: stereo -> (L+R)/2
+from favor.media import declared_start, frame_duration, mono_resampler, stream_origin
 
 NETWORK_SCHEMES = ("rtsp", "rtsps", "rtmp", "http", "https", "udp", "tcp", "srt", "rtp")
 # A stream or pipe that stays silent this long is treated as lost: opening it, or mid-stream
@@ -181,11 +181,23 @@ class MediaSource:
         self.skipped_packets = 0  # undecodable packets skipped (corrupt data)
         self._graph = None
         self._graph_key = None
+        self._next_t: float | None = None  # source time where the last audio chunk ended
 
     @property
     def live(self) -> bool:
         """Cameras and network streams arrive at their own pace; files and lavfi need pacing."""
         return self.kind in ("camera", "stream")
+
+    @property
+    def origin(self) -> float | None:
+        """Stream time 0 on the source clock: favor.media.stream_origin of the streams' declared starts,
+        the clock load_frames / load_audio use. None when a stream declares no start: the assembler then
+        takes each stream's first timestamp (offline decoding takes an undeclared stream's first decoded
+        timestamp too; the two agree wherever the declared start is the first timestamp)."""
+        starts = {s.type: declared_start(s) for s in (self.video, self.audio) if s is not None}
+        if None in starts.values():
+            return None
+        return stream_origin(starts.get("video"), starts.get("audio"))
 
     @property
     def frame_rate(self) -> float | None:
@@ -216,9 +228,21 @@ class MediaSource:
                 break
             if out.pts is None:
                 raise SourceError(f"{self.spec}: audio without presentation timestamps")
-            yield AudioChunk(float(out.time), out.to_ndarray().reshape(-1).astype(np.float32))
+            samples = out.to_ndarray().reshape(-1).astype(np.float32)
+            yield AudioChunk(self._contiguous(float(out.time)), samples)
+            self._next_t += samples.size / self.sample_rate
         if frame is None:
             self._graph = None
+
+    def _contiguous(self, t: float) -> float:
+        """A chunk's start time, snapped to where the previous chunk ended when it is within one tick
+        of the audio stream's time base (+ one sample) of it: containers round timestamps to their time
+        base (1 ms in Matroska, 16 samples at 16 kHz), which is not a gap; offline decoding, which
+        concatenates the samples, sees none either. A larger difference is a real gap or overlap."""
+        tick = float(self.audio.time_base) if self.audio.time_base else 0.0
+        if self._next_t is None or abs(t - self._next_t) > tick + 1.0 / self.sample_rate:
+            self._next_t = t
+        return self._next_t
 
     def __iter__(self) -> Iterator[Frame | AudioChunk]:
         streams = [s for s in (self.video, self.audio) if s is not None]

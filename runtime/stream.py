@@ -243,7 +243,8 @@ class _Loop:
         assembler = WindowAssembler(
             t.video_fps, t.frames_per_window, t.sample_rate, source.video is not None,
             source.audio is not None, on_window=lambda w: self.windows.put(w, stop),
-            on_frame=(lambda s: self.frames.put(s, stop)) if captioner.incremental else None)
+            on_frame=(lambda s: self.frames.put(s, stop)) if captioner.incremental else None,
+            origin=source.origin)
         self.capture = Capture(source, assembler.push, realtime and not source.live, stop, self.cond)
         self.report = StreamReport(scheduler.stats)
         self.pending: list[Window] = []

@@ -278,7 +278,8 @@ def _latest_at_or_before(pts: list[float], t: float) -> int:
 
 @pytest.mark.parametrize("fps,start", [(10.0, 0.0), (3.0, 0.0), (10.0, 0.55), (7.0, 1.2)])
 def test_variable_frame_rate_follows_pts(vfr, fps, start):
-    pts = [p / 1000 for p in VFR_PTS_MS]
+    # Stream time: a video-only file's clock starts at its first frame (favor.media.stream_origin).
+    pts = [(p - VFR_PTS_MS[0]) / 1000 for p in VFR_PTS_MS]
     n = int((pts[-1] - start) * fps) + 1  # targets up to the last frame's pts; the tail is checked below
     frames, times = load_frames(vfr, fps, max_frames=n, start=start)
     picks = [_latest_at_or_before(pts, start + i / fps) for i in range(n)]
@@ -289,15 +290,17 @@ def test_variable_frame_rate_follows_pts(vfr, fps, start):
 
 
 def test_variable_frame_rate_tail_hand_checked(vfr):
-    # Worked example at 10 FPS: targets 0.0, 0.1, ..., 1.4 (first 15) pick pts (0.0 precedes the first
-    # frame, so it gets the first frame):
+    # Worked example at 10 FPS. Stream time 0 is the first frame (container 0.03 s: a video-only
+    # file's origin), so the frames sit at 0, 0.01, 0.17, 0.2, 0.57, 0.98, 1.47 s of stream time, and
+    # targets 0.0, 0.1, ..., 1.4 (first 15) pick:
     _, times = load_frames(vfr, 10.0, max_frames=15)
-    expected = [0.03, 0.04, 0.2, 0.23, 0.23, 0.23, 0.6, 0.6, 0.6, 0.6, 0.6, 1.01, 1.01, 1.01, 1.01]
+    expected = [0.0, 0.01, 0.2, 0.2, 0.2, 0.2, 0.57, 0.57, 0.57, 0.57, 0.98, 0.98, 0.98, 0.98, 0.98]
     torch.testing.assert_close(times, torch.tensor(expected, dtype=torch.float64))
-    # Without a cap, the last frame (1.5 s) is held until it ends: at least target 1.5 picks it, and
+    # Without a cap, the last frame (1.47 s) is held until it ends, 1 ms later in this file (Matroska
+    # gives each frame one tick of its 1-ms time base): before target 1.5, so no target picks it, and
     # nothing is picked past the stream's end.
     _, times = load_frames(vfr, 10.0)
-    assert times[15].item() == pytest.approx(1.5) and times[-1].item() == pytest.approx(1.5)
+    assert len(times) == 15 and times[-1].item() == pytest.approx(0.98)
     assert len(times) <= 15 + math.ceil(media_info(vfr).duration * 10)
 
 

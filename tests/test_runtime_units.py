@@ -47,8 +47,8 @@ def test_frames_picked_by_pts_with_variable_frame_rate():
 
 
 def test_audio_placed_by_pts_gaps_zero_filled_and_early_audio_trimmed():
-    a, out, _ = assembler()
-    a.push(chunk(-0.05, 100, 1.0))  # before the first video frame: only [0, 50) samples survive
+    a, out, _ = assembler(origin=0.0)  # the source declares stream time 0 at pts 0
+    a.push(chunk(-0.05, 100, 1.0))  # before stream time 0: only [0, 50) samples survive
     a.push(frame(0.0, 1))
     a.push(chunk(0.05, 100, 2.0))  # samples [50, 150)
     a.push(chunk(0.2, 200, 3.0))  # a gap [150, 200), then [200, 400)
