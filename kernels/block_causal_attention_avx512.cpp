@@ -22,6 +22,11 @@
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(FAVOR_NO_CLONES)
 #include <immintrin.h>
 
+// GCC 12's AVX-512 headers build "undefined" vectors as `__m512 __Y = __Y;`, which -Wuninitialized
+// reports wherever such an intrinsic is inlined (a known false positive, fixed in later GCCs).
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
 #define FAVOR_AVX512 __attribute__((target("arch=x86-64-v4")))
 #define FAVOR_AVX512_BF16 __attribute__((target("arch=x86-64-v4,avx512bf16")))
 
@@ -213,6 +218,17 @@ FAVOR_AVX512_BF16 void p_to_bf16(const float* p, uint16_t* pb) {
   }
 }
 
+struct MaxOp {
+  FAVOR_AVX512 inline __attribute__((always_inline)) __m512 operator()(__m512 a, __m512 b) const {
+    return _mm512_max_ps(a, b);
+  }
+};
+struct AddOp {
+  FAVOR_AVX512 inline __attribute__((always_inline)) __m512 operator()(__m512 a, __m512 b) const {
+    return _mm512_add_ps(a, b);
+  }
+};
+
 // Reduce 16 vectors to one: lane r = op over the 16 lanes of v[r]. Four halving steps (256-bit
 // halves, 128-bit lanes, pairs, elements) leave row 4 (i % 4) + i / 4 in lane i; one permute
 // restores row order.
@@ -247,7 +263,7 @@ FAVOR_AVX512 void softmax_avx512(float* s, uint16_t* pb, float* m, float* l, flo
     __m512 t[16];
     for (int r = 0; r < 16; ++r)
       t[r] = _mm512_max_ps(_mm512_loadu_ps(blk + r * kBlockK), _mm512_loadu_ps(blk + r * kBlockK + 16));
-    const __m512 bmax = reduce16(t, [](__m512 a, __m512 b) FAVOR_AVX512 { return _mm512_max_ps(a, b); });
+    const __m512 bmax = reduce16(t, MaxOp{});
     const __m512 m_old = _mm512_loadu_ps(m + r0);
     const __m512 m_new = _mm512_max_ps(m_old, bmax);
     // Rows that have seen only masked keys keep m = -inf: alpha 1, and their p = 2^(-inf - 0) = 0.
@@ -267,7 +283,7 @@ FAVOR_AVX512 void softmax_avx512(float* s, uint16_t* pb, float* m, float* l, flo
       t[r] = _mm512_add_ps(pa, pc);
     }
     if constexpr (kBf16) p_to_bf16(blk, pb + r0 * kBlockK);
-    const __m512 sum = reduce16(t, [](__m512 a, __m512 b) FAVOR_AVX512 { return _mm512_add_ps(a, b); });
+    const __m512 sum = reduce16(t, AddOp{});
     _mm512_storeu_ps(l + r0, _mm512_fmadd_ps(_mm512_loadu_ps(l + r0), alpha, sum));
     // Rows whose max moved and that had seen something (a row still at -inf has no O yet).
     __mmask16 rescale = _mm512_cmp_ps_mask(alpha, one, _CMP_NEQ_UQ) & _mm512_cmp_ps_mask(m_old, neg_inf, _CMP_NEQ_UQ);
