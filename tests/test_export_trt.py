@@ -4,6 +4,7 @@ checkpoint conversion layout. Tests that need the libraries skip (they cannot be
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -136,3 +137,77 @@ def test_trtllm_engine_builds(tiny_cfg, tiny_llm, tmp_path):
     cmd = trtllm.build_command(str(tmp_path / "ckpt"), str(tmp_path / "engine"), tiny_cfg, "float16", 1, 2)
     subprocess.run(cmd, check=True)
     assert (tmp_path / "engine" / "rank0.engine").is_file()
+
+
+@pytest.fixture
+def tiny_lora_model(tiny_cfg):
+    torch.manual_seed(5)
+    model = build_model(tiny_cfg, pretrained=False)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.05)
+    return model.eval()
+
+
+def test_trtllm_lora_adapter_in_peft_format(tiny_cfg, tiny_lora_model, tmp_path):
+    from peft import PeftModel
+    from safetensors.numpy import load_file
+    from transformers import LlamaForCausalLM
+
+    from favor.llm import llama_config
+
+    status, files = trtllm.write_bundle_checkpoint(tiny_lora_model, tmp_path, "fp32", 1, 4, lora="adapter")
+    assert "hand mapping, LoRA adapter" in status
+    assert {"trtllm/lora/adapter_config.json", "trtllm/lora/adapter_model.safetensors"} <= set(files)
+    config = json.loads((tmp_path / "trtllm" / "lora" / "adapter_config.json").read_text())
+    assert config["r"] == tiny_cfg.llm.lora_r and set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj",
+                                                                                   "o_proj"}
+    assert "--lora_dir=trtllm/lora" in (tmp_path / "trtllm" / "build_engine.sh").read_text()
+    # The base checkpoint is the unmerged base; peft reloads the adapter onto it and computes what
+    # the model's own LoRA LLM computes (same fp32 ops: exact up to summation order, 1e-6).
+    base = tiny_lora_model.llm.model.get_base_model()
+    w = load_file(str(tmp_path / "trtllm" / "checkpoint" / "rank0.safetensors"))
+    q = base.model.layers[0].self_attn.q_proj.base_layer.weight.detach().numpy()
+    assert (w["transformer.layers.0.attention.qkv.weight"][: q.shape[0]] == q).all()
+    plain = LlamaForCausalLM(llama_config(tiny_cfg.llm)).eval()
+    plain.load_state_dict(trtllm.base_state_dict(tiny_lora_model.llm.model))
+    reloaded = PeftModel.from_pretrained(plain, str(tmp_path / "trtllm" / "lora")).eval()
+    ids = torch.tensor([[1, 5, 9, 30, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, tiny_lora_model.llm.model(ids).logits, rtol=0, atol=1e-6)
+
+
+def test_trtllm_converter_receives_a_merged_hf_llama_dir(tiny_cfg, tiny_lora_model, tmp_path, monkeypatch):
+    """Our side of TensorRT-LLM's converter contract, with the library replaced by a recorder (it
+    cannot be installed here: the converter itself stays unverified)."""
+    import sys
+    import types
+
+    from transformers import LlamaForCausalLM
+
+    calls: dict = {}
+
+    class Recorder:
+        @classmethod
+        def from_hugging_face(cls, hf_dir, dtype, mapping=None):
+            calls.update(model=LlamaForCausalLM.from_pretrained(hf_dir), dtype=dtype, mapping=mapping)
+            return cls()
+
+        def save_checkpoint(self, out_dir, save_config=True):
+            (Path(out_dir) / "config.json").parent.mkdir(parents=True, exist_ok=True)
+            (Path(out_dir) / "config.json").write_text("{}")
+            calls["save_config"] = save_config
+
+    root, models = types.ModuleType("tensorrt_llm"), types.ModuleType("tensorrt_llm.models")
+    root.Mapping, models.LLaMAForCausalLM, root.models = (lambda **kw: kw), Recorder, models
+    monkeypatch.setitem(sys.modules, "tensorrt_llm", root)
+    monkeypatch.setitem(sys.modules, "tensorrt_llm.models", models)
+    status, _ = trtllm.write_bundle_checkpoint(tiny_lora_model, tmp_path, "fp16", 1, 4, work_dir=tmp_path / "work")
+    assert status.startswith("checkpoint written (TensorRT-LLM converter, LoRA merged)")
+    assert calls["dtype"] == "float16" and calls["mapping"]["world_size"] == 1 and calls["save_config"]
+    merged = merged_llm(tiny_lora_model).state_dict()
+    loaded = calls["model"].state_dict()
+    assert set(merged) <= set(loaded)
+    for k, v in merged.items():
+        assert torch.equal(loaded[k], v), k
