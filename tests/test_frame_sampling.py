@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from favor.media import FrameGrid, frame_duration, load_audio, load_frames, media_info, stream_origin
+from runtime import assembler as assembler_mod
 from runtime.assembler import WindowAssembler
 from runtime.sources import AudioChunk, Frame, MediaSource
 from runtime.synthclip import write_clip
@@ -209,3 +210,18 @@ def test_assembler_without_declared_origin_takes_the_earlier_first_timestamp():
     assert w.audio.shape == (30,) and (w.audio == 1).all()  # samples [0, 30) of the 50 placed at 0
     assert w.frames.shape == (3, 4, 6, 3) and (w.frames == 7).all()  # slots 0.0-0.2 show the first frame
     assert sum(x.num_frames for x in windows) == 5  # to 0.5 s: the audio's end and the frame's end (0.35)
+
+
+def test_audio_before_a_silent_video_stream_is_bounded():
+    # The source declares its starts, but the video never delivers: windows cannot close, so the
+    # audio kept meanwhile is capped (oldest dropped); at the end the audio alone is captioned.
+    sr, fps = 100, 10.0
+    cap = round(assembler_mod.MAX_AUDIO_BEFORE_VIDEO_S * sr)
+    windows = []
+    a = WindowAssembler(fps, 3, sr, has_video=True, has_audio=True, on_window=windows.append, origin=0.0)
+    a.push(AudioChunk(0.0, np.ones(cap + 250, np.float32)))
+    assert a.buf.size == cap and a.audio_base == 250 and windows == []
+    a.push(None)
+    audio = np.concatenate([w.audio for w in windows])
+    assert all(w.frames is None for w in windows)
+    assert not audio[:250].any() and (audio[250: cap + 250] == 1).all()
