@@ -15,6 +15,7 @@ from favor import media
 from favor.config import FavorConfig
 from favor.encoders import whisper_silence_level
 from favor.generation import instruction_inputs
+from favor.model import resolve_instruction_tokenizer
 from favor.prompt import conversation_ids
 from favor.sync import audio_frames
 
@@ -39,7 +40,8 @@ class Collator:
     def __init__(self, cfg: FavorConfig, tokenizer, instruction_tokenizer=None, max_text_tokens: int = 256):
         self.cfg = cfg
         self.tokenizer = tokenizer
-        self.instruction_tokenizer = instruction_tokenizer or tokenizer
+        # The LLM tokenizer stands in only for a Q-Former built over its vocabulary (refused for 7B/13B).
+        self.instruction_tokenizer = resolve_instruction_tokenizer(cfg, instruction_tokenizer, tokenizer)
         self.max_text_tokens = max_text_tokens
 
     def __call__(self, items: Sequence[dict | None]) -> dict:
