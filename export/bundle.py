@@ -27,7 +27,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -39,41 +39,10 @@ from export.frontend import AudioFrontend, FusionFrontend, VisualFrontend
 from export.genai_decoder import decoder_stage
 from export.manifest import BUNDLE_VERSION, EMBED_FILE, FORMAT, MANIFEST, load_manifest, toolchain_versions
 from export.onnx import OPSET, ExportedStage, example_size, export_stage
+from export.options import PRECISIONS, STAGES, TARGETS, ExportOptions  # noqa: F401 (re-exported)
 from favor.checkpoint import MODEL_VERSION
 from favor.fileio import atomic_write, sha256_file
 from favor.model import FavorModel
-
-TARGETS = ("onnx", "tensorrt", "trtllm")
-PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
-STAGES = ("audio_encoder", "visual_encoder", "fusion", "decoder")
-
-
-@dataclass(frozen=True)
-class ExportOptions:
-    targets: tuple[str, ...] = ("onnx",)
-    # ONNX encoders stay fp32 (ORT CPU gains nothing from fp16); fp16/bf16 set the TensorRT and
-    # TensorRT-LLM build precision; int8 / int4 quantise the ONNX decoder's weights (MatMulNBits).
-    precision: str = "fp32"
-    max_frames: int | None = None
-    max_batch: int = 1
-    fused_attention: bool = False
-    stages: tuple[str, ...] = STAGES
-    trtllm_lora: str = "merged"  # "merged" | "adapter" (peft adapter for trtllm-build --lora_dir)
-
-    def __post_init__(self) -> None:
-        bad = [t for t in self.targets if t not in TARGETS]
-        if bad:
-            raise ValueError(f"unknown target(s) {bad}; choose from {list(TARGETS)} or 'all'")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision ({self.precision!r}) must be one of {list(PRECISIONS)}")
-        unknown = [s for s in self.stages if s not in STAGES]
-        if unknown:
-            raise ValueError(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
-        if self.max_batch < 1:
-            raise ValueError(f"max_batch ({self.max_batch}) must be >= 1")
-        if self.trtllm_lora not in ("merged", "adapter"):
-            raise ValueError(f"lora ({self.trtllm_lora!r}) must be 'merged' or 'adapter'")
-
 
 Progress = Callable[[str, str], None]  # (stage, message)
 
@@ -100,7 +69,7 @@ def example_inputs(wrapper, table: dict[str, profiles.Axis]) -> tuple[torch.Tens
     return wrapper.example(b, seq=size["seq"], past=size["past"])
 
 
-def export_bundle(model: FavorModel | None, out: str | Path, options: ExportOptions = ExportOptions(),
+def export_bundle(model: FavorModel | None, out: str | Path, options: ExportOptions = ExportOptions(),  # noqa: B008
                   checkpoint: str | Path | None = None, progress: Progress | None = None) -> dict:
     """Export the requested targets of ``model`` into ``out`` (kept targets stay) and write the manifest.
 

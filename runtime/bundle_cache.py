@@ -66,7 +66,7 @@ class Request:
     verbose: bool = False  # library logs during the export (favor.quiet); not part of the key
 
     def export_options(self):
-        from export.bundle import ExportOptions
+        from export.options import ExportOptions
 
         return self.options if self.options is not None else ExportOptions()
 

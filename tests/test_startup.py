@@ -53,6 +53,9 @@ IMPORTS = """
 import sys
 import runtime.cli, runtime.selection, runtime.bundle_cache, runtime.backends, runtime.stream
 import export.ort_inference, export.threads
+from pathlib import Path
+from runtime.bundle_cache import Request, key_fields
+key_fields(Request(Path("m.safetensors")), "0" * 64)  # the cache key: the export options' defaults
 heavy = [m for m in ("favor.model", "favor.llm", "peft", "export.bundle", "export.decoder") if m in sys.modules]
 print(",".join(heavy))
 """
