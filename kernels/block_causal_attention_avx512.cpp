@@ -400,7 +400,8 @@ const Path* avx512_fp32_path() {
 }
 
 const Path* avx512_bf16_path() {
-  static const Path path{"kAvx512Bf16 8x32 vdpbf16ps", kR, 2, pack_bf16, load_q_bf16, scores_bf16, softmax_avx512<true>, pv_bf16};
+  static const Path path{"kAvx512Bf16 8x32 vdpbf16ps", kR, 2, pack_bf16, load_q_bf16, scores_bf16,
+                         softmax_avx512<true>, pv_bf16};
   return &path;
 }
 

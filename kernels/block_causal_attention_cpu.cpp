@@ -1,12 +1,15 @@
 // CPU forward of block-causal attention (maths and limits: block_causal_attention.h).
 //
-// One parallel loop over work items (b, h, tile of kTileQ query rows), dynamically scheduled:
-//   * the first item of a head packs it (others of that head wait on an atomic flag) into the
-//     layout of the chosen path (block_causal_attention_cpu_paths.h), zero padded to Dp x Lp so
-//     every inner loop has a fixed trip count. Packing on demand avoids a barrier between a pack
-//     and an attend phase, which costs a whole scheduler slice whenever a core is shared;
-//   * the item loads its q rows and walks only the visible key blocks: scores (in the log2
-//     domain), element masks where a block crosses a row's interval, online softmax, P.V.
+// One parallel loop over work items, dynamically scheduled. An item is one head's query tiles of
+// kTileQ rows (or a contiguous group of them when there are fewer than two heads per thread):
+//   * it packs the keys its tiles can see, [k_lo, k_hi), into a thread-local buffer in the layout
+//     of the chosen path (block_causal_attention_cpu_paths.h), zero padded to Dp x Lp so every
+//     inner loop has a fixed trip count. At most one head per thread (320 KiB fp32 at the release
+//     shape) stays in the core's L2 while the item's tiles reuse it, and no thread ever waits for
+//     another's packing;
+//   * per tile it loads the q rows (the next tile's are prefetched) and walks only the visible key
+//     blocks: scores (in the log2 domain), element masks where a block crosses a row's interval,
+//     online softmax, P.V (the first processed block writes O instead of accumulating).
 // Paths, chosen once per process at run time (the wheel is built without -march):
 //   AVX-512 BF16 (vdpbf16ps) for bf16 inputs when the CPU has avx512_bf16; AVX-512 fp32 (FMA
 //   intrinsics, block_causal_attention_avx512.cpp) for everything else on x86-64-v4; AVX2+FMA
@@ -217,7 +220,8 @@ void prefetch_q_rows(const BlockCausalParams& p, int64_t b, int64_t h, int64_t r
   const int64_t elem = p.dtype == DType::kFloat32 ? 4 : 2;
   const char* base = static_cast<const char*>(p.q) + (b * p.q_stride[0] + h * p.q_stride[1]) * elem;
   for (int64_t r = r0; r < r1; ++r)
-    for (int64_t off = 0; off < p.head_dim * elem; off += 64) __builtin_prefetch(base + r * p.q_stride[2] * elem + off, 0, 3);
+    for (int64_t off = 0; off < p.head_dim * elem; off += 64)
+      __builtin_prefetch(base + r * p.q_stride[2] * elem + off, 0, 3);
 }
 
 // out[at : at + D] = o / l in the output dtype (l == 0: the row saw no key -> zeros). One loop per
