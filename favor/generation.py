@@ -15,9 +15,30 @@ import torch
 from favor.captions import GenerationSettings, TorchInference, caption
 
 if TYPE_CHECKING:  # annotations only: importing favor.model costs seconds (peft, transformers)
+    from favor.config import FavorConfig
     from favor.model import AVEmbeddings, FavorModel
 
-__all__ = ["GENERATION_PRESETS", "GenerationSettings", "generate", "get_settings", "instruction_inputs"]
+__all__ = ["GENERATION_PRESETS", "GenerationSettings", "generate", "get_settings", "instruction_inputs",
+           "resolve_instruction_tokenizer"]
+
+def resolve_instruction_tokenizer(cfg: FavorConfig, instruction_tokenizer, tokenizer):
+    """The tokenizer for the visual Q-Former's instruction text.
+
+    The LLM tokenizer stands in only when the Q-Former's word table was built for it (same size: the
+    demo, tiny and small presets). For 7B/13B the InstructBLIP Q-Former has BERT's 30,523-row table
+    while Llama ids reach 31,999: those ids would address the wrong rows (or none), so a missing
+    ``visual.instruction_tokenizer`` is an error instead of a silent fallback.
+    """
+    if instruction_tokenizer is not None or tokenizer is None:
+        return instruction_tokenizer
+    v, llm = cfg.visual.qformer_vocab_size, cfg.llm.vocab_size
+    if v != llm:
+        raise ValueError(f"visual.instruction_tokenizer is not set and the LLM tokenizer cannot stand in: "
+                         f"the visual Q-Former's word table has {v} rows, the LLM vocabulary {llm} ids; "
+                         f"set visual.instruction_tokenizer to the Q-Former's tokenizer directory "
+                         f"(bert-base-uncased for InstructBLIP)")
+    return tokenizer
+
 
 GENERATION_PRESETS = {
     "greedy": GenerationSettings(),

@@ -18,6 +18,7 @@ from torch import nn
 
 from favor import sync, windows
 from favor.config import FavorConfig
+from favor.generation import resolve_instruction_tokenizer  # noqa: F401 (re-exported; lives with instruction_inputs)
 from favor.llm import LLM
 from favor.projector import Projector
 from favor.prompt import PromptIds
@@ -46,25 +47,6 @@ def diversity_loss(queries: torch.Tensor, window_mask: torch.Tensor) -> torch.Te
     per_window = off_diag / (Nq * (Nq - 1))
     w = window_mask.float()
     return (per_window * w).sum() / w.sum().clamp(min=1.0)
-
-
-def resolve_instruction_tokenizer(cfg: FavorConfig, instruction_tokenizer, tokenizer):
-    """The tokenizer for the visual Q-Former's instruction text.
-
-    The LLM tokenizer stands in only when the Q-Former's word table was built for it (same size: the
-    demo, tiny and small presets). For 7B/13B the InstructBLIP Q-Former has BERT's 30,523-row table
-    while Llama ids reach 31,999: those ids would address the wrong rows (or none), so a missing
-    ``visual.instruction_tokenizer`` is an error instead of a silent fallback.
-    """
-    if instruction_tokenizer is not None or tokenizer is None:
-        return instruction_tokenizer
-    v, llm = cfg.visual.qformer_vocab_size, cfg.llm.vocab_size
-    if v != llm:
-        raise ValueError(f"visual.instruction_tokenizer is not set and the LLM tokenizer cannot stand in: "
-                         f"the visual Q-Former's word table has {v} rows, the LLM vocabulary {llm} ids; "
-                         f"set visual.instruction_tokenizer to the Q-Former's tokenizer directory "
-                         f"(bert-base-uncased for InstructBLIP)")
-    return tokenizer
 
 
 # The inputs of FavorModel.encode_av, under the names a collated batch (training/collate.py) uses.

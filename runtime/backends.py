@@ -205,13 +205,16 @@ class BundleBackend(StepwiseCaptioner):
         self.path, self.manifest = Path(path), manifest
         self.cfg = FavorConfig.from_dict(manifest["config"])
         self.tokenizer = bundle_tokenizer(self.path)
-        from favor.build import load_tokenizer
-        from favor.model import resolve_instruction_tokenizer
+        from favor.generation import resolve_instruction_tokenizer
 
-        own = self.path / "instruction_tokenizer"  # written by favor-export (BERT's, for 7B/13B)
-        own = own if own.is_dir() else self.cfg.visual.instruction_tokenizer
-        self.instruction_tokenizer = resolve_instruction_tokenizer(
-            self.cfg, load_tokenizer(str(own)) if own else None, self.tokenizer)
+        own_dir = self.path / "instruction_tokenizer"  # written by favor-export (BERT's, for 7B/13B)
+        own_dir = own_dir if own_dir.is_dir() else self.cfg.visual.instruction_tokenizer
+        own = None
+        if own_dir:
+            from favor.build import load_tokenizer  # favor.build imports the encoders: only when needed
+
+            own = load_tokenizer(str(own_dir))
+        self.instruction_tokenizer = resolve_instruction_tokenizer(self.cfg, own, self.tokenizer)
         self._instruction: tuple[torch.Tensor, torch.Tensor] | None = None
         self._embedding: np.ndarray | None = None
 

@@ -61,7 +61,30 @@ print(",".join(heavy))
 """
 
 
-def test_the_bundle_path_does_not_import_the_model_stack():
+OPEN_BUNDLE = """
+import json, sys
+from pathlib import Path
+from runtime.backends import BundleBackend
+bundle = Path(sys.argv[1])
+b = BundleBackend(bundle, json.loads((bundle / "manifest.json").read_text()))  # config, tokenizers
+b.set_instruction("Describe the video.")
+heavy = [m for m in ("favor.model", "favor.llm", "favor.build", "peft", "export.bundle") if m in sys.modules]
+print(",".join(heavy))
+"""
+
+
+def test_the_bundle_path_does_not_import_the_model_stack(tmp_path, tokenizer):
     r = subprocess.run([sys.executable, "-c", IMPORTS], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == ""
+    # what a warm start does with a bundle before any session: manifest, config, both tokenizers
+    import json
+
+    from favor.config import get_config
+
+    tokenizer.save_pretrained(str(tmp_path / "tokenizer"))
+    (tmp_path / "manifest.json").write_text(json.dumps({"config": get_config("tiny").to_dict()}))
+    r = subprocess.run([sys.executable, "-c", OPEN_BUNDLE, str(tmp_path)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == ""
