@@ -59,7 +59,7 @@ def _open_sink(path: Path) -> tuple[int, bool, bool]:
     fsynced per caption), a FIFO (with a reader already attached), a character device such as
     /dev/null, or ``-`` for standard output (neither fsynced nor closed by the writer)."""
     if str(path) == STDOUT:
-        return sys.stdout.fileno(), False, False
+        return -1, False, False  # written through sys.stdout (whatever it is: a pipe, a terminal, a test)
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
@@ -105,7 +105,10 @@ class CaptionWriter(abc.ABC):
     def _append(self, text: str) -> None:
         data = memoryview(text.encode("utf-8"))
         try:
-            while data:
+            if self.fd < 0:
+                sys.stdout.write(text)
+                sys.stdout.flush()
+            while self.fd >= 0 and data:
                 data = data[os.write(self.fd, data):]
             if self.durable:
                 os.fsync(self.fd)
