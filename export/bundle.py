@@ -27,7 +27,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -36,7 +36,7 @@ from safetensors.numpy import save_file
 from export import profiles
 from export.decoder import DecoderFrontend, merged_llm
 from export.frontend import AudioFrontend, FusionFrontend, VisualFrontend
-from export.genai_decoder import decoder_stage
+from export.genai_decoder import decoder_stage, resolve_precision
 from export.manifest import BUNDLE_VERSION, EMBED_FILE, FORMAT, MANIFEST, load_manifest, toolchain_versions
 from export.onnx import OPSET, ExportedStage, example_size, export_stage
 from export.options import PRECISIONS, STAGES, TARGETS, ExportOptions  # noqa: F401 (re-exported)
@@ -78,6 +78,7 @@ def export_bundle(model: FavorModel | None, out: str | Path, options: ExportOpti
     out = Path(out)
     source = checkpoint_record(checkpoint)
     previous = previous_manifest(out, model.cfg if model is not None else None, source)
+    options = replace(options, precision=resolve_precision(model, options.precision, previous))
     onnx = "onnx" in options.targets or not _has_onnx(previous, options)
     if model is None and (onnx or "trtllm" in options.targets):
         raise ValueError(f"{out}: the requested targets need the model (no compatible ONNX graphs to reuse)")
@@ -92,13 +93,15 @@ def export_bundle(model: FavorModel | None, out: str | Path, options: ExportOpti
                 (staging / name).parent.mkdir(parents=True, exist_ok=True)
                 os.symlink((out / name).resolve(), staging / name)
         kept = previous["targets"] if previous else {}
-        manifest["targets"] = {t: state for t, state in kept.items() if not (t == "onnx" and onnx)}
+        rebuilt = _rebuilt(options, onnx)
+        manifest["targets"] = {t: state for t, state in kept.items() if t not in rebuilt}
+        manifest["target_options"] = {t: o for t, o in manifest.get("target_options", {}).items()
+                                      if t not in rebuilt}
         if onnx:
             manifest["targets"]["onnx"] = "built"
             manifest.pop("verified", None)  # new graphs: verify again
-        manifest.setdefault("target_options", {})
         _build_targets(model, staging, manifest, options, say)
-        _commit(staging, out, manifest, previous, rebuilt=_rebuilt(options, onnx))
+        _commit(staging, out, manifest, previous, rebuilt=rebuilt)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return load_manifest(out, check_hashes=False)
@@ -184,7 +187,9 @@ def _onnx_files(manifest: dict) -> list[str]:
 
 
 def _rebuilt(options: ExportOptions, onnx: bool) -> set[str]:
-    return {t for t in options.targets if t != "onnx"} | ({"onnx"} if onnx else set())
+    """Targets whose old files go: the requested ones, and TensorRT's engines when the ONNX graphs
+    they were built from are replaced."""
+    return {t for t in options.targets if t != "onnx"} | ({"onnx", "tensorrt"} if onnx else set())
 
 
 def _export_onnx(model: FavorModel, out: Path, options: ExportOptions, source: dict | None, say: Progress) -> dict:

@@ -60,9 +60,11 @@ def instruction_inputs(tokenizer, prompts: list[str], max_tokens: int, device=No
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """The prompt as the visual Q-Former's instruction: ids and mask [B, Li], padded to the longest.
 
-    Truncated from the left like the release's BERT tokenizer (the question sits at the end)."""
-    rows = [list(tokenizer(p, add_special_tokens=False)["input_ids"])[-max_tokens:] or [0]
-            for p in prompts]
+    With the tokenizer's own special tokens, as the release and InstructBLIP feed BERT
+    (``[CLS] text [SEP]``); truncated from the left like the release's ``truncation_side="left"``
+    tokenizer, keeping the special tokens (the question sits at the end). Tokenizers that add no
+    special tokens (the demo's SmolLM2, the tests' word-level one) give the bare text, as before."""
+    rows = [_with_special_tokens(tokenizer, p, max_tokens) or [0] for p in prompts]
     L = max(len(r) for r in rows)
     ids = torch.zeros(len(rows), L, dtype=torch.long)
     mask = torch.zeros(len(rows), L, dtype=torch.long)
@@ -70,6 +72,18 @@ def instruction_inputs(tokenizer, prompts: list[str], max_tokens: int, device=No
         ids[b, : len(r)] = torch.tensor(r)
         mask[b, : len(r)] = 1
     return ids.to(device), mask.to(device)
+
+
+def _with_special_tokens(tokenizer, prompt: str, max_tokens: int) -> list[int]:
+    """``tokenizer(prompt)`` ids, left-truncated to ``max_tokens`` with its special tokens kept."""
+    full = list(tokenizer(prompt)["input_ids"])  # add_special_tokens=True: [CLS] ... [SEP] for BERT
+    if len(full) <= max_tokens:
+        return full
+    special = tokenizer.get_special_tokens_mask(full, already_has_special_tokens=True)
+    head = next((i for i, s in enumerate(special) if not s), len(full))  # leading specials
+    tail = next((i for i, s in enumerate(reversed(special)) if not s), 0)  # trailing specials
+    body = full[head:len(full) - tail][-(max_tokens - head - tail):] if max_tokens > head + tail else []
+    return full[:head] + body + full[len(full) - tail:]
 
 
 @torch.inference_mode()
