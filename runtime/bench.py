@@ -312,8 +312,10 @@ def main(preset: str, model: Path | None, backends: list[str], fps_values: list[
     console.print(f"bench {name} on {info['cpu']} ({info['cores']} cores, {info['torch_threads']} torch threads), "
                   f"clip {clip}")
     cells: list[Cell] = []
+    progress = CellProgress(len(fps_values) * len(window_values), console)
     for fps in fps_values:
         for F in window_values:
+            progress.next(f"{fps:g} FPS x {F} frames")
             ready, failed = [], []
             for backend_name in backends:  # every backend of the cell loaded, then measured round-robin
                 try:
@@ -325,8 +327,24 @@ def main(preset: str, model: Path | None, backends: list[str], fps_values: list[
                 cells.append(cell)
                 console.print(_summary(cell))
             del ready  # free this cell's models before the next cell loads its own
-    write_outputs(cells, out / f"bench_{name}", info, clip)
+    stem = out / f"bench_{name}"
+    write_outputs(cells, stem, info, clip)
+    console.print(f"wrote {stem}.md (table), {stem}.png (plot), {stem}.csv and {stem}.jsonl")
     return cells
+
+
+class CellProgress:
+    """'cell k/N ... elapsed, ~t left' before each cell; time left = mean time per cell so far x cells left."""
+
+    def __init__(self, total: int, console):
+        self.total, self.console, self.done = total, console, 0
+        self.t0 = time.monotonic()
+
+    def next(self, what: str) -> None:
+        elapsed = time.monotonic() - self.t0
+        left = f", ~{elapsed / self.done * (self.total - self.done):.0f} s left" if self.done else ""
+        self.done += 1
+        self.console.print(f"cell {self.done}/{self.total}: {what} ({elapsed:.0f} s elapsed{left})")
 
 
 def _label(c: Cell) -> str:

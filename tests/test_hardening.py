@@ -456,3 +456,15 @@ def test_runtime_loops_are_short_functions():
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
                 assert node.end_lineno - node.lineno + 1 <= 60, f"{path}:{node.lineno} {node.name}"
 
+
+
+def test_bench_shows_cell_progress_and_where_it_wrote(tmp_path):
+    r = CliRunner().invoke(app, ["bench", "--preset", "tiny", "--fps", "5,10", "--window", "3", "--seconds", "1",
+                                 "--max-windows", "1", "--max-new-tokens", "2", "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    lines = r.stderr.splitlines()
+    assert any(ln.startswith("cell 1/2: 5 FPS x 3 frames") for ln in lines)
+    assert any(ln.startswith("cell 2/2: 10 FPS x 3 frames") and " s left)" in ln for ln in lines)
+    wrote = [ln for ln in lines if ln.startswith("wrote ")]
+    assert len(wrote) == 1 and str(tmp_path / "bench_tiny.md") in wrote[0] and "bench_tiny.png" in wrote[0]
+    assert (tmp_path / "bench_tiny.png").stat().st_size > 0
