@@ -177,12 +177,15 @@ def infer_preset(state: dict[str, torch.Tensor]) -> str:
     raise ValueError("the delta has no llama_proj weight: not the release's FAVOR checkpoint")
 
 
-def find_base_models(preset: str, base_dirs: list[Path]) -> dict[str, str]:
-    """Config overrides pointing each base model at the first matching name inside ``base_dirs``."""
+def find_base_models(preset: str, base_dirs: list[Path], given: frozenset[str] = frozenset()) -> dict[str, str]:
+    """Config overrides pointing each base model (except those in ``given``) at the first matching
+    name inside ``base_dirs``; a missing one is an error (never a silently random base model)."""
     names = RELEASE_BASE_NAMES.get(preset, RELEASE_BASE_NAMES["favor-13b"])
     found: dict[str, str] = {}
     missing = []
     for key, candidates in names.items():
+        if key in given:
+            continue
         hits = [d / n for d in base_dirs for n in candidates if (d / n).exists()]
         if hits:
             found[key] = str(hits[0].resolve())
@@ -200,7 +203,7 @@ def release_config(state: dict[str, torch.Tensor], base_dirs: list[Path] | None 
 
     ``overrides`` (dotted keys) win over everything, e.g. an explicit ``llm.pretrained`` path."""
     preset = preset or infer_preset(state)
-    bases = find_base_models(preset, list(base_dirs)) if base_dirs else {}
+    bases = find_base_models(preset, list(base_dirs or []), frozenset(overrides))
     return get_config(preset, **{**RELEASE_BEHAVIOUR, **bases, **overrides})
 
 

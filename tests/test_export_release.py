@@ -207,3 +207,10 @@ def test_import_release_writes_our_checkpoint_once(tmp_path):
     # --preset / --set are refused for our checkpoints (they carry their config).
     code, out = run("--ckpt", tmp_path / "favor13b.safetensors", "--out", tmp_path / "b", "--preset", "tiny")
     assert code == 2 and "release delta only" in out
+
+
+def test_release_delta_without_base_models_is_refused(tmp_path):
+    delta = fake_delta(tmp_path / "pytorch_model_1_101.pt", tiny_release_cfg())
+    code, out = run("--ckpt", delta, "--out", tmp_path / "bundle", *SET_ARGS)
+    assert code == 2 and "no --base-models given" in out and "vicuna-13b-v1.5" in out
+    assert not (tmp_path / "bundle").exists()  # never a bundle from random base weights
