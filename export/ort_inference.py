@@ -33,7 +33,6 @@ from safetensors.numpy import load_file
 from export.frontend import fusion_feed
 from export.manifest import EMBED_FILE, load_manifest
 from favor.config import FavorConfig
-from favor.onnx_attention import ort_session
 
 DYNAMO = "torch-dynamo"  # the decoder kind when the manifest's stage names none
 # Decoder kind (manifest stages[decoder]["kind"]) -> "module:Class" with from_bundle(bundle, stage_name).
@@ -122,6 +121,10 @@ class OrtBundle:
             if name not in self.manifest["stages"]:
                 raise ValueError(f"{self.path}: the bundle has no {name} stage "
                                  f"(has {sorted(self.manifest['stages'])})")
+            # imported here, not at module level: onnx + onnxscript cost ~1 s, which a realtime run
+            # pays inside its warm-up (overlapping the first window) instead of before capture starts
+            from favor.onnx_attention import ort_session
+
             threads = (self.threads.get(name.split(".")[0]) if isinstance(self.threads, dict)
                        else self.threads)  # "decoder.int8" takes the decoder's count
             self._sessions[name] = ort_session(self.path / self.manifest["stages"][name]["files"][0],
