@@ -229,17 +229,31 @@ class LiveStatus:
     """The live view: rebuilt at every refresh from the scheduler's counters, so drops show as they
     happen, not only when the next caption arrives."""
 
-    def __init__(self, scheduler):
-        self.scheduler = scheduler
+    def __init__(self, scheduler, tokenizer=None):
+        self.scheduler, self.tokenizer = scheduler, tokenizer
         self.caption = None
         self.latencies: list[float] = []
+        self.tokens: list[int] = []  # the caption being decoded, token by token
+
+    def on_token(self, token: int) -> None:  # the worker thread; __rich__ reads a copy
+        self.tokens.append(token)
+
+    def finished(self, cap) -> None:
+        self.latencies.append(cap.latency)
+        self.caption, self.tokens = cap, []
+
+    def _text(self) -> str:
+        tokens = list(self.tokens)
+        if tokens and self.tokenizer is not None:
+            return self.tokenizer.decode(tokens, skip_special_tokens=True).strip() + " ..."
+        return self.caption.text if self.caption is not None else "(waiting for the first window)"
 
     def __rich__(self) -> Table:
         stats, cap = self.scheduler.stats, self.caption
         table = Table.grid(padding=(0, 2))
         table.add_column(style="bold")
         table.add_column()
-        table.add_row("caption", escape(cap.text if cap is not None else "(waiting for the first window)"))
+        table.add_row("caption", escape(self._text()))
         if cap is not None:
             table.add_row("window", f"{timestamp(cap.start, '.')} -> {timestamp(cap.end, '.')}")
             table.add_row("latency", f"{cap.latency:.3f} s (p95 {_p(self.latencies, 95):.3f} s)")
@@ -255,18 +269,17 @@ class Terminal:
     """Where captions and messages go: captions on stdout (stderr when an output is ``-``), the
     header, summary and errors on stderr; optionally the live view."""
 
-    def __init__(self, live: bool | None, stdout_taken: bool, scheduler):
+    def __init__(self, live: bool | None, stdout_taken: bool, scheduler, tokenizer=None):
         # soft_wrap: one message = one line, whatever the terminal width (logs and tests grep them)
         self.err = Console(stderr=True, highlight=False, soft_wrap=True)
         self.out = self.err if stdout_taken else Console(highlight=False, soft_wrap=True)
         show = (self.out.is_terminal if live is None else live) and not stdout_taken
-        self.status = LiveStatus(scheduler)
+        self.status = LiveStatus(scheduler, tokenizer)
         self.view = Live(self.status, console=self.out, refresh_per_second=LIVE_REFRESH_HZ,
                          transient=True) if show else None
 
     def caption(self, cap) -> None:
-        self.status.latencies.append(cap.latency)
-        self.status.caption = cap
+        self.status.finished(cap)
         self.out.print(escape(f"[{timestamp(cap.start, '.')} --> {timestamp(cap.end, '.')}] {cap.text}"))
 
 
@@ -326,6 +339,7 @@ def stream(o: RunOptions, captioner, source, scheduler, writers, term: Terminal)
         previous_sigterm = signal.signal(signal.SIGTERM, _interrupt)
     try:
         if term.view is not None:
+            captioner.on_token = term.status.on_token  # the live view shows captions growing
             term.view.start()
         # realtime: the warm-up measures the per-window cost before the first deadline, while the
         # first window is being captured (so it adds nothing to the time to the first caption)
@@ -384,7 +398,7 @@ def _run(o: RunOptions, live: bool | None) -> None:
     except UsageError:
         source.close()
         raise
-    term = Terminal(live, STDOUT in o.outputs.values(), scheduler)
+    term = Terminal(live, STDOUT in o.outputs.values(), scheduler, engine.tokenizer)
     term.err.print(escape(_header(o, engine, source, bound)))
     finish(stream(o, captioner, source, scheduler, writers, term), scheduler, term)
 

@@ -83,6 +83,9 @@ class StreamingCaptioner:
         self.encoded: dict[int, torch.Tensor] = {}  # frame index -> [Qv, Dv]
         self.ahead_seconds: dict[int, float] = {}  # window index -> visual seconds spent early
         self.captions = 0
+        # Called with each token id of a caption as the decoder decides it (the live view shows the
+        # caption growing); files get only finished captions, through run()'s on_caption.
+        self.on_token: Callable[[int], None] | None = None
         backend.set_instruction(prompt)
         t = self.cfg.timing
         # Whisper sees at most 30 s: longer windows are encoded in whole-frame chunks of <= 30 s.
@@ -157,7 +160,9 @@ class StreamingCaptioner:
             stages["audio"] += t2 - t1
             stages["fusion"] += t3 - t2
         av = torch.cat([torch.as_tensor(e) for e in embeds])  # [A, D]
-        out = self.backend.caption(self.llm_prompt(), av, self.max_new_tokens)  # runtime.backends.Backend
+        sink = self.on_token
+        out = self.backend.caption(self.llm_prompt(), av, self.max_new_tokens,  # runtime.backends.Backend
+                                   on_token=None if sink is None else lambda row, token: sink(token))
         ids, n_in, text = out.tokens, out.prompt_tokens, out.text
         stages["llm_prefill"], stages["llm_decode"] = out.prefill_s, out.decode_s
         if self.context:

@@ -468,3 +468,28 @@ def test_bench_shows_cell_progress_and_where_it_wrote(tmp_path):
     wrote = [ln for ln in lines if ln.startswith("wrote ")]
     assert len(wrote) == 1 and str(tmp_path / "bench_tiny.md") in wrote[0] and "bench_tiny.png" in wrote[0]
     assert (tmp_path / "bench_tiny.png").stat().st_size > 0
+
+
+def test_captions_stream_token_by_token_to_the_live_view(tiny_ckpt, clip):
+    from favor.prompt import clean_answer
+    from runtime.backends import make_backend
+    from runtime.sources import MediaSource
+    from runtime.stream import StreamingCaptioner
+
+    backend = make_backend("torch", tiny_ckpt)
+    captioner = StreamingCaptioner(backend, "describe the video", max_new_tokens=4)
+    current, seen = [], []
+    captioner.on_token = current.append
+    captioner.run(MediaSource(str(clip), backend.cfg.timing.sample_rate), False, DeadlineScheduler(None),
+                  lambda cap: (seen.append((list(current), cap)), current.clear()))
+    assert len(seen) == 6
+    for tokens, cap in seen:  # every token reached the view before its caption was finished
+        assert len(tokens) == cap.new_tokens >= 1
+        assert clean_answer(backend.tokenizer.decode(tokens, skip_special_tokens=True)) == cap.text
+
+    status = LiveStatus(DeadlineScheduler(1.0), backend.tokenizer)
+    for t in backend.tokenizer("a red circle", add_special_tokens=False)["input_ids"]:
+        status.on_token(t)
+    out = io.StringIO()
+    Console(file=out, width=120).print(status)
+    assert "a red circle ..." in out.getvalue()  # growing, before the caption is finished
