@@ -14,9 +14,11 @@ captions so far are kept).
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import statistics
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -212,6 +214,18 @@ def open_engine(o: RunOptions):
     return engine, captioner, source
 
 
+def is_stdout(path: str) -> bool:
+    """``-``, or a path naming the file standard output already is (``/dev/stdout``, a pipe's
+    /proc/self/fd/1): captions then go to stderr, so the output is not interleaved with them."""
+    if path == STDOUT:
+        return True
+    try:
+        a, b = os.stat(path), os.fstat(sys.stdout.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
 def open_writers(o: RunOptions) -> list[CaptionWriter]:
     writers: list[CaptionWriter] = []
     try:
@@ -398,7 +412,7 @@ def _run(o: RunOptions, live: bool | None) -> None:
     except UsageError:
         source.close()
         raise
-    term = Terminal(live, STDOUT in o.outputs.values(), scheduler, engine.tokenizer)
+    term = Terminal(live, any(map(is_stdout, o.outputs.values())), scheduler, engine.tokenizer)
     term.err.print(escape(_header(o, engine, source, bound)))
     finish(stream(o, captioner, source, scheduler, writers, term), scheduler, term)
 

@@ -309,6 +309,19 @@ def test_stdout_and_a_fifo_are_outputs(tiny_ckpt, clip, tmp_path):
     assert len(rows) == len(cues) == 6 and [c.text for c in cues] == [row["text"] for row in rows]
 
 
+def test_jsonl_to_dev_stdout_through_a_pipe(tiny_ckpt, clip):
+    """`favor-rt run ... --jsonl /dev/stdout | cat`: the rows go down the pipe (no fsync on a pipe)
+    and the caption lines move to stderr, so stdout holds JSON lines only."""
+    cmd = [sys.executable, "-m", "runtime", "run", str(clip), "--model", str(tiny_ckpt), "--backend", "torch",
+           "--offline", "--no-live", "--threads", "1", "--max-new-tokens", "3", "--jsonl", "/dev/stdout"]
+    p = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                       text=True, timeout=HANG_S * 3)
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+    rows = [json.loads(ln) for ln in p.stdout.splitlines()]
+    printed = [ln for ln in p.stderr.splitlines() if ln.startswith("[")]
+    assert len(rows) == len(printed) == 6
+
+
 def test_a_fifo_without_reader_is_refused(tiny_ckpt, clip, tmp_path):
     fifo = tmp_path / "nobody.srt"
     os.mkfifo(fifo)
