@@ -1,7 +1,7 @@
 """``favor-export``: checkpoint -> deployable bundle, plus ``verify`` and ``info``.
 
     favor-export --ckpt favor.pt --out bundle/ [--base-models DIR ...] [--targets onnx,tensorrt,trtllm|all]
-                 [--precision fp32|int8|int4|fp16|bf16] [--max-frames N] [--window K] [--max-batch B]
+                 [--precision auto|fp32|int8|int4|fp16|bf16] [--max-frames N] [--window K] [--max-batch B]
                  [--fused-attention/--portable-attention] [--verify]
     favor-export verify bundle/ [--ckpt favor.pt] [--clips a.mp4 ...]
     favor-export info bundle/
@@ -140,7 +140,8 @@ def export(
     base_models: list[Path] = typer.Option([], "--base-models", help="directories holding base models"),  # noqa: B008
     tokenizer: Path = typer.Option(None, "--tokenizer", help="tokenizer dir (default: the LLM base model's)"),  # noqa: B008
     targets: str = typer.Option("onnx", help="comma list of onnx,tensorrt,trtllm, or all"),
-    precision: str = typer.Option("fp32", help="fp32 | int8 | int4: ONNX decoder weights (weight-only); "
+    precision: str = typer.Option("auto", help="auto (int8 when the GenAI builder serves the model, else "
+                                  "fp32) | fp32 | int8 | int4: ONNX decoder weights (weight-only); "
                                   "fp16 | bf16: TensorRT build precision (ONNX decoder fp32)"),
     max_frames: int = typer.Option(None, help="longest clip in frames (default: config max_frames)"),
     window: int = typer.Option(None, help="frames per window (default: the checkpoint's)"),

@@ -65,6 +65,21 @@ DEFAULT_OPTIONS = {"fp32": BuilderOptions(), "int8": BuilderOptions(),
                    "int4": BuilderOptions(lm_head="int8")}
 
 
+# "auto" (the default): the fastest decoder precision that passes verify, measured on the trained demo
+# model (export/README.md, "Decoder"): weight-only int8 when the builder serves the model; fp32 for the
+# fallback export, whose int8 is not verified (on random test models near ties flip captions).
+AUTO = "auto"
+
+
+def resolve_precision(model, precision: str, previous: dict | None = None) -> str:
+    """``auto`` -> int8 (builder) or fp32 (fallback); a bundle only gaining targets keeps its own."""
+    if precision != AUTO:
+        return precision
+    if model is None:
+        return (previous or {}).get("precision", "fp32")
+    return "int8" if unsupported(model) is None else "fp32"
+
+
 # Bundle precision -> decoder precision: fp16 / bf16 are TensorRT build precisions, ONNX stays fp32.
 ONNX_PRECISION = {"fp32": "fp32", "fp16": "fp32", "bf16": "fp32", "int8": "int8", "int4": "int4"}
 # GroupQueryAttention's CPU kernel needs head_dim % 8 == 0 (it refuses the tiny preset's 12).

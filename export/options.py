@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 TARGETS = ("onnx", "tensorrt", "trtllm")
-PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8", "int4")
 STAGES = ("audio_encoder", "visual_encoder", "fusion", "decoder")
 
 
@@ -15,8 +15,9 @@ STAGES = ("audio_encoder", "visual_encoder", "fusion", "decoder")
 class ExportOptions:
     targets: tuple[str, ...] = ("onnx",)
     # ONNX encoders stay fp32 (ORT CPU gains nothing from fp16); fp16/bf16 set the TensorRT and
-    # TensorRT-LLM build precision; int8 / int4 quantise the ONNX decoder's weights (MatMulNBits).
-    precision: str = "fp32"
+    # TensorRT-LLM build precision; int8 / int4 quantise the ONNX decoder's weights (MatMulNBits);
+    # auto = export.genai_decoder.resolve_precision (int8 when the GenAI builder serves the model).
+    precision: str = "auto"
     max_frames: int | None = None
     max_batch: int = 1
     fused_attention: bool = False

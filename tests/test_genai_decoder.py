@@ -172,3 +172,33 @@ def test_unsupported_model_names_why():
     assert "head_dim 12" in genai_decoder.unsupported(tiny)
     tiny16 = build_model(get_config("tiny").replace(**{"llm.heads": 3, "llm.kv_heads": 1}), pretrained=False)
     assert "tokenizer" in genai_decoder.unsupported(tiny16)
+
+
+@pytest.mark.slow
+def test_demo_model_int8_caption_identical(tmp_path):
+    """The trained demo model on the committed demo clip: weight-only int8 keeps the greedy caption
+    token-identical to PyTorch and agrees on the top-1 token at every teacher-forced step."""
+    from export.verify import load_clips
+    from favor.checkpoint import load_model
+
+    assets = Path(__file__).resolve().parents[1] / "favor" / "assets" / "demo"
+    demo = load_model(assets / "favor-demo.safetensors").eval()
+    media = load_clips([assets / "demo_clip.mp4"], demo, demo.cfg.timing.max_frames)
+    prompts = decoder_precisions.clip_prompts(demo, media, "Describe what you see and hear in this video.")
+    eos = demo.cfg.llm.eos_token_id
+    refs = [decoder_precisions.reference(demo.llm.model, p, 48, eos) for p in prompts]
+    genai_decoder.export_decoder(demo, tmp_path, "int8")
+    emb = _embedding(demo)
+    inf = GenaiInference(decoder_session(tmp_path / genai_decoder.GRAPH), emb, demo.cfg)
+    row = decoder_precisions.measure(inf, "int8", prompts, refs, 48, eos)
+    assert row.captions_identical == 1 and row.top1_agreement == 1.0, row
+
+
+def test_auto_precision_resolves_by_model(model):
+    # auto = the fastest precision that passes verify: weight-only int8 on the builder graph,
+    # fp32 on the fallback export (tiny: head_dim 12), the kept one when no model is given
+    assert genai_decoder.resolve_precision(model, "auto") == "int8"
+    tiny = build_model(get_config("tiny"), pretrained=False, tokenizer=make_tokenizer())
+    assert genai_decoder.resolve_precision(tiny, "auto") == "fp32"
+    assert genai_decoder.resolve_precision(None, "auto", {"precision": "int4"}) == "int4"
+    assert genai_decoder.resolve_precision(tiny, "int4") == "int4"
