@@ -15,9 +15,12 @@ import sys
 import warnings
 
 # Loggers of the libraries we call: only their errors reach the terminal by default.
-LIBRARY_LOGGERS = ("transformers", "torch", "torch.onnx", "onnxscript", "onnx", "onnxruntime", "peft",
-                   "huggingface_hub", "accelerate", "gguf", "safetensors")
-_LIBRARY_MODULES = r"(transformers|torch|torchaudio|peft|onnx|onnxscript|onnxruntime|huggingface_hub|gguf|av)(\.|$)"
+# Named explicitly (not only through the root logger): onnxruntime.quantization calls
+# logging.basicConfig(level=INFO) when imported, which would let every unset logger through.
+LIBRARY_LOGGERS = ("transformers", "torch", "torch.onnx", "onnxscript", "onnx", "onnx_ir", "onnxruntime",
+                   "onnxruntime_genai", "peft", "huggingface_hub", "accelerate", "gguf", "safetensors", "av")
+_LIBRARY_MODULES = (r"(transformers|torch|torchaudio|peft|onnx|onnx_ir|onnxscript|onnxruntime|huggingface_hub|gguf|av)"
+                    r"(\.|$)")
 
 
 def quiet_libraries(verbose: bool = False) -> None:
