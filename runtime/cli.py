@@ -327,7 +327,7 @@ def nothing_captioned(scheduler) -> str:
     return (f"no captions: all {stats.dropped} windows were dropped ({stats.dropped_late} late, "
             f"{stats.dropped_overflow} overflow): the latency bound is {scheduler.max_latency:.2f} s but a "
             f"window costs ~{scheduler.cost(1):.2f} s here; raise --max-latency, run --offline, or use a "
-            "compiled backend (--backend onnxruntime on an exported bundle)")
+            "compiled path (the default: --backend auto, not torch)")
 
 
 # -- running ---------------------------------------------------------------------------------------

@@ -333,3 +333,23 @@ def test_the_checkpoints_own_timing_shares_the_entry_of_no_timing(tiny_ckpt):
     key = lambda **kw: bundle_cache.key_fields(Request(tiny_ckpt, **kw), digest)  # noqa: E731
     assert key(fps=10.0, frames_per_window=3) == key()  # tiny: 10 FPS x 3 frames
     assert key(fps=5.0) != key() and key(frames_per_window=4) != key()
+
+
+def test_the_builder_decoder_carries_the_config_hash_the_cache_verifies(tmp_path, tokenizer):
+    # The cache's verify step (load_manifest) checks every graph's favor.config_sha256: the GenAI
+    # builder's graph must carry it too, else every default (builder) export would be refused.
+    pytest.importorskip("onnxruntime_genai")
+    import onnx
+    import torch
+
+    from export import genai_decoder
+    from export.onnx import config_sha256
+    from favor.build import build_model
+
+    cfg = get_config("tiny").replace(**{"llm.heads": 3, "llm.kv_heads": 1})  # head_dim 16: GQA's CPU kernel
+    torch.manual_seed(0)
+    model = build_model(cfg, pretrained=False, tokenizer=tokenizer).eval()
+    genai_decoder.export_decoder(model, tmp_path, "fp32")
+    graph = onnx.load(str(tmp_path / genai_decoder.GRAPH), load_external_data=False)
+    props = {p.key: p.value for p in graph.metadata_props}
+    assert props["favor.config_sha256"] == config_sha256(cfg) and props["favor.stage"] == "decoder"
