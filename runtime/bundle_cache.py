@@ -34,6 +34,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from favor.fileio import atomic_write, sha256_file
+
+if TYPE_CHECKING:
+    from export.options import ExportOptions
 
 CACHE_ENV = "FAVOR_CACHE"  # favor's cache root (favor/pretrained.py keeps base weights there too)
 BUNDLE_CACHE_ENV = "FAVOR_BUNDLE_CACHE"  # this directory exactly (tests, a shared bundle store)
@@ -61,12 +67,12 @@ class Request:
     checkpoint: Path
     fps: float | None = None
     frames_per_window: int | None = None
-    options: object = None  # export.bundle.ExportOptions; None = its defaults
+    options: ExportOptions | None = None  # None = ExportOptions() (their defaults are in the key)
     autotune: bool = True  # tune threads per stage at export (export/threads.py); not part of the key
     verbose: bool = False  # library logs during the export (favor.quiet); not part of the key
 
-    def export_options(self):
-        from export.options import ExportOptions
+    def export_options(self) -> ExportOptions:
+        from export.options import ExportOptions  # light: no exporter import on a warm start
 
         return self.options if self.options is not None else ExportOptions()
 
@@ -75,10 +81,10 @@ class Request:
 class Policy:
     """How a run gets its bundle: --cache-dir, --no-cache, --no-autotune, export options, progress."""
 
-    cache_dir: Path | None = None  # None: $FAVOR_CACHE, else ~/.cache/favor/bundles
+    cache_dir: Path | None = None  # None: cache_root()'s default
     use_cache: bool = True  # False: export into a temporary directory for this run only
     autotune: bool = True
-    options: object = None  # export.bundle.ExportOptions; None = its defaults
+    options: ExportOptions | None = None  # None = ExportOptions()
     say: Say | None = None  # progress messages (ExportView)
     verbose: bool = False  # -v: the exporter's library logs are shown
 
@@ -195,15 +201,16 @@ def _verify(out: Path, say: Say) -> None:
 
 def _write_record(entry: Path, fields: dict) -> None:
     sizes = {str(p.relative_to(entry)): p.stat().st_size for p in sorted(entry.rglob("*")) if p.is_file()}
-    tmp = entry / f".{RECORD}.tmp"
-    tmp.write_text(json.dumps({"key": fields, "sizes": sizes, "created": time.time()}, indent=1))
-    os.replace(tmp, entry / RECORD)
+    text = json.dumps({"key": fields, "sizes": sizes, "created": time.time()}, indent=1)
+    atomic_write(entry / RECORD, lambda tmp: Path(tmp).write_text(text))
 
 
 def _sweep_stale(root: Path, name: str) -> None:
-    """Temporary directories of ``name`` left by killed exporters (we hold its lock: none is live)."""
-    for d in root.glob(f".tmp-{name}-*"):
-        shutil.rmtree(d, ignore_errors=True)
+    """Temporary and half-removed directories of ``name`` left by killed processes (we hold its lock:
+    none of them is live)."""
+    for pattern in (f".tmp-{name}-*", f".trash-{name}-*"):
+        for d in root.glob(pattern):
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def ensure_bundle(req: Request, cache_dir: str | Path | None = None, say: Say | None = None,
@@ -211,8 +218,6 @@ def ensure_bundle(req: Request, cache_dir: str | Path | None = None, say: Say | 
     """The cached bundle for ``req`` (exported now if absent or incomplete): (its directory, exported?).
 
     ``exporter(req, out, say)`` writes a bundle into ``out`` (default ``export_into``)."""
-    from export.manifest import sha256_file
-
     say = say or (lambda step, msg: None)
     exporter = exporter or export_into
     if not req.checkpoint.is_file():
