@@ -4,7 +4,8 @@
     format, bundle_version, model_version, config (FavorConfig.to_dict), checkpoint {path, sha256},
     precision, attention, opset, limits, dynamic_axes {axis: {min, opt, max}},
     stages {name: {files, inputs, outputs, axes, export_seconds}}, targets {...},
-    toolchain {package: version}, files {relative path: sha256}
+    toolchain {package: version}, files {relative path: sha256},
+    runtime {threads {stage: n}, autotune {...}} (export/threads.py; optional, not hashed)
 
 ``load_manifest`` is what a runtime calls before touching a bundle. It refuses, with one line naming
 the file, a missing or unreadable manifest, a file that is missing or whose sha256 differs, and a
