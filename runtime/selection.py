@@ -47,11 +47,12 @@ def has_engines(bundle: Path) -> bool:
 
 @dataclass(frozen=True)
 class Probes:
-    """What the machine offers; replaced in tests."""
+    """What the machine offers; replaced in tests (or the module functions monkeypatched: the
+    defaults look them up at call time)."""
 
-    tensorrt_unavailable: Callable[[], str | None] = tensorrt_unavailable
-    ort_providers: Callable[[], list[str]] = ort_providers
-    has_engines: Callable[[Path], bool] = has_engines
+    tensorrt_unavailable: Callable[[], str | None] = lambda: tensorrt_unavailable()
+    ort_providers: Callable[[], list[str]] = lambda: ort_providers()
+    has_engines: Callable[[Path], bool] = lambda bundle: has_engines(bundle)
 
 
 @dataclass(frozen=True)

@@ -97,3 +97,13 @@ def test_per_stage_threads_on_torch_are_refused(tmp_path):
 def test_thread_candidates_cover_small_machines_and_stay_few_on_big_ones():
     assert candidates(1) == [1] and candidates(2) == [1, 2] and candidates(4) == [1, 2, 3, 4]
     assert candidates(12) == [1, 2, 4, 8, 12] and candidates(64) == [1, 2, 4, 8, 16, 32, 64]
+
+
+def test_the_module_probes_can_be_monkeypatched(tmp_path, monkeypatch):
+    monkeypatch.setattr(selection, "ort_providers", lambda: [CUDA_PROVIDER, CPU_PROVIDER])
+    assert select("auto", tmp_path).providers == (CUDA_PROVIDER, CPU_PROVIDER)  # onnxruntime-gpu
+    monkeypatch.setattr(selection, "has_engines", lambda bundle: True)
+    monkeypatch.setattr(selection, "tensorrt_unavailable", lambda: None)
+    assert select("auto", tmp_path).backend == "tensorrt"
+    monkeypatch.setattr(selection, "tensorrt_unavailable", lambda: "no CUDA device")
+    assert select("auto", tmp_path).backend == "onnxruntime"
