@@ -28,8 +28,8 @@ MANIFEST = "manifest.json"
 EMBED_FILE = "embed_tokens.safetensors"  # LLM input embeddings [V, D]; read without importing the exporter
 FORMAT = "favor-bundle"
 BUNDLE_VERSION = 1
-TOOLCHAIN = ("torch", "onnx", "onnxscript", "onnxruntime", "onnxruntime-extensions", "transformers",
-             "peft", "safetensors", "numpy", "tensorrt", "tensorrt-llm", "favor-rt")
+TOOLCHAIN = ("torch", "onnx", "onnxscript", "onnxruntime", "onnxruntime-extensions", "onnxruntime-genai",
+             "transformers", "peft", "safetensors", "numpy", "tensorrt", "tensorrt-llm", "favor-rt")
 
 
 def toolchain_versions() -> dict[str, str | None]:
