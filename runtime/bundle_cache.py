@@ -180,7 +180,16 @@ def export_into(req: Request, out: Path, say: Say) -> None:
     say("checkpoint", f"loading {req.checkpoint.name}")
     model = load_runtime_model(req.checkpoint, req.fps, req.frames_per_window)
     say("checkpoint", "done")
-    export_bundle(model, out, req.export_options(), checkpoint=req.checkpoint, progress=say)
+    try:
+        export_bundle(model, out, req.export_options(), checkpoint=req.checkpoint, progress=say)
+    except (ValueError, KeyboardInterrupt):
+        raise
+    except Exception as err:  # an exporter bug: one line for the run, the traceback with -v
+        if req.verbose:
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ValueError(f"{req.checkpoint}: exporting its compiled bundle failed ({type(err).__name__}: "
+                         f"{first}); -v shows the exporter's traceback, --backend torch runs it eagerly") from None
     del model  # the weights are not needed past this point; the bundle holds everything
     if req.autotune:
         from export.threads import tune_bundle

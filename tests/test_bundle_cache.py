@@ -353,3 +353,21 @@ def test_the_builder_decoder_carries_the_config_hash_the_cache_verifies(tmp_path
     graph = onnx.load(str(tmp_path / genai_decoder.GRAPH), load_external_data=False)
     props = {p.key: p.value for p in graph.metadata_props}
     assert props["favor.config_sha256"] == config_sha256(cfg) and props["favor.stage"] == "decoder"
+
+
+def test_an_exporter_crash_is_one_line_naming_the_checkpoint(ckpt, tmp_path, monkeypatch):
+    import export.bundle
+    import runtime.backends
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("Failed to export the model with torch.export\nsix more lines")
+
+    monkeypatch.setattr(runtime.backends, "load_runtime_model", lambda *a: object())
+    monkeypatch.setattr(export.bundle, "export_bundle", crash)
+    with pytest.raises(ValueError, match=r"model.safetensors: exporting its compiled bundle failed "
+                                         r"\(RuntimeError: Failed to export the model with torch.export\)") as e:
+        ensure_bundle(Request(ckpt, autotune=False), tmp_path / "cache")
+    assert "\n" not in str(e.value) and "--backend torch" in str(e.value)
+    with pytest.raises(RuntimeError):  # -v: the real traceback
+        ensure_bundle(Request(ckpt, autotune=False, verbose=True), tmp_path / "cache")
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
