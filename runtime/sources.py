@@ -87,11 +87,16 @@ def source_kind(spec: str) -> str:
 
 class PipeReader(io.RawIOBase):
     """A FIFO read with a timeout: PyAV reads through it, so a writer that never comes (or goes
-    silent) ends the run with a message instead of a read() that blocks forever."""
+    silent) ends the run with a message instead of a read() that blocks forever.
+
+    A timeout or Ctrl-C ends the data (read returns b"") and is kept in ``error`` / ``interrupted``
+    for the caller to raise: PyAV prints and drops an exception raised inside its read callback."""
 
     def __init__(self, spec: str, timeout: float):
         self.spec, self.timeout = spec, timeout
-        self.interrupted = False  # Ctrl-C while waiting (PyAV drops a KeyboardInterrupt raised in read)
+        self.interrupted = False  # Ctrl-C while waiting
+        self.error: SourceError | None = None
+        self.received = 0  # bytes read so far: no data at all means no writer ever came
         # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer without limit.
         self.fd = os.open(spec, os.O_RDONLY | os.O_NONBLOCK)
 
@@ -99,19 +104,23 @@ class PipeReader(io.RawIOBase):
         return True
 
     def read(self, size: int = -1) -> bytes:
-        while True:
+        while self.error is None and not self.interrupted:
             try:
                 ready, _, _ = select.select([self.fd], [], [], self.timeout)
             except KeyboardInterrupt:
                 self.interrupted = True
-                raise SourceError(f"{self.spec}: interrupted") from None
+                break
             if not ready:
-                raise SourceError(f"{self.spec}: timed out: no data for {self.timeout:g} s "
-                                  "(nothing is writing to the pipe)")
+                why = "mid-stream" if self.received else "(nothing is writing to the pipe)"
+                self.error = SourceError(f"{self.spec}: timed out: no data for {self.timeout:g} s {why}")
+                break
             try:
-                return os.read(self.fd, size if size > 0 else _PIPE_READ_BYTES)
+                data = os.read(self.fd, size if size > 0 else _PIPE_READ_BYTES)
             except BlockingIOError:  # readable, then emptied: wait again
                 continue
+            self.received += len(data)
+            return data
+        return b""
 
     def close(self) -> None:
         if not self.closed:
@@ -154,6 +163,8 @@ def _open_container(spec: str, kind: str, timeout: float = NETWORK_TIMEOUT_S
             pipe.close()
         if getattr(e, "errno", None) == errno.EINTR or (pipe is not None and pipe.interrupted):
             raise KeyboardInterrupt from None  # Ctrl-C during a blocking open: the caller exits 130
+        if pipe is not None and pipe.error is not None:
+            raise pipe.error from None
         if isinstance(e, SourceError):
             raise
         reason = getattr(e, "strerror", None) or str(e)
@@ -265,10 +276,14 @@ class MediaSource:
                             yield Frame(float(f.time), f, frame_duration(f, self.video))
                     else:
                         yield from self._audio_out(f)
+            if self._pipe is not None and self._pipe.error is not None:  # the data ended by a timeout
+                raise self._pipe.error
             yield from self._audio_out(None)
         except av.ExitError:  # the read timeout's interrupt: nothing arrived for `timeout` seconds
             raise SourceError(f"{self.spec}: timed out: no data for {self.timeout:g} s mid-stream") from None
         except av.FFmpegError as e:
+            if self._pipe is not None and self._pipe.error is not None:  # a cut-off packet after a timeout
+                raise self._pipe.error from None
             reason = getattr(e, "strerror", None) or str(e)
             what = "camera lost" if self.kind == "camera" else "read error"
             raise SourceError(f"{self.spec}: {what} mid-stream ({reason})") from None

@@ -362,6 +362,31 @@ def test_a_fifo_nobody_writes_times_out(tiny_ckpt, tmp_path):
     assert time.monotonic() - t0 < HANG_S
 
 
+def test_a_fifo_that_goes_silent_mid_stream_keeps_the_captions_so_far(tiny_ckpt, tmp_path):
+    data = write_clip(tmp_path / "c.mkv", 3.0, fps=TINY_FPS).read_bytes()  # mkv streams without seeking
+    fifo, srt = tmp_path / "in.mkv", tmp_path / "out.srt"
+    os.mkfifo(fifo)
+    stop = threading.Event()
+
+    def writer():  # half the clip, then silence with the pipe still open (a stalled encoder)
+        with open(fifo, "wb") as fh:
+            fh.write(data[: len(data) // 2])
+            fh.flush()
+            stop.wait(HANG_S)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        r = rt(tiny_ckpt, fifo, "--offline", "--timeout", "2", "--srt", srt)
+    finally:
+        stop.set()
+        t.join()
+    line = one_error(r.stderr)
+    assert r.exit_code == EXIT_STREAM_ERROR and "timed out" in line and "captions so far are saved" in line
+    cues = parse_srt(srt)
+    assert len(cues) >= 1 and len(cues) == len([ln for ln in r.stdout.splitlines() if ln.startswith("[")])
+
+
 @pytest.fixture
 def silent_server():
     """A TCP server on 127.0.0.1 that accepts connections and never sends a byte."""
