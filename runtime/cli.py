@@ -200,11 +200,12 @@ def open_engine(o: RunOptions):
         check_prompt_fits(engine, o)
         source = MediaSource(o.input, engine.cfg.timing.sample_rate, timeout=o.timeout)
     except (ValueError, FileNotFoundError) as e:  # SourceError and MediaError are ValueErrors
-        export_view.close()
         message = str(e)
         if o.fps is not None and message.startswith("video_fps"):  # the config's check of --fps
             message = "--fps" + message[len("video_fps"):]
         raise UsageError(message) from None
+    finally:
+        export_view.close()  # Ctrl-C during an export too: the terminal is left clean
     try:
         check_fps_against_source(o.fps, source)
         captioner = StreamingCaptioner(engine, o.prompt, o.max_new_tokens, o.context, o.incremental)
