@@ -97,6 +97,21 @@ def test_default_bound_adapts_so_a_slow_device_still_captions(tiny_ckpt, clip, m
     assert "latency bound raised to" in r.stderr
 
 
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_only_the_default_bound_adapts_to_the_device(adaptive):
+    from runtime.assembler import Window
+
+    scheduler = DeadlineScheduler(0.3, adaptive=adaptive)
+    scheduler.calibrate(0.5, 0.1)  # one window costs 1.15 x 0.6 = 0.69 s: above the 0.3-s bound
+    fresh = Window(0, 0.0, 0.3, 0, 3, None, None, closed_at=100.0)
+    drop, take = scheduler.plan([fresh], now=100.0)
+    if adaptive:  # raised to the cost plus one window of queueing; the window is captioned
+        assert take == [fresh] and scheduler.max_latency == pytest.approx(0.69 + 0.3)
+        assert scheduler.stats.raised_bound == scheduler.max_latency
+    else:  # the user's bound is kept: the window cannot make it
+        assert drop == [fresh] and scheduler.max_latency == 0.3 and scheduler.stats.raised_bound is None
+
+
 def test_live_view_shows_drops_before_any_caption():
     from runtime.assembler import Window
 
