@@ -42,6 +42,9 @@ MODEL_ENV = "FAVOR_MODEL"
 # variable frame rate averages) before it counts as asking for frames the source does not have.
 FPS_TOLERANCE = 1.01
 LIVE_REFRESH_HZ = 4  # the live view redraws this often, so drops show as they happen
+# Realtime warm-up captions: the first pays one-off costs (sessions, arenas), the second is the
+# measurement; each costs about one caption, and they run while the first window is captured.
+WARMUP_ROUNDS = 2
 
 
 class UsageError(ValueError):
@@ -358,7 +361,7 @@ def stream(o: RunOptions, captioner, source, scheduler, writers, term: Terminal)
             term.view.start()
         # realtime: the warm-up measures the per-window cost before the first deadline, while the
         # first window is being captured (so it adds nothing to the time to the first caption)
-        warmup = (lambda: captioner.warmup(scheduler)) if o.realtime else None
+        warmup = (lambda: captioner.warmup(scheduler, rounds=WARMUP_ROUNDS)) if o.realtime else None
         outcome.report = captioner.run(source, o.realtime, scheduler, on_caption, stop, before_first=warmup)
     except KeyboardInterrupt:
         outcome.interrupted = True
