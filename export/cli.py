@@ -236,6 +236,24 @@ def _print_report(report: dict) -> None:
         console.print(f"{c['clip']}: identical fp32={c['ort-fp32_identical']} "
                       f"int8={c.get('ort-int8_identical', '-')} margin={c['min_margin']:.3g} "
                       f"text={c['text']!r}")
+    _print_precisions(report.get("decoder_precisions") or {})
+
+
+def _print_precisions(section: dict) -> None:
+    """export/decoder_precisions.py's table: each decoder precision vs PyTorch on the same clips."""
+    if section.get("skipped"):
+        console.print(f"decoder precisions: not measured ({section['skipped']})")
+        return
+    if not section.get("rows"):
+        return
+    t = Table(title="decoder precisions vs PyTorch (teacher-forced steps, greedy captions)")
+    for col in ("precision", "max rel logit err", "top-1 agreement", "captions identical", "passes"):
+        t.add_column(col)
+    for r in section["rows"]:
+        t.add_row(r["precision"], f"{r['max_rel_logit_err']:.2e}", f"{r['top1_agreement']:.4f} ({r['steps']})",
+                  f"{r['captions_identical']}/{r['captions']}", "yes" if r["passes"] else "[red]NO[/red]")
+    console.print(t)
+    console.print(f"fastest passing decoder precision: {section.get('fastest_passing')}")
 
 
 @app.command("verify")
