@@ -242,6 +242,8 @@ def ensure_bundle(req: Request, cache_dir: str | Path | None = None, say: Say | 
     except OSError as e:
         raise ValueError(f"{root}: cannot create the bundle cache ({e.strerror}); "
                          "pass --cache-dir DIR or --no-cache") from None
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise ValueError(f"{root}: the bundle cache is not writable; pass --cache-dir DIR or --no-cache")
     with _locked(root / f"{name}.lock", lambda: say("cache", f"waiting for another export of {name}")):
         if is_complete(entry, fields):  # another process finished it while we waited
             return entry, False

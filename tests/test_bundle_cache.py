@@ -215,13 +215,19 @@ def test_cache_location_and_no_cache(ckpt, tmp_path, monkeypatch):
     assert (out / "manifest.json").is_file() and not (tmp_path / "env").exists()
 
 
-def test_missing_checkpoint_and_unwritable_cache_are_one_line_errors(ckpt, tmp_path):
+def test_missing_checkpoint_and_unwritable_cache_are_one_line_errors(ckpt, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="missing.safetensors: model checkpoint not found"):
         ensure_bundle(Request(tmp_path / "missing.safetensors"), tmp_path, exporter=Exporter())
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="cannot create the bundle cache") as e:
         ensure_bundle(Request(ckpt), tmp_path / "file" / "cache", exporter=Exporter())
     assert "\n" not in str(e.value)
+    locked = tmp_path / "read-only"
+    locked.mkdir(mode=0o555)
+    # as root every directory is writable: ask the permission check what an unprivileged user gets
+    monkeypatch.setattr(bundle_cache.os, "access", lambda path, mode: Path(path) != locked)
+    with pytest.raises(ValueError, match="read-only: the bundle cache is not writable; pass --cache-dir"):
+        ensure_bundle(Request(ckpt), locked, exporter=Exporter())
 
 
 def test_export_view_shows_each_step(tmp_path):
