@@ -97,6 +97,23 @@ def _workloads(bundle, rng: np.random.Generator) -> dict[str, Callable[[], dict[
             "decoder": caption}
 
 
+def _measure(runs: dict[int, Callable[[], dict[str, float]]], deadline: float
+             ) -> dict[int, list[dict[str, float]]] | None:
+    """One warm-up call per count (session creation, arenas, first-run kernels), then up to REPEATS
+    rounds over the counts in turn; None if the deadline came before every count had a sample."""
+    samples: dict[int, list[dict[str, float]]] = {n: [] for n in runs}
+    for call in runs.values():
+        if time.perf_counter() >= deadline:
+            return None
+        call()
+    for _ in range(REPEATS):
+        if time.perf_counter() >= deadline:
+            break
+        for n, call in runs.items():
+            samples[n].append(call())
+    return samples if all(samples.values()) else None
+
+
 def autotune(bundle_dir: str | Path, budget_s: float = BUDGET_S, cores: int | None = None,
              stages: tuple[str, ...] = TUNED_STAGES) -> dict:
     """Time each stage at each candidate thread count; {"threads": {stage: n}, "autotune": {...}}."""
@@ -112,21 +129,15 @@ def autotune(bundle_dir: str | Path, budget_s: float = BUDGET_S, cores: int | No
     medians: dict[str, dict[str, float]] = {}
     decoder_ms: dict[str, dict[str, float]] = {}
     for stage in present:
+        if len(counts) == 1:  # one core: nothing to choose, nothing to time
+            chosen[stage] = counts[0]
+            continue
         if time.perf_counter() >= deadline:
             break
         runs = {n: _workloads(OrtBundle(bundle_dir, threads=n, check_hashes=False), rng)[stage] for n in counts}
-        samples: dict[int, list[dict[str, float]]] = {n: [] for n in counts}
-        for call in runs.values():
-            if time.perf_counter() >= deadline:
-                break
-            call()  # warm-up: session creation, allocator arenas, first-run kernels
-        for _ in range(REPEATS):
-            if time.perf_counter() >= deadline:
-                break
-            for n, call in runs.items():
-                samples[n].append(call())
+        samples = _measure(runs, deadline)
         del runs  # free this stage's sessions before the next stage's are made
-        if any(not s for s in samples.values()):
+        if samples is None:
             continue  # out of time before every count was measured: ORT's default for this stage
         med = {n: statistics.median(x["total"] for x in s) for n, s in samples.items()}
         chosen[stage] = min(med, key=med.get)
