@@ -291,6 +291,19 @@ def test_output_failing_mid_run_keeps_every_complete_caption(tiny_ckpt, tmp_path
     assert 1 <= len(cues) < 10 and len(printed) == len(cues)  # a caption is printed once it is saved
 
 
+@pytest.mark.parametrize("path, code, expected", [
+    ("/sys/kernel/notes", EXIT_USAGE, "cannot open for writing (Permission denied)"),  # EACCES, even as root
+    ("/proc/version", EXIT_STREAM_ERROR, "cannot write (Input/output error)"),  # opens, then every write fails
+    ("/nonexistent-dir/out.srt", EXIT_USAGE, "directory /nonexistent-dir does not exist"),
+])
+def test_unwritable_outputs_are_one_line_naming_the_path(tiny_ckpt, clip, path, code, expected):
+    if not path.startswith("/nonexistent") and not os.path.exists(path):
+        pytest.skip(f"{path} does not exist on this system")
+    r = rt(tiny_ckpt, clip, "--offline", "--srt", path)
+    line = one_error(r.stderr)
+    assert r.exit_code == code and path in line and expected in line, line
+
+
 def test_dev_null_is_a_valid_output(tiny_ckpt, clip):
     r = rt(tiny_ckpt, clip, "--offline", "--srt", os.devnull, "--vtt", os.devnull)
     assert r.exit_code == 0, r.output
