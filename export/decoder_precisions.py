@@ -48,6 +48,9 @@ class PrecisionRow:
     captions_identical: int = 0
     captions: int = 0
     first_divergence: dict[str, int] = field(default_factory=dict)  # prompt -> first differing token
+    # prompt -> PyTorch's own top-1 minus top-2 logit at that step: a near tie there means any
+    # perturbation of the logits' size (quantisation noise) may pick the other token
+    divergence_margin: dict[str, float] = field(default_factory=dict)
 
     @property
     def passes(self) -> bool:
@@ -113,8 +116,11 @@ def measure(inf: Inference, precision: str, prompts: list[Prompt], refs: list[tu
         if got == tokens:
             row.captions_identical += 1
         else:
-            row.first_divergence[p.name] = next((i for i, (x, y) in enumerate(zip(got, tokens, strict=False))
-                                                 if x != y), min(len(got), len(tokens)))
+            step = next((i for i, (x, y) in enumerate(zip(got, tokens, strict=False)) if x != y),
+                        min(len(got), len(tokens)))
+            row.first_divergence[p.name] = step
+            top2 = ref_logits[min(step, len(ref_logits) - 1)].float().topk(2, dim=-1).values[0]
+            row.divergence_margin[p.name] = float(top2[0] - top2[1])
     row.steps = len(agree)
     row.max_rel_logit_err = max(errs, default=0.0)
     row.mean_rel_logit_err = sum(errs) / max(len(errs), 1)
@@ -169,11 +175,13 @@ def as_dicts(rows: list[PrecisionRow]) -> list[dict]:
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| decoder precision | max rel logit err | mean | top-1 agreement (steps) | captions identical | "
-             "passes |", "|---|---|---|---|---|---|"]
+             "first divergence: step (torch's top-1 margin there) | passes |", "|---|---|---|---|---|---|---|"]
     for r in rows:
+        div = ", ".join(f"{k} {v} ({r['divergence_margin'].get(k, float('nan')):.3g})"
+                        for k, v in r["first_divergence"].items()) or "-"
         lines.append(f"| {r['precision']} | {r['max_rel_logit_err']:.2e} | {r['mean_rel_logit_err']:.2e} | "
                      f"{r['top1_agreement']:.4f} ({r['steps']}) | {r['captions_identical']}/{r['captions']} | "
-                     f"{'yes' if r['passes'] else 'NO'} |")
+                     f"{div} | {'yes' if r['passes'] else 'NO'} |")
     return "\n".join(lines) + "\n"
 
 
