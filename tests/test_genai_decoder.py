@@ -202,3 +202,18 @@ def test_auto_precision_resolves_by_model(model):
     assert genai_decoder.resolve_precision(tiny, "auto") == "fp32"
     assert genai_decoder.resolve_precision(None, "auto", {"precision": "int4"}) == "int4"
     assert genai_decoder.resolve_precision(tiny, "int4") == "int4"
+
+
+def test_verdict_allows_divergence_only_at_near_ties():
+    # A quantised caption may leave the reference only where the reference itself was within the
+    # precision's measured logit noise (a near tie); anywhere else it fails, as does low agreement.
+    row = decoder_precisions.PrecisionRow("int8", max_rel_logit_err=0.03, top1_agreement=0.995, steps=200,
+                                          captions_identical=1, captions=2)
+    row.first_divergence["clip"], row.divergence_margin_rel["clip"] = 14, 0.002
+    assert row.near_tie_divergences and row.passes
+    row.divergence_margin_rel["clip"] = 0.2  # a confident reference token was flipped
+    assert not row.near_tie_divergences and not row.passes
+    row.divergence_margin_rel["clip"], row.top1_agreement = 0.002, 0.85  # int4-like agreement
+    assert not row.passes
+    fp32 = decoder_precisions.PrecisionRow("fp32", max_rel_logit_err=3e-6, captions_identical=1, captions=2)
+    assert not fp32.passes  # fp32 must be identical: its noise is reordering only
