@@ -68,6 +68,11 @@ class Cell:
     latency_p50: float = math.nan
     latency_p95: float = math.nan
     latency_max: float = math.nan
+    # window close -> first caption token decided (audio + fusion + LLM prefill): what a viewer waits
+    # before the caption starts growing
+    ttft_p50: float = math.nan
+    ttft_p95: float = math.nan
+    decode_tok_s: float = math.nan  # new tokens / LLM decode seconds (the steps after the first token)
     throughput: float = math.nan  # media s per wall s
     llm_input_tokens: float = math.nan  # mean per window
     new_tokens: float = math.nan  # mean per caption
@@ -180,6 +185,7 @@ class _CellRun:
             self.cap.encoded.clear()
             self.cap.ahead_seconds.clear()
         self.latencies: list[float] = []
+        self.ttft: list[float] = []
         self.stage_sums: dict[str, float] = {}
         self.ahead_total = self.caption_total = 0.0
         self.tokens_in: list[int] = []
@@ -196,6 +202,7 @@ class _CellRun:
         self.ahead_total += t1 - t0
         self.caption_total += t2 - t1
         self.latencies.append(t2 - t1)
+        self.ttft.append(t2 - t1 - c.stages.get("llm_decode", 0.0))
         for k, v in c.stages.items():
             self.stage_sums[k] = self.stage_sums.get(k, 0.0) + v
         self.stage_sums["visual"] = self.stage_sums.get("visual", 0.0) + c.visual_ahead
@@ -206,6 +213,11 @@ class _CellRun:
         cell, n, lat = self.cell, len(self.latencies), self.latencies
         cell.windows = n
         cell.latency_p50, cell.latency_p95, cell.latency_max = statistics.median(lat), _quantile(lat, 0.95), max(lat)
+        cell.ttft_p50, cell.ttft_p95 = statistics.median(self.ttft), _quantile(self.ttft, 0.95)
+        decode_s = self.stage_sums.get("llm_decode", 0.0)
+        # each caption's first token comes from prefill; the decode steps produce the rest
+        steps = sum(max(t - 1, 0) for t in self.tokens_out)
+        cell.decode_tok_s = steps / decode_s if decode_s > 0 else math.nan
         cell.throughput = media_s / (decode_share + self.ahead_total + self.caption_total)
         cell.llm_input_tokens = statistics.mean(self.tokens_in)
         cell.new_tokens = statistics.mean(self.tokens_out)
@@ -357,19 +369,21 @@ def _summary(c: Cell) -> str:
         return f"  {c.backend:11s} {c.fps:g} FPS x {c.frames_per_window:2d}: n/a ({c.note})"
     return (f"  {_label(c):11s} {c.fps:g} FPS x {c.frames_per_window:2d} ({c.window_seconds:g} s): "
             f"p50 {c.latency_p50:.3f} s, p95 {c.latency_p95:.3f} s, max {c.latency_max:.3f} s, "
+            f"first token p95 {c.ttft_p95:.3f} s, {c.decode_tok_s:.0f} tok/s, "
             f"throughput {c.throughput:.2f}x real time, {c.llm_input_tokens:.0f} LLM tokens in, "
             f"peak RSS {c.peak_rss_mb:.0f} MB")
 
 
 def write_outputs(cells: list[Cell], stem: Path, info: dict, clip: Path) -> None:
     header = ["preset", "backend", "fps", "frames_per_window", "window_s", "windows", "latency_p50_s",
-              "latency_p95_s", "latency_max_s", "throughput_x", "llm_input_tokens", "new_tokens",
+              "latency_p95_s", "latency_max_s", "ttft_p50_s", "ttft_p95_s", "decode_tok_s", "throughput_x",
+              "llm_input_tokens", "new_tokens",
               *[f"{s}_s" for s in STAGE_COLUMNS], "peak_rss_mb", "note", "engine"]
     rows = []
     for c in cells:
         rows.append([c.preset, c.backend, f"{c.fps:g}", c.frames_per_window, f"{c.window_seconds:g}", c.windows,
-                     *(f"{x:.4f}" for x in (c.latency_p50, c.latency_p95, c.latency_max)),
-                     f"{c.throughput:.3f}", f"{c.llm_input_tokens:.1f}", f"{c.new_tokens:.1f}",
+                     *(f"{x:.4f}" for x in (c.latency_p50, c.latency_p95, c.latency_max, c.ttft_p50, c.ttft_p95)),
+                     f"{c.decode_tok_s:.1f}", f"{c.throughput:.3f}", f"{c.llm_input_tokens:.1f}", f"{c.new_tokens:.1f}",
                      *(f"{c.stages.get(s, math.nan):.4f}" for s in STAGE_COLUMNS),
                      f"{c.peak_rss_mb:.0f}", c.note, c.engine])
     with open(stem.with_suffix(".csv"), "w", newline="") as fh:
@@ -381,18 +395,21 @@ def write_outputs(cells: list[Cell], stem: Path, info: dict, clip: Path) -> None
             fh.write(json.dumps({**asdict(c), "machine": info, "clip": str(clip)}) + "\n")
     md = [f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} "
           f"({info['torch_threads']} threads, {info['dtype']}), commit {info['commit']}, "
-          f"1-min load average at start {info['load_avg_1m']:.1f}. Clip: {clip.name}.", "",
-          "| backend | FPS | F | window s | latency p50 / p95 / max s | throughput x | LLM tokens in | "
+          f"1-min load average {info['load_avg_1m']:.2f} at start, {os.getloadavg()[0]:.2f} at the end. "
+          f"Clip: {clip.name}.", "",
+          "| backend | FPS | F | window s | latency p50 / p95 / max s | first token p50 / p95 s | decode tok/s | "
+          "throughput x | LLM tokens in | "
           "decode / visual / audio / fusion / prefill / LLM decode s per window | peak RSS MB |",
-          "|---|---|---|---|---|---|---|---|---|"]
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in cells:
         if c.note:
             md.append(f"| {c.backend} | {c.fps:g} | {c.frames_per_window} | {c.window_seconds:g} | n/a: {c.note} "
-                      "| | | | |")
+                      "| | | | | | |")
             continue
         stages = " / ".join(f"{c.stages.get(s, math.nan):.3f}" for s in STAGE_COLUMNS)
         md.append(f"| {_label(c)} | {c.fps:g} | {c.frames_per_window} | {c.window_seconds:g} | "
-                  f"{c.latency_p50:.3f} / {c.latency_p95:.3f} / {c.latency_max:.3f} | {c.throughput:.2f} | "
+                  f"{c.latency_p50:.3f} / {c.latency_p95:.3f} / {c.latency_max:.3f} | "
+                  f"{c.ttft_p50:.3f} / {c.ttft_p95:.3f} | {c.decode_tok_s:.0f} | {c.throughput:.2f} | "
                   f"{c.llm_input_tokens:.0f} | {stages} | {c.peak_rss_mb:.0f} |")
     stem.with_suffix(".md").write_text("\n".join(md) + "\n")
     plot(cells, stem.with_suffix(".png"))
