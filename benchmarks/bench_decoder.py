@@ -10,9 +10,10 @@ Graphs, all built from the same checkpoint (LoRA merged) into a temporary direct
   genai-int4    the same, weight-only int4
 
 Protocol: per thread count, one session per graph; a prompt of --prompt-len tokens (a window's AV rows
-plus the text) is prefilled, warm-up steps run, then decode steps are timed round-robin (one step of
-each graph per round, --steps per repeat, --repeats repeats, each graph keeping its own growing cache),
-so every graph sees the same machine. tokens/s = 1 / median step time.
+plus the text) is prefilled, warm-up steps run, then decode steps are timed round-robin per repeat
+(each graph decodes --steps steps as a block, graphs alternate, the order reversing every repeat;
+--repeats repeats, each graph keeping its own growing cache), so every graph sees the same machine and
+no session's spinning workers overlap another's step. tokens/s = 1 / median step time.
 
 Bandwidth bound: a decode step reads every weight once (the KV cache of a ~100-token caption is
 < 1 % of it), so tokens/s <= GEMV bandwidth / weight bytes. The GEMV bandwidth is measured here: a
@@ -111,9 +112,15 @@ def time_steps(infs: dict, prompt: torch.Tensor, steps: int, repeats: int, warmu
             logits, cache = inf.decode(logits.argmax(-1), cache)
         state[name] = (logits, cache)
     times: dict[str, list[float]] = {name: [] for name in infs}
-    for _ in range(repeats):
-        for _ in range(steps):
-            for name, inf in infs.items():
+    names = list(infs)
+    for r in range(repeats):
+        # Round-robin per repeat, not per step: ONNX Runtime's idle intra-op workers spin for a while
+        # after a run, so interleaving single steps of several multi-thread sessions makes each step
+        # compete with the previous session's spinning worker (2-thread steps measured 2x slower than
+        # one session decoding alone, which is what the runtime does). The order reverses every repeat.
+        for name in (names if r % 2 == 0 else names[::-1]):
+            inf = infs[name]
+            for _ in range(steps):
                 logits, cache = state[name]
                 ids = logits.argmax(-1)
                 t0 = time.perf_counter()
