@@ -44,11 +44,6 @@
 namespace favor {
 namespace cpu {
 
-// Shared by every fp32 path (portable here, AVX-512 in block_causal_attention_avx512.cpp).
-void pack_f32(const BlockCausalParams& p, int64_t b, int64_t h, int64_t dp, int64_t lp, int64_t k_lo, int64_t k_hi,
-              void* k_out, void* v_out);
-void load_q_f32(const BlockCausalParams& p, int64_t b, int64_t h, int64_t row0, int64_t rows, int64_t dp,
-                void* qtile);
 
 namespace {
 

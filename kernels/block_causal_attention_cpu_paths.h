@@ -50,6 +50,12 @@ struct Path {
              int64_t rows, bool first);
 };
 
+// fp32 K/V packing and q-tile loading (block_causal_attention_cpu.cpp), shared by every fp32 path.
+void pack_f32(const BlockCausalParams& p, int64_t b, int64_t h, int64_t dp, int64_t lp, int64_t k_lo, int64_t k_hi,
+              void* k_out, void* v_out);
+void load_q_f32(const BlockCausalParams& p, int64_t b, int64_t h, int64_t row0, int64_t rows, int64_t dp,
+                void* qtile);
+
 // Portable online-softmax step (block_causal_attention_cpu.cpp), built per ISA by target_clones.
 void softmax_block(float* s, uint16_t* pb, float* m, float* l, float* o, int64_t rows, int64_t dp);
 
