@@ -58,14 +58,8 @@ def test_builder_flags():
 
 
 @pytest.fixture
-def tiny_llm(tiny_cfg):
-    torch.manual_seed(5)
-    model = build_model(tiny_cfg, pretrained=False)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(std=0.05)
-    return merged_llm(model)
+def tiny_llm(tiny_lora_model):
+    return merged_llm(tiny_lora_model)  # a merged copy: the LoRA model itself keeps its adapters
 
 
 def test_trtllm_conversion_layout_computes_the_same_layer(tiny_cfg, tiny_llm):
@@ -141,6 +135,7 @@ def test_trtllm_engine_builds(tiny_cfg, tiny_llm, tmp_path):
 
 @pytest.fixture
 def tiny_lora_model(tiny_cfg):
+    # lora_B drawn non-zero (peft starts it at 0), so merged and unmerged weights really differ
     torch.manual_seed(5)
     model = build_model(tiny_cfg, pretrained=False)
     with torch.no_grad():
