@@ -2,6 +2,7 @@
 
     favor-eval run CHECKPOINT MANIFEST --out runs/eval            # predictions.jsonl + scores.json
     favor-eval run demo.safetensors data/heldout.jsonl --judge-url http://127.0.0.1:8000/v1 --judge-model m
+    favor-eval score runs/eval/predictions.jsonl --manifest data/heldout.jsonl   # re-score (adds grounding)
     favor-eval convert librispeech /data/LibriSpeech data/aveb/asr.jsonl
     favor-eval synth data/aveb_synth --num-clips 20                # a synthetic held-out test set
     favor-eval ablation --config training/configs/ablation.yaml --work-dir runs/ablation
@@ -56,7 +57,7 @@ def run(
     from favor.build import load_tokenizer
     from favor.checkpoint import load_model
     from training.eval.judge import Judge, JudgeConfig
-    from training.eval.runner import format_table, predict, score_predictions, write_results
+    from training.eval.runner import format_grounding_table, format_table, predict, score_predictions, write_results
 
     try:
         tok = load_tokenizer(str(tokenizer)) if tokenizer else None
@@ -75,7 +76,37 @@ def run(
     path = write_results(out, records, scores, {"checkpoint": str(checkpoint), "manifest": str(manifest),
                                                 "judge": judge_url, "max_new_tokens": max_new_tokens})
     Console().print(format_table(scores))
+    if grounding := format_grounding_table(scores):
+        typer.echo(grounding)
     typer.echo(f"scores: {path}")
+
+
+@app.command()
+def score(
+    predictions: Annotated[Path, typer.Argument(help="a predictions.jsonl written by `favor-eval run`")],
+    manifest: Annotated[Path | None, typer.Option(help="its manifest: scene events for records without them "
+                                                       "(grounding of files written before it)")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="write the scores JSON here")] = None,
+) -> None:
+    """Score an existing predictions file by the paper's rules, with grounding where scene events exist."""
+    from rich.console import Console
+
+    from training.eval.runner import format_grounding_table, format_table, read_predictions, score_predictions
+
+    try:
+        scores = score_predictions(read_predictions(predictions, manifest))
+    except ValueError as e:
+        _fail(str(e))
+    Console().print(format_table(scores))
+    if grounding := format_grounding_table(scores):
+        typer.echo(grounding)
+    if out is not None:
+        from favor.fileio import atomic_write
+
+        text = json.dumps({"info": {"predictions": str(predictions), "manifest": str(manifest) if manifest else None},
+                           "scores": scores}, indent=2) + "\n"
+        atomic_write(out, lambda tmp: Path(tmp).write_text(text))
+        typer.echo(f"scores: {out}")
 
 
 @app.command()

@@ -13,6 +13,10 @@ Rules per task (appendix B; synthetic tasks take the rule of their AVEB counterp
                                                      and AVM" as for multiple-choice Video QA
     judge    avsd, avssd                         LLM judge when given; else avsd -> caption metrics,
                                                  avssd -> qa rule on the class name (stated in the result)
+
+Grounding (grounding.py) rides along for av_caption, sound_description and asr when every record carries
+its clip's scene events (``events``, from the synthetic manifest's meta): (colour, shape), sound-event,
+spoken-word and printed-word precision / recall, micro-averaged over the split, under ``grounding``.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from training.eval import grounding as G
 from training.eval import metrics as M
 
 TASK_RULES = {
@@ -59,10 +64,11 @@ def score_task(task: str, records: Sequence[dict], judge: Callable | None = None
         rule = JUDGE_FALLBACK[task]
         out["rule"] = f"{rule} (no judge)"
     if rule == "wer":
-        return {**out, "metric": "wer", "score": 100.0 * M.wer(hyps, [_references(r)[0] for r in records])}
+        out |= {"metric": "wer", "score": 100.0 * M.wer(hyps, [_references(r)[0] for r in records])}
+        return _with_grounding(task, records, out)
     if rule == "caption":
         caps = M.caption_scores(hyps, [_references(r) for r in records])
-        return {**out, "metric": "cider", "score": caps["cider"], **caps}
+        return _with_grounding(task, records, {**out, "metric": "cider", "score": caps["cider"], **caps})
     if rule == "ocr":
         values = [M.ocr_score(r["prediction"], _references(r)) for r in records]
     elif rule == "qa":
@@ -70,6 +76,13 @@ def score_task(task: str, records: Sequence[dict], judge: Callable | None = None
     else:  # exact
         values = [any(M.exact_match(r["prediction"], ref) for ref in _references(r)) for r in records]
     return {**out, "metric": "accuracy", "score": 100.0 * M.mean([float(v) for v in values])}
+
+
+def _with_grounding(task: str, records: Sequence[dict], out: dict) -> dict:
+    """``out`` plus ``grounding`` when the task has a grounding rule and its records carry scene events."""
+    if task not in G.TASK_KINDS or not any(r.get("events") for r in records):
+        return out
+    return {**out, "grounding": G.grounding_scores(task, records)}
 
 
 def score_predictions(records: Sequence[dict], judge: Callable | None = None) -> dict[str, dict]:
@@ -125,7 +138,8 @@ def predict(model, manifest: str | Path, *, batch_size: int = 4, max_new_tokens:
             meta = by_id[sid].meta
             records.append({"id": sid, "task": task, "question": meta.get("question") or question,
                             "prediction": pred, "reference": answer,
-                            "references": meta.get("references") or [answer]})
+                            "references": meta.get("references") or [answer],
+                            **({"events": meta["events"]} if meta.get("events") else {})})  # grounding
         if progress is not None:
             progress(min(start + batch_size, len(chosen)), len(chosen))
     return records
@@ -151,3 +165,45 @@ def format_table(scores: dict[str, dict]) -> str:
         value = "nan" if math.isnan(s["score"]) else f"{s['score']:.1f}"
         lines.append(f"| {task} | {s['metric']} {arrow} ({s['rule']}) | {value} | {s['n']} |")
     return "\n".join(lines)
+
+
+def format_grounding_table(scores: dict[str, dict]) -> str:
+    """A markdown table of the tasks scored for grounding (fractions, micro-averaged); '' if none."""
+    cols = [("object_precision", "obj P"), ("object_recall", "obj R"), ("sound_precision", "sound P"),
+            ("sound_recall", "sound R"), ("word_accuracy", "word acc"), ("word_recall", "word R"),
+            ("printed_precision", "printed P")]
+    rows = [(task, s["grounding"]) for task, s in scores.items() if "grounding" in s]
+    if not rows:
+        return ""
+    lines = ["grounding (fractions; micro-averaged over the split: sum of matches / sum of mentions)",
+             "| task | " + " | ".join(c for _, c in cols) + " | n |", "| --- |" + " ---: |" * (len(cols) + 1)]
+    for task, g in rows:
+        cells = ["" if k not in g else "-" if g[k] is None else f"{g[k]:.2f}" for k, _ in cols]
+        lines.append(f"| {task} | " + " | ".join(cells) + f" | {g['n']} |")
+    return "\n".join(lines)
+
+
+def read_predictions(path: str | Path, manifest: str | Path | None = None) -> list[dict]:
+    """Records of a predictions.jsonl; ``manifest`` supplies the scene events (meta.events, by id) of records
+    written without them (files from before grounding). ValueError naming the file on a bad line / id."""
+    from training.manifest import read_jsonl
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"predictions {path} does not exist")
+    records = [r for _, r in read_jsonl(path)]
+    for n, r in enumerate(records, start=1):
+        if not {"task", "prediction", "reference"} <= set(r):
+            raise ValueError(f"{path}: record {n} must have task, prediction and reference, has {sorted(r)}")
+    if manifest is None:
+        return records
+    if not Path(manifest).is_file():
+        raise ValueError(f"manifest {manifest} does not exist")
+    events = {row.get("id"): (row.get("meta") or {}).get("events") for _, row in read_jsonl(Path(manifest))}
+    for r in records:
+        if not r.get("events") and r.get("task") in G.TASK_KINDS:
+            if r.get("id") not in events:
+                raise ValueError(f"{path}: prediction id {r.get('id')!r} is not in manifest {manifest}")
+            if events[r["id"]]:
+                r["events"] = events[r["id"]]
+    return records
