@@ -175,3 +175,24 @@ def test_demo_preset_encode_av_and_generate():
     text = generate(model, av, ["Describe the video."], get_settings("greedy", max_new_tokens=4))
     ids = _greedy_without_cache(model, av, "Describe the video.", 4)  # real weights: the cache changes nothing
     assert ids and text == [clean_answer(model.tokenizer.decode(ids, skip_special_tokens=True))]
+
+
+def test_answer_only_head_equals_hf_labels_loss(tiny_model, tokenizer):
+    """LLM.forward applies the LM head only at answer positions; the loss must be HF's ``labels=``
+    loss (mean CE over shifted non-IGNORE targets) on the same spliced batch. fp32 on both sides;
+    1e-6 relative covers summation order (the head's matmul over fewer rows)."""
+    torch.manual_seed(3)
+    llm = tiny_model.llm
+    D = tiny_model.cfg.llm.hidden
+    eos = tiny_model.cfg.llm.eos_token_id
+    turns = [[("what is seen?", "a red circle")], [("words?", "four three yellow now")]]
+    prompts = [conversation_ids(tokenizer, [{"from": "human", "value": q}, {"from": "gpt", "value": a}], eos, 64)
+               for [(q, a)] in turns]
+    av = torch.randn(2, 5, D)
+    av_mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    s = llm.splice(prompts, av, av_mask)
+    ours = llm(s)
+    ref = llm.model(inputs_embeds=s.embeds, attention_mask=s.attention_mask, position_ids=s.position_ids,
+                    labels=s.labels, use_cache=False).loss
+    assert (s.labels != IGNORE).sum() > 4  # both rows have answer tokens
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
