@@ -523,3 +523,9 @@ def bench(
                        threads=threads)
     except ValueError as e:
         raise _fail(err, str(e), EXIT_USAGE) from None
+
+
+# `favor-rt serve` lives in runtime/server/command.py (FastAPI is imported only when it runs)
+from runtime.server.command import serve  # noqa: E402
+
+app.command(context_settings=CONTEXT)(serve)
