@@ -13,6 +13,13 @@ The graph has no ``position_ids``: GroupQueryAttention derives row b's positions
 padding. Batches whose mask is not all ones are refused (beam search expands one prompt, so its rows
 never carry padding; the runtime captions one window at a time).
 
+Continuous batching (favor/continuous.py): ``merge`` copies the rows of several caches (each prefilled
+alone) into one buffer; rows then hold different lengths, right aligned in the KV buffer (row b
+valid for its first L_b positions). The mask row b is ones over its first L_b + 1 positions and zero
+after, so the builder graph's ``seqlens_k = mask.sum(-1) - 1`` is L_b: GroupQueryAttention writes
+row b's new keys at position L_b, rotates them to position L_b and attends to positions <= L_b,
+which is what row b computed alone. ``reorder`` keeps rows (a request leaving the batch).
+
 Caches are mutated in place by ``decode`` (the decode loops in favor.captions never reuse an old one);
 ``reorder`` returns a new cache. ``share_buffer=False`` runs the plain path (present outputs allocated
 by ORT, fed back as the next step's past) for the parity test.
@@ -35,9 +42,10 @@ RESERVE_TOKENS = 64  # decode room allocated with the prompt; captions are ~30 t
 @dataclass
 class GenaiCache:
     kv: list[np.ndarray]  # [B, kvh, C, hd] each, valid up to ``length`` (share_buffer) or exactly P long
-    length: int  # P: tokens held by every row
+    length: int  # P: tokens held by the longest row
     binding: object | None = None  # onnxruntime IOBinding with the buffers bound (share_buffer)
     values: list | None = None  # OrtValues wrapping ``kv`` (zero-copy views)
+    lengths: np.ndarray | None = None  # [B] tokens held by each row, when they differ (merge)
 
 
 def decoder_session(path, threads: int | None = None):
@@ -82,7 +90,12 @@ class GenaiInference:
             self._ones = np.ones(max(B * T, 2 * self._ones.size), np.int64)
         return self._ones[: B * T].reshape(B, T)
 
-    def _bind_cache(self, kv: list[np.ndarray], length: int) -> GenaiCache:
+    def _ragged_mask(self, lengths: np.ndarray, L: int) -> np.ndarray:
+        """[B, max + L] int64: row b ones over its first lengths[b] + L positions (right padding)."""
+        T = int(lengths.max()) + L
+        return (np.arange(T)[None, :] < (lengths[:, None] + L)).astype(np.int64)
+
+    def _bind_cache(self, kv: list[np.ndarray], length: int, lengths: np.ndarray | None = None) -> GenaiCache:
         from onnxruntime import OrtValue
 
         binding = self.session.io_binding()
@@ -90,7 +103,7 @@ class GenaiInference:
         for past, present, v in zip(self.past, self.present, values, strict=True):
             binding.bind_ortvalue_input(past, v)
             binding.bind_ortvalue_output(present, v)
-        return GenaiCache(kv, length, binding, values)
+        return GenaiCache(kv, length, binding, values, lengths)
 
     def _alloc(self, B: int, capacity: int) -> list[np.ndarray]:
         shape = (B, self.cfg.llm.kv_heads, capacity, self.head_dim)  # [B, kvh, C, hd]
@@ -104,7 +117,7 @@ class GenaiInference:
         grown = self._alloc(B, max(2 * C, cache.length + L + self.reserve))
         for new, old in zip(grown, cache.kv, strict=True):
             new[:, :, : cache.length] = old[:, :, : cache.length]
-        return self._bind_cache(grown, cache.length)
+        return self._bind_cache(grown, cache.length, cache.lengths)
 
     # -- steps -----------------------------------------------------------------------------------
     def _run_shared(self, embeds: np.ndarray, cache: GenaiCache) -> tuple[torch.Tensor, GenaiCache]:
@@ -114,7 +127,11 @@ class GenaiInference:
         cache = self._ensure_room(cache, L)
         io = cache.binding
         io.bind_ortvalue_input("inputs_embeds", OrtValue.ortvalue_from_numpy(embeds))
-        mask = self._mask(B, cache.length + L)
+        if cache.lengths is None:
+            mask = self._mask(B, cache.length + L)
+        else:
+            mask = self._ragged_mask(cache.lengths, L)
+            cache.lengths = cache.lengths + L
         io.bind_input("attention_mask", "cpu", 0, np.int64, list(mask.shape), mask.ctypes.data)
         logits = np.empty((B, 1, self.vocab), np.float32)
         io.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
@@ -124,6 +141,8 @@ class GenaiInference:
 
     def _run_plain(self, embeds: np.ndarray, cache: GenaiCache) -> tuple[torch.Tensor, GenaiCache]:
         B, L, _ = embeds.shape
+        if cache.lengths is not None:
+            raise ValueError("rows of different lengths need the shared KV buffer (share_buffer=True)")
         feed = {"inputs_embeds": embeds, "attention_mask": np.ones((B, cache.length + L), np.int64)}
         feed.update(zip(self.past, cache.kv, strict=True))
         logits, *present = self.session.run(["logits", *self.present], feed)
@@ -158,5 +177,27 @@ class GenaiInference:
 
     def reorder(self, cache: GenaiCache, rows: torch.Tensor) -> GenaiCache:
         r = np.asarray(rows, dtype=np.int64)
-        kv = [np.ascontiguousarray(t[r]) for t in cache.kv]
-        return self._bind_cache(kv, cache.length) if self.share_buffer else GenaiCache(kv, cache.length)
+        if cache.lengths is None:
+            kv = [np.ascontiguousarray(t[r]) for t in cache.kv]
+            return self._bind_cache(kv, cache.length) if self.share_buffer else GenaiCache(kv, cache.length)
+        lengths = cache.lengths[r]
+        P = int(lengths.max())
+        kv = [np.ascontiguousarray(t[r, :, : P + self.reserve]) for t in cache.kv]  # drop the longest's room
+        return self._bind_cache(kv, P, None if (lengths == P).all() else lengths)
+
+    def merge(self, caches: list[GenaiCache]) -> GenaiCache:
+        """The rows of several (shared-buffer) caches as one batch with per-row lengths, in a buffer with
+        ``reserve`` positions of room past the longest row (continuous batching)."""
+        if not self.share_buffer:
+            raise ValueError("merging caches needs the shared KV buffer (share_buffer=True)")
+        lengths = np.concatenate([np.full(c.kv[0].shape[0], c.length, np.int64) if c.lengths is None
+                                  else c.lengths for c in caches])  # [B]
+        P = int(lengths.max())
+        kv = self._alloc(len(lengths), min(P + self.reserve, self.cfg.llm.max_positions))
+        b = 0
+        for c in caches:
+            n = c.kv[0].shape[0]
+            for new, old in zip(kv, c.kv, strict=True):
+                new[b: b + n, :, : c.length] = old[:, :, : c.length]
+            b += n
+        return self._bind_cache(kv, P, None if (lengths == P).all() else lengths)

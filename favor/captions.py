@@ -117,6 +117,23 @@ class TorchInference:
         cache.kv.reorder_cache(rows)
         return TorchCache(cache.kv, cache.attention_mask[rows])
 
+    def merge(self, caches: list[TorchCache]) -> TorchCache:
+        """The rows of several caches as one batch (continuous batching, favor/continuous.py): left
+        padded to the longest, padding masked; positions come from the mask, so it never shifts RoPE.
+        Columns that are padding in every row are cut."""
+        from transformers import DynamicCache
+
+        P = max(c.attention_mask.shape[1] for c in caches)
+        mask = torch.cat([torch.nn.functional.pad(c.attention_mask, (P - c.attention_mask.shape[1], 0))
+                          for c in caches])  # [B, P]
+        start = int(mask.any(0).long().argmax())  # first column some row attends
+        layers = []
+        for i in range(len(caches[0].kv.layers)):
+            kv = [[torch.nn.functional.pad(t, (0, 0, P - c.attention_mask.shape[1], 0))
+                   for t in (c.kv.layers[i].keys, c.kv.layers[i].values)] for c in caches]  # [b, h, P, hd]
+            layers.append(tuple(torch.cat([x[j] for x in kv])[:, :, start:] for j in (0, 1)))
+        return TorchCache(DynamicCache(layers), mask[:, start:])
+
 
 # -- logits processing (transformers' RepetitionPenalty / Temperature / TopP, same formulas) ----------
 def penalise_repeats(logits: torch.Tensor, history: list[list[int]], penalty: float) -> torch.Tensor:
@@ -160,6 +177,61 @@ def _choose(logits: torch.Tensor, results: list[CaptionResult], settings: Genera
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
+# -- one request's decode state: shared by the step loop and continuous batching ---------------------
+@dataclass
+class DecodeState:
+    """What one request carries through the step loop: its token choice (settings, generator), its
+    result so far (tokens, margins, score: the repetition penalty reads the tokens), its EOS and
+    length limit, and its ``on_token(id)`` sink. ``greedy_decode`` keeps one per batch row;
+    favor/continuous.py keeps one per request while requests join and leave the running batch."""
+
+    eos_token_id: int
+    max_new_tokens: int
+    settings: GenerationSettings = GREEDY
+    generator: torch.Generator | None = None
+    on_token: Callable[[int], None] | None = None
+    result: CaptionResult = field(default_factory=lambda: CaptionResult([]))
+    done: bool = False
+
+    def accept(self, token: int, margin: float, logp: float) -> None:
+        """Record the token decided for this request (EOS ends it, unreported; so does the limit)."""
+        if self.done:
+            return
+        if token == self.eos_token_id:
+            self.done = True
+            return
+        r = self.result
+        r.tokens.append(token)
+        r.margins.append(margin)
+        r.score += logp
+        if self.on_token is not None:
+            self.on_token(token)
+        if len(r.tokens) >= self.max_new_tokens:
+            self.done = True
+
+
+def advance(logits: torch.Tensor, states: list[DecodeState]) -> torch.Tensor:
+    """One decode step's token decisions: logits [B, V] for ``states`` (one per row) -> the ids to feed
+    next [B] (EOS for rows that are done). Rows sharing settings and generator are chosen in one
+    ``_choose`` call (the batch draw of the step loop, so sampled answers repeat exactly); the top-1 /
+    top-2 margin and log-probability are of the raw logits."""
+    logits = torch.as_tensor(logits).float().cpu()  # [B, V]: the loop's bookkeeping stays on the CPU
+    logp = torch.log_softmax(logits, -1)
+    ids = torch.empty(len(states), dtype=torch.long)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for b, s in enumerate(states):
+        groups.setdefault((id(s.settings), id(s.generator)), []).append(b)
+    for rows in groups.values():
+        first = states[rows[0]]
+        chosen = _choose(logits[rows], [states[b].result for b in rows], first.settings, first.generator)
+        ids[rows] = chosen
+    margin = _margin(logits)
+    for b, s in enumerate(states):
+        s.accept(int(ids[b]), float(margin[b]), float(logp[b, ids[b]]))
+    done = torch.tensor([s.done for s in states])
+    return torch.where(done, torch.full_like(ids, states[0].eos_token_id if states else 0), ids)
+
+
 # -- the loops -----------------------------------------------------------------------------------
 def greedy_decode(inference: Inference, embeds: torch.Tensor, attention_mask: torch.Tensor,
                   max_new_tokens: int, eos_token_id: int, on_token: OnToken | None = None, *,
@@ -172,31 +244,16 @@ def greedy_decode(inference: Inference, embeds: torch.Tensor, attention_mask: to
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens ({max_new_tokens}) must be >= 1")
-    B = embeds.shape[0]
-    results = [CaptionResult([]) for _ in range(B)]
-    done = torch.zeros(B, dtype=torch.bool)
+    states = [DecodeState(eos_token_id, max_new_tokens, settings, generator,
+                          None if on_token is None else (lambda t, b=b: on_token(b, t)))
+              for b in range(embeds.shape[0])]
     logits, cache = inference.prefill(embeds, attention_mask)
     for step in range(max_new_tokens):
-        logits = torch.as_tensor(logits).float().cpu()  # [B, V]: the loop's bookkeeping stays on the CPU
-        logp = torch.log_softmax(logits, -1)
-        ids = _choose(logits, results, settings, generator)  # [B]
-        margin = _margin(logits)
-        for b in range(B):
-            if done[b]:
-                continue
-            if int(ids[b]) == eos_token_id:
-                done[b] = True
-                continue
-            results[b].tokens.append(int(ids[b]))
-            results[b].margins.append(float(margin[b]))
-            results[b].score += float(logp[b, ids[b]])
-            if on_token is not None:
-                on_token(b, int(ids[b]))
-        if bool(done.all()) or step == max_new_tokens - 1:
+        ids = advance(logits, states)  # finished rows feed EOS
+        if all(s.done for s in states) or step == max_new_tokens - 1:
             break
-        ids = torch.where(done, torch.full_like(ids, eos_token_id), ids)  # finished rows feed EOS
         logits, cache = inference.decode(ids, cache)
-    return results
+    return [s.result for s in states]
 
 
 def _beam_candidates(total: torch.Tensor, K: int, settings: GenerationSettings,
@@ -307,21 +364,26 @@ def decode_text(results: list[CaptionResult], tokenizer) -> list[CaptionResult]:
     return results
 
 
-def caption(inference: Inference, embedding: torch.Tensor, tokenizer, llm: LLMConfig, prompts: list[str],
-            av_embeds: torch.Tensor, av_mask: torch.Tensor, settings: GenerationSettings = GREEDY,
-            on_token: OnToken | None = None) -> list[CaptionResult]:
-    """Answers to ``prompts`` about AV rows av_embeds [B, A, D] (av_mask [B, A], False = padded window).
-
-    The one prompt assembly for torch, ONNX Runtime and TensorRT: ``prompt_table.build_inputs`` ids
+def prompt_inputs(embedding: torch.Tensor, tokenizer, llm: LLMConfig, prompts: list[str], av_embeds: torch.Tensor,
+                  av_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one prompt assembly for torch, ONNX Runtime and TensorRT: ``prompt_table.build_inputs`` ids
     (AV rows addressed as vocab_size + row), embedded through ``embedding`` [V, D] (the LLM's input
-    embedding matrix), left padded; then ``decode``; text post-processed like the release.
-    """
+    embedding matrix), left padded. Returns (embeds [B, L, D], attention_mask [B, L])."""
     inputs = prompt_table.build_inputs([inference_ids(tokenizer, p) for p in prompts], av_embeds,
                                        av_mask.bool(), llm.vocab_size, llm.bos_token_id, llm.eos_token_id)
     embedding = torch.as_tensor(embedding)  # NumPy for ONNX Runtime, a (CUDA) tensor for torch
     ids, mask = inputs.ids.to(embedding.device), inputs.attention_mask.to(embedding.device)
-    embeds = prompt_table.embed_with_prompt_table(ids, embedding, inputs.table.to(embedding.device), mask)
+    return prompt_table.embed_with_prompt_table(ids, embedding, inputs.table.to(embedding.device), mask), mask
+
+
+def caption(inference: Inference, embedding: torch.Tensor, tokenizer, llm: LLMConfig, prompts: list[str],
+            av_embeds: torch.Tensor, av_mask: torch.Tensor, settings: GenerationSettings = GREEDY,
+            on_token: OnToken | None = None) -> list[CaptionResult]:
+    """Answers to ``prompts`` about AV rows av_embeds [B, A, D] (av_mask [B, A], False = padded window):
+    ``prompt_inputs``, then ``decode``; text post-processed like the release.
+    """
+    embeds, mask = prompt_inputs(embedding, tokenizer, llm, prompts, av_embeds, av_mask)
     results = decode(inference, embeds, mask, llm.eos_token_id, settings, on_token)
-    for r, n in zip(results, inputs.attention_mask.sum(-1).tolist(), strict=True):
+    for r, n in zip(results, mask.sum(-1).tolist(), strict=True):
         r.prompt_tokens = int(n)
     return decode_text(results, tokenizer)
