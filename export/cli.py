@@ -139,7 +139,11 @@ def export(
     out: Path = typer.Option(None, "--out", help="bundle directory to write"),  # noqa: B008
     base_models: list[Path] = typer.Option([], "--base-models", help="directories holding base models"),  # noqa: B008
     tokenizer: Path = typer.Option(None, "--tokenizer", help="tokenizer dir (default: the LLM base model's)"),  # noqa: B008
-    targets: str = typer.Option("onnx", help="comma list of onnx,tensorrt,trtllm, or all"),
+    targets: str = typer.Option("onnx", help="comma list of onnx,tensorrt,trtllm,triton, or all (= the first "
+                                "three); triton: a Triton model repository from the bundle (export/triton/)"),
+    triton_repo: Path = typer.Option(None, help="triton target: repository directory (default: <out>.triton)"),  # noqa: B008
+    triton_variant: str = typer.Option("gpu", help="triton target: gpu (onnxruntime / tensorrt / tensorrtllm "
+                                       "backends) | cpu (every stage in the Python backend on ONNX Runtime)"),
     precision: str = typer.Option("auto", help="auto (int8 when the GenAI builder serves the model, else "
                                   "fp32) | fp32 | int8 | int4: ONNX decoder weights (weight-only); "
                                   "fp16 | bf16: TensorRT build precision (ONNX decoder fp32)"),
@@ -160,12 +164,17 @@ def export(
     quiet_libraries(verbose)
     if ctx.invoked_subcommand is not None:
         return
+    wanted = _targets(targets)
+    bundle_targets = tuple(t for t in wanted if t != "triton")
+    if out is not None and "triton" in wanted and not bundle_targets:  # a repository from an existing bundle
+        _write_triton(out, triton_repo, triton_variant)
+        return
     if ckpt is None or out is None:
         _fail("--ckpt and --out are required (or use the verify / info / import-release subcommands)")
     from export.bundle import ExportOptions, export_bundle, needs_model
 
     try:
-        options = ExportOptions(targets=_targets(targets), precision=precision, max_frames=max_frames,
+        options = ExportOptions(targets=bundle_targets, precision=precision, max_frames=max_frames,
                                 max_batch=max_batch, fused_attention=fused_attention, trtllm_lora=lora)
         overrides = {"timing.frames_per_window": window} if window else {}
         release = _release_options(ckpt, preset, sets)
@@ -191,6 +200,22 @@ def export(
     console.print(f"wrote {out} ({len(manifest['files'])} files)")
     if verify:
         _verify(out, model, [])
+    if "triton" in wanted:
+        _write_triton(out, triton_repo, triton_variant)
+
+
+def _write_triton(bundle: Path, repo: Path | None, variant: str) -> None:
+    """The triton target: a model repository from the bundle (export/triton/repository.py)."""
+    from export.triton.repository import write_repository
+
+    repo = repo or bundle.with_name(bundle.name + ".triton")
+    try:
+        with console.status(f"writing the Triton repository {repo}"):
+            record = write_repository(bundle, repo, variant)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        _fail(str(err))
+    console.print(f"wrote {repo}: Triton {variant} repository, models {', '.join(record['models'])} "
+                  f"(decoder {record['decoder']})")
 
 
 class _progress:

@@ -47,7 +47,7 @@ from favor.generation import instruction_inputs
 if TYPE_CHECKING:  # favor.model pulls in peft / transformers (seconds): the bundle path never needs it
     from favor.model import FavorModel
 
-BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
+BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt", "triton")  # triton: a server at --url (triton_backend.py)
 # Tokenizer directories looked for beside a checkpoint whose config names no base LLM (tests, tiny).
 TOKENIZER_DIRS = ("{stem}.tokenizer", "tokenizer")
 
@@ -297,12 +297,21 @@ def _check_bundle_timing(backend, path: Path, fps: float | None, frames_per_wind
 
 
 def make_backend(name: str, model_path: str | Path, fps: float | None = None,
-                 frames_per_window: int | None = None, threads: int | str | None = None, policy=None):
+                 frames_per_window: int | None = None, threads: int | str | None = None, policy=None,
+                 url: str | None = None):
     """Backend by name over a checkpoint or an exported bundle (runtime/selection.py decides).
 
     'auto': a checkpoint is exported once into the bundle cache (runtime/bundle_cache.py, ``policy``),
     then TensorRT if the bundle holds engines and TensorRT is usable, else ONNX Runtime with the CUDA
-    provider when onnxruntime-gpu offers it, else the CPU provider. 'torch': eager PyTorch."""
+    provider when onnxruntime-gpu offers it, else the CPU provider. 'torch': eager PyTorch.
+    'triton': the stages on the Triton server at ``url`` (runtime/triton_backend.py)."""
+    if name == "triton":
+        if threads is not None:
+            raise ValueError("--threads sets local ONNX Runtime threads; a Triton server runs the threads its "
+                             "repository records (favor-export --targets triton)")
+        from runtime.triton_backend import open_triton
+
+        return open_triton(model_path, url, fps, frames_per_window, policy)
     from runtime.selection import open_backend
 
     return open_backend(name, model_path, fps, frames_per_window, threads, policy)
