@@ -226,7 +226,7 @@ class StreamHub:
         with self.lock:
             if len(self._streams) >= self.max_streams:
                 raise ValueError(f"the hub is full ({self.max_streams} streams): remove one first")
-        media = self._open(source, audio)
+        media = self._open(source, audio, realtime)
         try:
             s = self._make_stream(source, media, prompt or self.prompt, realtime, name)
         except BaseException:
@@ -338,15 +338,18 @@ class StreamHub:
         self.close()
 
     # -- streams ----------------------------------------------------------------------------------
-    def _open(self, spec: str, audio: str | None) -> MediaSource:
-        sr = self.cfg.timing.sample_rate
-        if audio is None:
-            return MediaSource(spec, sr, timeout=self.timeout)
-        import inspect
+    def _open(self, spec: str, audio: str | None, realtime: bool) -> MediaSource:
+        """runtime.sources.open_source when present (a separate live audio input, GStreamer), else the
+        plain MediaSource (then a separate audio input is refused in one line)."""
+        from runtime import sources
 
-        if "audio" not in inspect.signature(MediaSource).parameters:
+        sr = self.cfg.timing.sample_rate
+        opener = getattr(sources, "open_source", None)
+        if opener is not None:
+            return opener(spec, sr, audio=audio, realtime=realtime, timeout=self.timeout)
+        if audio is not None:
             raise ValueError(f"{audio}: a separate live audio input is not supported by runtime.sources here")
-        return MediaSource(spec, sr, timeout=self.timeout, audio=audio)
+        return MediaSource(spec, sr, timeout=self.timeout)
 
     def _make_stream(self, spec: str, media: MediaSource, prompt: str, realtime: bool, name: str | None) -> _Stream:
         t = self.cfg.timing

@@ -53,12 +53,17 @@ class Worker:
             for s in streams:
                 self._account(s)
             due = self._plan(streams)
-            if due or self.server.busy():
+            hints = self._hints(streams)
+            if due or hints or self.server.busy():
                 with hub.engine_lock:
-                    self.server.serve(due)
+                    if due:  # new captions join the running batch before its next step
+                        self.server.start(due)
+                    if self.server.busy():
+                        self.server.step()
+                    if hints:  # frames of open windows, so their windows close with little left to do
+                        self.server.pre_encode(hints)
                 continue
-            if not self._pre_encode(streams):
-                self._wait()
+            self._wait()
 
     def _run_jobs(self) -> None:
         hub = self.hub
@@ -165,19 +170,15 @@ class Worker:
             if not overflow:
                 s.captioner.forget_before(w.first_frame + w.num_frames)
 
-    def _pre_encode(self, streams: list[_Stream]) -> bool:
-        """Idle: encode the hinted frames of open windows (every stream's, batched). False if none."""
+    def _hints(self, streams: list[_Stream]) -> list:
+        """Frames of open windows to pre-encode (every stream's; the server batches them)."""
         work = []
         for s in streams:
             keep = [h for h in s.hints if h.window > s.settled and h.index not in s.captioner.encoded]
             s.hints = []
             if keep and s.state == "running":
                 work.append((s, keep))
-        if not work:
-            return False
-        with self.hub.engine_lock:
-            self.server.pre_encode(work)
-        return True
+        return work
 
     # -- results ------------------------------------------------------------------------------------
     def deliver(self, s: _Stream, cap: Caption, windows: list[Window], window_work: float,

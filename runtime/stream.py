@@ -124,20 +124,23 @@ class StreamingCaptioner:
         pixels = preprocess_frames(torch.from_numpy(w.frames), self.cfg.visual.image_size)  # [n_v, 3, S, S]
         return self.backend.encode_frames(pixels)  # [n_v, Qv, Dv]
 
-    def _audio(self, w: Window) -> torch.Tensor | None:
-        if w.audio is None:
-            return None
+    def audio_mels(self, w: Window) -> list[torch.Tensor]:
+        """The window's audio as log-mel chunks of whole frames, each within Whisper's 30 s: [M, Tm] each."""
         t = self.cfg.timing
-        parts = []
+        mels = []
         for f0 in range(0, w.num_frames, self.chunk_frames):
             a = round(f0 * t.sample_rate / t.video_fps)
             b = round(min(f0 + self.chunk_frames, w.num_frames) * t.sample_rate / t.video_fps)
             chunk = torch.from_numpy(w.audio[a:b])
             if chunk.shape[0] <= t.n_fft // 2:  # the centred STFT needs more than half a window
                 chunk = torch.nn.functional.pad(chunk, (0, t.n_fft // 2 + 1 - chunk.shape[0]))
-            mel = log_mel_spectrogram(chunk, self.cfg.audio.n_mels, t)  # [M, Tm]
-            parts.append(self.backend.encode_audio(mel))  # [Ta, Da]
-        return torch.cat(parts)  # [Ta, Da]
+            mels.append(log_mel_spectrogram(chunk, self.cfg.audio.n_mels, t))  # [M, Tm]
+        return mels
+
+    def _audio(self, w: Window) -> torch.Tensor | None:
+        if w.audio is None:
+            return None
+        return torch.cat([self.backend.encode_audio(mel) for mel in self.audio_mels(w)])  # [Ta, Da]
 
     def llm_prompt(self) -> str:
         if not self.context or not self.history:
@@ -163,6 +166,11 @@ class StreamingCaptioner:
         sink = self.on_token
         out = self.backend.caption(self.llm_prompt(), av, self.max_new_tokens,  # runtime.backends.Backend
                                    on_token=None if sink is None else lambda row, token: sink(token))
+        return self.finish(windows, av, out, stages)
+
+    def finish(self, windows: list[Window], av: torch.Tensor, out, stages: dict[str, float]) -> Caption:
+        """The Caption of ``windows`` from the decoder's result ``out`` (favor.captions.CaptionResult):
+        context history, frame bookkeeping, numbering (runtime/hub.py decodes in batches, then calls this)."""
         ids, n_in, text = out.tokens, out.prompt_tokens, out.text
         stages["llm_prefill"], stages["llm_decode"] = out.prefill_s, out.decode_s
         if self.context:

@@ -148,8 +148,8 @@ def test_realtime_streams_keep_their_bound_with_fair_drops(backend, clips):
     bound (plus one decode step of slack for timer jitter), drops are counted per stream, and every
     stream gets captions (none starves)."""
     bound = 0.6
-    with StreamHub(backend, max_new_tokens=TOKENS, prompt=PROMPT, max_latency=bound, max_merge=1) as hub:
-        slow = SlowCaptions(hub)
+    with StreamHub(backend, max_new_tokens=TOKENS, prompt=PROMPT, max_latency=bound, max_merge=1) as hub, \
+            SlowCaptions(hub) as slow:
         sids = [hub.add(str(c), realtime=True) for c in clips[:4]]
         subs = [hub.subscribe(s) for s in sids]
         got = [events_until_end(sub) for sub in subs]
@@ -166,20 +166,26 @@ def test_realtime_streams_keep_their_bound_with_fair_drops(backend, clips):
 
 
 class SlowCaptions:
-    """Adds a fixed delay to every encoder call of the hub's backend: a device 4 streams saturate."""
+    """Adds DELAY_S per row to the audio encoder of the hub's (shared) torch model while in use: a
+    device that four streams of 0.3-s windows saturate (~13 windows/s x 0.08 s > 1 s per s)."""
 
     DELAY_S = 0.08
 
     def __init__(self, hub):
-        self.calls = 0
-        inner = hub.backend.encode_audio
+        self.model, self.calls = hub.backend.model, 0
+        self.inner = self.model.encode_audio
 
+    def __enter__(self):
         def slow(mel):
             self.calls += 1
-            time.sleep(self.DELAY_S)
-            return inner(mel)
+            time.sleep(self.DELAY_S * mel.shape[0])
+            return self.inner(mel)
 
-        hub.backend.encode_audio = slow
+        self.model.encode_audio = slow
+        return self
+
+    def __exit__(self, *exc):
+        del self.model.encode_audio  # the class's method again
 
 
 def test_async_subscription(backend, clips):
