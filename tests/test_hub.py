@@ -217,3 +217,51 @@ def test_metrics_and_streams(backend, clips):
     assert info["name"] == "cam5" and info["state"] == "ended" and info["captions"] > 0
     assert m["streams"][sid]["latency_p95"] is not None and m["totals"]["captions"] >= info["captions"]
     assert os.path.basename(info["source"]) == "c5.mp4"
+
+
+@pytest.fixture(scope="module")
+def ort_backend(tmp_path_factory):
+    """A tiny bundle on ONNX Runtime with a batch axis (--max-batch 4) and the GenAI builder decoder
+    (3 heads / 1 KV head: GroupQueryAttention's CPU kernel needs head_dim % 8 == 0)."""
+    pytest.importorskip("onnxruntime_genai")
+    from conftest import make_tokenizer
+
+    from export.bundle import export_bundle
+    from export.options import ExportOptions
+    from favor.build import build_model
+    from favor.config import get_config
+    from runtime.backends import OnnxRuntimeBackend
+
+    torch.manual_seed(0)
+    cfg = get_config("tiny").replace(**{"llm.heads": 3, "llm.kv_heads": 1})
+    model = build_model(cfg, pretrained=False, tokenizer=make_tokenizer()).eval()
+    out = tmp_path_factory.mktemp("hub-bundle") / "bundle"
+    export_bundle(model, out, ExportOptions(max_batch=4, precision="fp32"))
+    return OnnxRuntimeBackend(out, threads=1)
+
+
+@pytest.mark.slow  # the tiny bundle's export takes about a minute on 2 cores
+def test_onnx_bundle_streams_batched_equal_alone(ort_backend, clips):
+    """Three offline streams on a bundle with a batch axis: audio and fusion ran with more than one row
+    per call, decode steps carried several captions, and every stream's captions are the ones it gets
+    alone (the same bundle, one stream: batch 1 everywhere)."""
+    rows: dict[str, list[int]] = {"audio_encoder": [], "fusion": []}
+    run = ort_backend.run
+
+    def counting(stage, feeds):
+        if stage in rows:
+            rows[stage].append(next(iter(feeds.values())).shape[0])
+        return run(stage, feeds)
+
+    ort_backend.run = counting
+    try:
+        with StreamHub(ort_backend, max_new_tokens=TOKENS, prompt=PROMPT) as hub:
+            sids = [hub.add(str(c), realtime=False) for c in clips[:3]]
+            got = [events_until_end(hub.subscribe(s)) for s in sids]
+            m = hub.metrics()["totals"]
+    finally:
+        del ort_backend.run
+    assert hub.batch and max(rows["audio_encoder"]) > 1 and max(rows["fusion"]) > 1
+    assert m["mean_decode_batch"] > 1
+    for clip, events in zip(clips[:3], got, strict=True):
+        assert [e["text"] for e in events if e["type"] == "caption"] == single(ort_backend, clip)
