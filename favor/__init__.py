@@ -5,13 +5,18 @@ each stage is one module here. Public API:
 
     from favor import get_config, build_model, load_model
     model = load_model("demo.safetensors")            # checkpoint + its base models
+
+    import favor                                       # the runtime (runtime/api.py), imported lazily
+    engine = favor.load()                              # the demo model; favor.load("ckpt.safetensors")
+    captions = engine.caption("clip.mp4")              # or favor.caption / favor.stream / favor.ask
 """
 
 from favor.config import PRESETS, FavorConfig, get_config
 
 __version__ = "0.1.0"
 
-__all__ = ["PRESETS", "FavorConfig", "build_model", "get_config", "load_model", "__version__"]
+__all__ = ["PRESETS", "Engine", "FavorConfig", "ask", "build_model", "caption", "get_config", "load",
+           "load_model", "stream", "__version__"]
 
 
 def build_model(*args, **kwargs):
@@ -26,3 +31,15 @@ def load_model(*args, **kwargs):
     from favor.checkpoint import load_model as _load
 
     return _load(*args, **kwargs)
+
+
+# The runtime API (runtime/api.py), resolved on first use: `import favor` stays cheap (no torch, PyAV).
+_API = ("Engine", "load", "caption", "stream", "ask")
+
+
+def __getattr__(name: str):
+    if name in _API:
+        from runtime import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'favor' has no attribute {name!r}")

@@ -4,12 +4,16 @@
     favor-rt run clip.mp4 --offline --jsonl out.jsonl # as fast as possible, nothing dropped
     favor-rt run 0 --max-latency 2                    # /dev/video0
     favor-rt run rtsp://host/stream --vtt live.vtt
+    favor-rt run /dev/video0 --audio hw:0             # camera + ALSA microphone on one clock
     favor-rt bench --preset demo --fps 0.5,1,2,4 --window 2,5,10,20
 
 Exit codes: 0 done; 1 the run broke mid-way (the source was lost, or an output could not be written;
 captions so far are kept); 2 bad input or options (nothing was written); 3 no caption at all because
 every window was dropped (the message says why and what to do); 130 interrupted (Ctrl-C or SIGTERM;
 captions so far are kept).
+
+``run`` is a client of the Python API (runtime/api.py: favor.load -> Engine.open -> Session.captions);
+this module keeps what is the terminal's: options, writers, the live view, signals and exit codes.
 """
 
 from __future__ import annotations
@@ -31,33 +35,18 @@ from rich.markup import escape
 from rich.table import Table
 
 from favor.cli_options import CONTEXT, VerboseOption, VersionOption
+from runtime.api import DEFAULT_PROMPT, MODEL_ENV, WARMUP_ROUNDS, default_model_path
 from runtime.writers import STDOUT, WRITERS, CaptionWriter, OutputError, timestamp
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, context_settings=CONTEXT, rich_markup_mode=None,
                   help="FAVOR-RT: real-time audio-visual captioning on edge devices.")
-DEFAULT_PROMPT = "Describe what happens in the video and the audio."
 EXIT_STREAM_ERROR, EXIT_USAGE, EXIT_NO_CAPTIONS, EXIT_INTERRUPTED = 1, 2, 3, 130
-MODEL_ENV = "FAVOR_MODEL"
-# A requested --fps may exceed the source's stated average rate by this much (rounded NTSC rates,
-# variable frame rate averages) before it counts as asking for frames the source does not have.
-FPS_TOLERANCE = 1.01
 LIVE_REFRESH_HZ = 4  # the live view redraws this often, so drops show as they happen
-# Realtime warm-up captions: the first pays one-off costs (sessions, arenas), the second is the
-# measurement; each costs about one caption, and they run while the first window is captured.
-WARMUP_ROUNDS = 2
+__all__ = ["DEFAULT_PROMPT", "MODEL_ENV", "WARMUP_ROUNDS", "app", "default_model_path"]
 
 
 class UsageError(ValueError):
     """Bad options or input, found before anything was written: exit 2."""
-
-
-def default_model_path() -> Path:
-    """The embedded demo model: $FAVOR_MODEL if set, else favor/assets/demo/favor-demo.safetensors."""
-    if os.environ.get(MODEL_ENV):
-        return Path(os.environ[MODEL_ENV])
-    import favor
-
-    return Path(favor.__file__).parent / "assets" / "demo" / "favor-demo.safetensors"
 
 
 def _interrupt(signum, frame) -> None:
@@ -104,6 +93,12 @@ class RunOptions:
     cache_dir: Path | None = None
     autotune: bool = True
     verbose: bool = False
+    audio: str | None = None  # a second input for the sound (--audio)
+
+
+def flag(name: str) -> str:
+    """An API keyword as this CLI's option (max_new_tokens -> --max-new-tokens), for messages."""
+    return "--" + name.replace("_", "-")
 
 
 def check_options(o: RunOptions) -> None:
@@ -133,7 +128,8 @@ def check_outputs(o: RunOptions) -> None:
     reads), or another output: the run would overwrite what it reads, or interleave two formats."""
     from favor.validate import same_file
 
-    reads = [("the input", Path(o.input))] if Path(o.input).exists() else []
+    reads = [(what, Path(p)) for what, p in (("the input", o.input), ("the --audio input", o.audio))
+             if p is not None and Path(p).exists()]
     reads.append(("the model", o.model))
     seen: list[tuple[str, str]] = []
     for kind, path in o.outputs.items():
@@ -149,73 +145,36 @@ def check_outputs(o: RunOptions) -> None:
         seen.append((flag, path))
 
 
-def check_fps_against_source(fps: float | None, source) -> None:
-    """An explicit --fps above the source's frame rate would caption repeated frames (and a window
-    far shorter than intended): refused, naming the source's rate. The model's default rate is
-    kept on slower sources (an image or a slide show is repeated by design)."""
-    rate = source.frame_rate
-    if fps is not None and rate and fps > rate * FPS_TOLERANCE:
-        raise UsageError(f"--fps ({fps:g}) is above {source.spec}'s frame rate ({rate:g} FPS): every sampled "
-                         f"frame would repeat; use --fps {rate:g} or less")
-
-
-def check_prompt_fits(engine, o: RunOptions) -> None:
-    """The LLM prompt at its longest (the question, ``context`` earlier captions at full length,
-    ``max_merge`` windows of AV tokens, the answer) must fit the model's position table; checked
-    before any allocation (a 100,000-character prompt would otherwise ask for gigabytes)."""
-    from favor.prompt import chat_prompt, inference_ids
-
-    cfg, tok = engine.cfg, engine.tokenizer
-
-    def text_tokens(question: str) -> int:  # BOS + the text around the AV chunk, history included
-        ids = inference_ids(tok, chat_prompt(question, [(question, "")] * o.context))
-        return 1 + len(ids.pre) + len(ids.post)
-
-    av = o.max_merge * cfg.queries_per_window
-    answers = (o.context + 1) * o.max_new_tokens  # this caption and each earlier one at full length
-    positions = cfg.llm.max_positions
-    need = text_tokens(o.prompt) + av + answers
-    if need > positions:
-        # the question appears once per turn (context + 1 times); the rest of the budget is fixed
-        room = (positions - av - answers - text_tokens("")) // (o.context + 1)
-        advice = (f"shorten the prompt to at most ~{room} tokens" if room > 0
-                  else "lower --context, --max-new-tokens or --max-merge")
-        raise UsageError(
-            f"--prompt is too long: with --context {o.context}, --max-new-tokens {o.max_new_tokens} and up to "
-            f"{o.max_merge} merged windows ({av} AV tokens) the LLM needs {need} positions, the model has "
-            f"{positions}; {advice}")
-
-
 # -- opening ---------------------------------------------------------------------------------------
 def open_engine(o: RunOptions):
-    """(backend, captioner, source), every one checked; UsageError if any cannot be had."""
-    from runtime.backends import make_backend
-    from runtime.bundle_cache import ExportView, Policy
-    from runtime.sources import MediaSource
-    from runtime.stream import StreamingCaptioner
+    """favor.load with the options' model, backend and timing; UsageError if it cannot be had."""
+    from runtime import api
+    from runtime.bundle_cache import ExportView
 
     # the export's progress, shown only when the checkpoint is not in the bundle cache yet
     export_view = ExportView(Console(stderr=True, highlight=False, soft_wrap=True))
     try:
-        engine = make_backend(o.backend, o.model, o.fps, o.window, threads=o.threads,
-                              policy=Policy(o.cache_dir, o.cache, o.autotune, say=export_view, verbose=o.verbose))
-        export_view.close()
-        check_prompt_fits(engine, o)
-        source = MediaSource(o.input, engine.cfg.timing.sample_rate, timeout=o.timeout)
-    except (ValueError, FileNotFoundError) as e:  # SourceError and MediaError are ValueErrors
+        return api.load(o.model, backend=o.backend, fps=o.fps, window=o.window, threads=o.threads,
+                        cache=o.cache, cache_dir=o.cache_dir, autotune=o.autotune, say=export_view,
+                        verbose=o.verbose)
+    except (ValueError, FileNotFoundError) as e:
         message = str(e)
         if o.fps is not None and message.startswith("video_fps"):  # the config's check of --fps
             message = "--fps" + message[len("video_fps"):]
         raise UsageError(message) from None
     finally:
         export_view.close()  # Ctrl-C during an export too: the terminal is left clean
+
+
+def open_session(engine, o: RunOptions):
+    """engine.open(input, audio=...) with the run's options: prompt length, source(s), --fps against the
+    source, all checked (UsageError naming the option or input)."""
     try:
-        check_fps_against_source(o.fps, source)
-        captioner = StreamingCaptioner(engine, o.prompt, o.max_new_tokens, o.context, o.incremental)
-    except ValueError as e:
-        source.close()
+        return engine.open(o.input, audio=o.audio, name=flag, prompt=o.prompt, realtime=o.realtime,
+                           max_new_tokens=o.max_new_tokens, context=o.context, max_merge=o.max_merge,
+                           max_latency=o.max_latency, incremental=o.incremental, timeout=o.timeout)
+    except (ValueError, FileNotFoundError) as e:  # SourceError and MediaError are ValueErrors
         raise UsageError(str(e)) from None
-    return engine, captioner, source
 
 
 def is_stdout(path: str) -> bool:
@@ -306,12 +265,16 @@ def _header(o: RunOptions, engine, source, bound: float | None) -> str:
     mode = "realtime" if o.realtime else "offline"
     from runtime.selection import describe
 
-    return (f"favor-rt: {o.input} ({source.kind}, {mode}) | {describe(engine)} | {t.video_fps:g} FPS, "
-            f"{t.frames_per_window} frames/window ({t.window_seconds:g} s)"
+    sound = ""
+    if o.audio is not None:
+        sound = f" + audio {o.audio} ({source.audio_kind}"
+        sound += ", replacing the input's own sound track)" if source.ignored_audio else ")"
+    return (f"favor-rt: {o.input} ({source.kind}, {mode}){sound} | {describe(engine.backend)} | "
+            f"{t.video_fps:g} FPS, {t.frames_per_window} frames/window ({t.window_seconds:g} s)"
             + (f", max latency {bound:g} s" if bound else ""))
 
 
-def _summary(scheduler, latencies: list[float], report) -> str:
+def _summary(scheduler, latencies: list[float], report, source=None) -> str:
     stats = scheduler.stats
     text = (f"{stats.captions} captions over {stats.captioned} windows; dropped {stats.dropped} "
             f"({stats.dropped_late} late, {stats.dropped_overflow} overflow); merged {stats.merged}")
@@ -322,6 +285,8 @@ def _summary(scheduler, latencies: list[float], report) -> str:
         text += f"; latency bound raised to {stats.raised_bound:.2f} s (this device's cost per window)"
     if report is not None and report.skipped_packets:
         text += f"; skipped {report.skipped_packets} corrupt packets"
+    if getattr(source, "dropped", 0):  # two inputs merged (--audio): media the capture thread lost
+        text += f"; dropped {source.dropped} media items at capture (the capture thread fell behind)"
     return text
 
 
@@ -342,8 +307,9 @@ class Outcome:
     output_error: OutputError | None = None
 
 
-def stream(o: RunOptions, captioner, source, scheduler, writers, term: Terminal) -> Outcome:
-    """Warm up, then caption until the source ends, an output fails, or Ctrl-C / SIGTERM."""
+def stream(session, writers, term: Terminal) -> Outcome:
+    """Caption (the session warms up first when realtime) until the source ends, an output fails, or
+    Ctrl-C / SIGTERM."""
     outcome = Outcome()
 
     def on_caption(cap) -> None:
@@ -355,14 +321,18 @@ def stream(o: RunOptions, captioner, source, scheduler, writers, term: Terminal)
     previous_sigterm = None  # SIGTERM (service managers, `timeout`) ends the run like Ctrl-C
     if threading.current_thread() is threading.main_thread():
         previous_sigterm = signal.signal(signal.SIGTERM, _interrupt)
+    captions = None
     try:
+        on_token = None
         if term.view is not None:
-            captioner.on_token = term.status.on_token  # the live view shows captions growing
+            on_token = term.status.on_token  # the live view shows captions growing
             term.view.start()
         # realtime: the warm-up measures the per-window cost before the first deadline, while the
         # first window is being captured (so it adds nothing to the time to the first caption)
-        warmup = (lambda: captioner.warmup(scheduler, rounds=WARMUP_ROUNDS)) if o.realtime else None
-        outcome.report = captioner.run(source, o.realtime, scheduler, on_caption, stop, before_first=warmup)
+        captions = session.captions(stop, on_token=on_token)
+        for cap in captions:
+            on_caption(cap)
+        outcome.report = session.report
     except KeyboardInterrupt:
         outcome.interrupted = True
         stop.set()
@@ -373,15 +343,17 @@ def stream(o: RunOptions, captioner, source, scheduler, writers, term: Terminal)
             signal.signal(signal.SIGTERM, previous_sigterm)
         if term.view is not None:
             term.view.stop()
+        if captions is not None:
+            captions.close()  # an output failed mid-run: capture stopped and joined
         for w in writers:
             w.close()
-        source.close()
+        session.close()
     return outcome
 
 
-def finish(outcome: Outcome, scheduler, term: Terminal) -> None:
+def finish(outcome: Outcome, scheduler, term: Terminal, source=None) -> None:
     """Summary line, then the exit code: nothing that failed may look like success."""
-    term.err.print(escape(_summary(scheduler, term.status.latencies, outcome.report)))
+    term.err.print(escape(_summary(scheduler, term.status.latencies, outcome.report, source)))
     if outcome.interrupted:
         term.err.print("interrupted: captions so far are saved")
         raise typer.Exit(EXIT_INTERRUPTED)
@@ -395,36 +367,30 @@ def finish(outcome: Outcome, scheduler, term: Terminal) -> None:
 
 
 def _run(o: RunOptions, live: bool | None) -> None:
-    from runtime.scheduler import DeadlineScheduler
-
     check_options(o)
     check_outputs(o)
-    from export.threads import parse_threads
-
-    every_stage = parse_threads(o.threads).get("*")
-    if every_stage is not None:  # --threads N: torch's pool too (media preprocessing, the torch backend)
-        import torch
-
-        torch.set_num_threads(every_stage)
-    engine, captioner, source = open_engine(o)
-    timing = engine.cfg.timing
-    bound = (o.max_latency or timing.window_seconds) if o.realtime else None
-    # The default bound (one window) adapts to a slow device; a bound the user gave is kept.
-    scheduler = DeadlineScheduler(bound, o.max_merge, adaptive=o.max_latency is None)
+    engine = open_engine(o)  # --threads N sets torch's pool too (favor.load)
+    session = open_session(engine, o)
     try:
         writers = open_writers(o)
     except UsageError:
-        source.close()
+        session.close()
         raise
+    scheduler = session.scheduler
     term = Terminal(live, any(map(is_stdout, o.outputs.values())), scheduler, engine.tokenizer)
-    term.err.print(escape(_header(o, engine, source, bound)))
-    finish(stream(o, captioner, source, scheduler, writers, term), scheduler, term)
+    term.err.print(escape(_header(o, engine, session.source, session.bound)))
+    finish(stream(session, writers, term), scheduler, term, session.source)
 
 
 @app.command(context_settings=CONTEXT)
 def run(
     input: Annotated[str, typer.Argument(help="media file, FIFO, camera (/dev/video0 or an index), "
-                                              "rtsp/http/udp URL, or lavfi:<graph>")],
+                                              "rtsp/http/udp URL, microphone (hw:0, alsa:NAME, pulse:NAME), "
+                                              "gst:<GStreamer pipeline> or lavfi:<graph>")],
+    audio: Annotated[str | None, typer.Option(
+        help="the sound from a second input, on the video's clock: ALSA hw:0 / plughw:1,0 / alsa:NAME, "
+             "PulseAudio pulse:NAME, or any media path, URL or lavfi:<graph> (replaces the input's own "
+             "sound track)")] = None,
     model: Annotated[Path | None, typer.Option(help="FAVOR checkpoint or exported bundle "
                                                     "(default: the demo model)")] = None,
     backend: Annotated[str, typer.Option(
@@ -468,7 +434,7 @@ def run(
     outputs = {k: p for k, p in (("srt", srt), ("vtt", vtt), ("jsonl", jsonl)) if p is not None}
     o = RunOptions(input, model or default_model_path(), backend, fps, window, prompt, max_latency,
                    max_new_tokens, context, max_merge, realtime, incremental, outputs, threads, timeout,
-                   cache=cache, cache_dir=cache_dir, autotune=autotune, verbose=verbose)
+                   cache=cache, cache_dir=cache_dir, autotune=autotune, verbose=verbose, audio=audio)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
         _run(o, live)
@@ -493,9 +459,15 @@ def bench(
     out: Annotated[Path, typer.Option(help="directory for the .md, .csv and .png")] = Path("benchmarks/out"),
     max_windows: Annotated[int | None, typer.Option(help="stop each cell after this many windows")] = None,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's)")] = None,
+    streams: Annotated[str | None, typer.Option(
+        help="comma-separated live stream counts (e.g. 1,2,4,8): each cell runs that many paced streams "
+             "through one StreamHub (batched) instead of the per-window sweep")] = None,
+    max_latency: Annotated[float | None, typer.Option(
+        help="--streams: the latency bound in seconds (default: one window; never raised)")] = None,
     verbose: VerboseOption = False,
 ) -> None:
-    """Sweep FPS x window x backend; report latency percentiles, throughput and stage times."""
+    """Sweep FPS x window x backend; report latency percentiles, throughput and stage times
+    (--streams: streams sustained through one StreamHub)."""
     from favor.quiet import quiet_libraries
     from favor.validate import check_number
     from runtime import bench as bench_mod
@@ -510,8 +482,12 @@ def bench(
             if value is not None:
                 check_number(name, value, 1, None, integer=True)
         check_number("--seconds", seconds, 0, None, lo_open=True)
+        stream_counts = [int(check_number("--streams", int(x), 1, None, integer=True))
+                         for x in (streams or "").split(",") if x]
+        if max_latency is not None:
+            check_number("--max-latency", max_latency, 0, None, lo_open=True)
     except ValueError as e:
-        raise _fail(err, f"{e} (--fps and --window take comma-separated numbers)", EXIT_USAGE) from None
+        raise _fail(err, f"{e} (--fps, --window and --streams take comma-separated numbers)", EXIT_USAGE) from None
     if threads is not None:
         import torch
 
@@ -520,7 +496,7 @@ def bench(
         bench_mod.main(preset=preset, model=model, backends=[b for b in backends.split(",") if b],
                        fps_values=fps_values, window_values=window_values, clip=clip, seconds=seconds,
                        max_new_tokens=max_new_tokens, out=out, max_windows=max_windows, console=err,
-                       threads=threads)
+                       threads=threads, streams=stream_counts or None, max_latency=max_latency)
     except ValueError as e:
         raise _fail(err, str(e), EXIT_USAGE) from None
 

@@ -4,8 +4,14 @@
     Capture(source, assembler, ...): a thread: decode -> (pace) -> assembler -> bounded rings
 
 A spec is a media file, a camera (``/dev/video0`` or an index such as ``0``), a network stream
-(``rtsp://``, ``rtmp://``, ``http(s)://``, ``udp://``, ``tcp://``, ``srt://``) or an ffmpeg lavfi graph
-written ``lavfi:<graph>`` (a test source standing in for a camera).
+(``rtsp://``, ``rtmp://``, ``http(s)://``, ``udp://``, ``tcp://``, ``srt://``), an ffmpeg lavfi graph
+written ``lavfi:<graph>`` (a test source standing in for a camera), a microphone (ALSA ``hw:0``,
+``plughw:1,0`` or ``alsa:<pcm>``; PulseAudio ``pulse:<source>`` where this PyAV build has it), or a
+GStreamer pipeline string ``gst:<pipeline>`` (Jetson CSI cameras; needs OpenCV built with GStreamer,
+runtime/gst_source.py).
+
+``open_source(spec, sample_rate, audio=...)`` adds a second input for the sound (a microphone beside a
+camera): runtime/merged_source.py puts both on one clock.
 
 Audio leaves here as float32 mono at ``sample_rate`` (favor.media's down-mix graph, so the maths is
 the one offline decoding uses); frames stay as decoded ``av.VideoFrame`` objects, converted to RGB only
@@ -69,10 +75,23 @@ class AudioChunk:
     samples: np.ndarray  # float32 [n] mono at the source's sample_rate
 
 
+# ALSA capture devices written bare (``hw:0``, ``plughw:1,0``); any other ALSA PCM as ``alsa:<name>``.
+ALSA_DEVICE = re.compile(r"(plug)?hw:[\w=,.]+")
+# Where the PyAV wheel's own libasound looks for its configuration is a build path that does not exist
+# on the user's machine; without a configuration no PCM name (not even ``null``) resolves. The system's
+# file is used instead unless $ALSA_CONFIG_PATH says otherwise.
+SYSTEM_ALSA_CONF = "/usr/share/alsa/alsa.conf"
+DEVICE_FORMATS = {"alsa": "alsa", "pulse": "pulse"}
+
+
 def source_kind(spec: str) -> str:
-    """'lavfi', 'camera', 'stream', 'pipe' (a FIFO) or 'file'."""
+    """'lavfi', 'camera', 'alsa', 'pulse', 'gst', 'stream', 'pipe' (a FIFO) or 'file'."""
     if spec.startswith("lavfi:"):
         return "lavfi"
+    if spec.startswith(("alsa:", "pulse:", "gst:")):
+        return spec.split(":", 1)[0]
+    if ALSA_DEVICE.fullmatch(spec):
+        return "alsa"
     if re.fullmatch(r"\d+", spec) or spec.startswith("/dev/video"):
         return "camera"
     if "://" in spec and spec.split("://", 1)[0].lower() in NETWORK_SCHEMES:
@@ -136,6 +155,19 @@ def _open_stream(spec: str, timeout: float) -> av.container.InputContainer:
     return av.open(spec, options=options, timeout=timeout)
 
 
+def _open_device(spec: str, kind: str, timeout: float) -> av.container.InputContainer:
+    """A microphone through libavdevice (ALSA or PulseAudio); its timestamps are wall-clock capture times."""
+    fmt = DEVICE_FORMATS[kind]
+    if fmt not in av.formats_available:
+        raise SourceError(f"{spec}: this PyAV build has no {fmt} input (libavdevice without {fmt})")
+    name = spec.split(":", 1)[1] if spec.startswith(f"{kind}:") else spec
+    if not name:
+        raise SourceError(f"{spec}: name a device after '{kind}:' (e.g. {kind}:default)")
+    if kind == "alsa" and "ALSA_CONFIG_PATH" not in os.environ and os.path.isfile(SYSTEM_ALSA_CONF):
+        os.environ["ALSA_CONFIG_PATH"] = SYSTEM_ALSA_CONF
+    return av.open(name, format=fmt, timeout=timeout)
+
+
 def _open_container(spec: str, kind: str, timeout: float = NETWORK_TIMEOUT_S
                     ) -> tuple[av.container.InputContainer, PipeReader | None]:
     t0 = time.monotonic()
@@ -150,6 +182,10 @@ def _open_container(spec: str, kind: str, timeout: float = NETWORK_TIMEOUT_S
             return av.open(device, format="v4l2", timeout=timeout), None
         if kind == "stream":
             return _open_stream(spec, timeout), None
+        if kind in DEVICE_FORMATS:
+            return _open_device(spec, kind, timeout), None
+        if kind == "gst":
+            raise SourceError(f"{spec}: a GStreamer pipeline is opened by runtime.gst_source, not PyAV")
         if kind == "pipe":
             pipe = PipeReader(spec, timeout)
             return av.open(pipe, timeout=timeout), pipe
@@ -168,25 +204,31 @@ def _open_container(spec: str, kind: str, timeout: float = NETWORK_TIMEOUT_S
         if isinstance(e, SourceError):
             raise
         reason = getattr(e, "strerror", None) or str(e)
-        if kind in ("stream", "camera") and time.monotonic() - t0 >= TIMED_OUT_FRACTION * timeout:
+        if kind in ("stream", "camera", *DEVICE_FORMATS) and time.monotonic() - t0 >= TIMED_OUT_FRACTION * timeout:
             raise SourceError(f"{spec}: timed out: no data within {timeout:g} s (--timeout)") from None
         raise SourceError(f"{spec}: cannot open as {kind} input ({reason})") from None
 
 
 class MediaSource:
-    """One opened input: its first video and first audio stream, decoded in demux order."""
+    """One opened input: its first video and first audio stream, decoded in demux order.
 
-    def __init__(self, spec: str, sample_rate: int, timeout: float = NETWORK_TIMEOUT_S):
+    ``streams`` keeps only those kinds ("video", "audio"): a camera whose sound comes from a separate
+    microphone is opened for its video alone; ``own_audio`` still says whether it had a sound track."""
+
+    def __init__(self, spec: str, sample_rate: int, timeout: float = NETWORK_TIMEOUT_S,
+                 streams: tuple[str, ...] = ("video", "audio")):
         self.spec, self.kind, self.sample_rate = spec, source_kind(spec), sample_rate
         self.timeout = timeout
         self.container, self._pipe = _open_container(spec, self.kind, timeout)
         c = self.container
-        self.video = c.streams.video[0] if c.streams.video else None
-        self.audio = c.streams.audio[0] if c.streams.audio else None
+        self.own_audio = bool(c.streams.audio)
+        self.video = c.streams.video[0] if c.streams.video and "video" in streams else None
+        self.audio = c.streams.audio[0] if c.streams.audio and "audio" in streams else None
         if self.video is None and self.audio is None:
             kinds = ", ".join(s.type for s in c.streams) or "none"
+            wanted = " or ".join(streams)
             self.close()
-            raise SourceError(f"{spec}: no audio or video stream to caption (streams: {kinds})")
+            raise SourceError(f"{spec}: no {wanted} stream to caption (streams: {kinds})")
         if self.video is not None:
             self.video.thread_type = "AUTO"
         self.skipped_packets = 0  # undecodable packets skipped (corrupt data)
@@ -196,8 +238,8 @@ class MediaSource:
 
     @property
     def live(self) -> bool:
-        """Cameras and network streams arrive at their own pace; files and lavfi need pacing."""
-        return self.kind in ("camera", "stream")
+        """Cameras, microphones and network streams arrive at their own pace; files and lavfi need pacing."""
+        return self.kind in ("camera", "stream", *DEVICE_FORMATS)
 
     @property
     def origin(self) -> float | None:
@@ -285,8 +327,25 @@ class MediaSource:
             if self._pipe is not None and self._pipe.error is not None:  # a cut-off packet after a timeout
                 raise self._pipe.error from None
             reason = getattr(e, "strerror", None) or str(e)
-            what = "camera lost" if self.kind == "camera" else "read error"
+            what = {"camera": "camera lost", "alsa": "microphone lost", "pulse": "microphone lost"
+                    }.get(self.kind, "read error")
             raise SourceError(f"{self.spec}: {what} mid-stream ({reason})") from None
+
+
+def open_source(spec: str, sample_rate: int, *, audio: str | None = None, realtime: bool = True,
+                timeout: float = NETWORK_TIMEOUT_S):
+    """The input(s) to caption: ``spec`` alone (MediaSource; a ``gst:`` pipeline: GstSource), or its video
+    with the sound of ``audio`` (MergedSource, both on one clock; runtime/merged_source.py).
+    SourceError (a ValueError, one line naming the input) when either cannot be opened."""
+    if audio is None:
+        if source_kind(spec) == "gst":
+            from runtime.gst_source import GstSource
+
+            return GstSource(spec, sample_rate, timeout=timeout)
+        return MediaSource(spec, sample_rate, timeout=timeout)
+    from runtime.merged_source import MergedSource
+
+    return MergedSource(spec, audio, sample_rate, realtime=realtime, timeout=timeout)
 
 
 class Ring:

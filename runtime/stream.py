@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -223,13 +223,31 @@ class StreamingCaptioner:
         ``before_first`` runs on this thread once capture has started (the realtime warm-up): the
         first window is being filmed meanwhile, so start-up costs overlap it instead of preceding it.
         """
+        captions = self.iterate(source, realtime, scheduler, stop, max_pending, before_first)
+        try:
+            while True:
+                try:
+                    cap = next(captions)
+                except StopIteration as done:
+                    return done.value
+                on_caption(cap)
+        finally:
+            captions.close()  # on_caption raised (an output failed) or Ctrl-C: capture stopped and joined
+
+    def iterate(self, source: MediaSource, realtime: bool, scheduler: DeadlineScheduler,
+                stop: threading.Event | None = None, max_pending: int = MAX_PENDING_WINDOWS,
+                before_first: Callable[[], None] | None = None) -> Generator[Caption, None, StreamReport]:
+        """``run`` as a generator: yields each caption as it is produced, returns the StreamReport.
+        Closing it early (or an exception in the consumer) stops and joins the capture thread."""
         loop = _Loop(self, source, realtime, scheduler, stop or threading.Event(), max_pending)
         loop.capture.start()
+        done: list[Caption] = []
         try:
             if before_first is not None:
                 before_first()
-            while loop.step(on_caption):
-                pass
+            while loop.step(done.append):
+                yield from done
+                done.clear()
         finally:
             loop.stop.set()
             loop.capture.join()
