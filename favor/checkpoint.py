@@ -5,7 +5,8 @@ Two containers, same content:
 - ``.pt``: a dict of plain tensors and strings, loadable with ``torch.load(weights_only=True)``.
 Pickled objects are never written nor executed. Writes are atomic (temp file + fsync + rename), so a
 crash mid-save leaves the previous checkpoint intact. ``self_contained=True`` embeds every weight
-(frozen bases included) so the file needs no base models.
+(frozen bases included) so the file needs no base models. A frozen visual encoder with no base-model
+file (``embedded_visual``: the demo's synthetic-pretrained ViT) is always carried, like trainable weights.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from favor.config import FORMAT_VERSION, FavorConfig
 from favor.fileio import atomic_write, sha256_path
 
 MAGIC = "favor-checkpoint"
+VISUAL_PREFIX = "visual_encoder."  # FavorModel's name for the visual encoder
 MODEL_VERSION = __version__
 
 
@@ -134,14 +136,30 @@ def apply_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], sour
         missing = sorted(k for k, p in params.items() if p.requires_grad and k not in weights)
         if missing:
             raise ValueError(f"{source}: {len(missing)} trainable weight(s) missing, e.g. {missing[:3]}")
+    if getattr(getattr(model, "cfg", None), "embedded_visual", False):
+        missing = sorted(k for k in state if k.startswith(VISUAL_PREFIX) and k not in weights)
+        if missing:
+            raise ValueError(f"{source}: the config says the checkpoint carries its visual encoder "
+                             f"(embedded_visual) but {len(missing)} of its weights are missing, e.g. {missing[:3]}")
     with torch.no_grad():
         for k, v in weights.items():
             state[k].copy_(v.to(state[k].dtype))
 
 
+def embedded_visual_weights(model) -> dict[str, torch.Tensor]:
+    """The visual encoder's weights under their model names when the config embeds them (a frozen encoder
+    with no base-model file, ``embedded_visual``), else nothing. A feature-caching wrapper (training) is
+    looked through: it keeps the encoder outside the module tree."""
+    if not model.cfg.embedded_visual:
+        return {}
+    encoder = getattr(model.visual_encoder, "inner", model.visual_encoder)
+    return {VISUAL_PREFIX + k: v.detach() for k, v in encoder.state_dict().items()}
+
+
 def checkpoint_from_model(model, extra: dict | None = None, self_contained: bool = False,
                           hash_base_models: bool = True) -> Checkpoint:
-    weights = model.state_dict() if self_contained else model.trainable_state_dict()
+    weights = model.state_dict() if self_contained else {**model.trainable_state_dict(),
+                                                         **embedded_visual_weights(model)}
     return Checkpoint(model.cfg, dict(weights), base_model_refs(model.cfg, hash_base_models),
                       self_contained, extra or {})
 

@@ -185,6 +185,9 @@ class FavorConfig:
     audio_proj_dim: int | None = None  # Whisper width -> this; None = visual token width (768)
     diversity_loss_weight: float = 0.01  # lambda (release default factor)
     trainable_visual: bool = False  # demo preset only: its small ViT is trained (no weights offline)
+    # The visual encoder is frozen but has no base-model file (the demo's ViT, pretrained on the synthetic
+    # world by training/vit_pretrain.py): every checkpoint carries its weights, as trainable_visual does.
+    embedded_visual: bool = False
     # False = the paper's ablation "without synchronisation": each modality passes the causal Q-Former
     # alone (2 x N queries per window) and audio meets vision only in the LLM.
     synchronise: bool = True
@@ -340,6 +343,9 @@ def validate(cfg: FavorConfig) -> None:
         check_fields(type(section), dataclasses.asdict(section))
     check_fields(FavorConfig, {"audio_proj_dim": cfg.audio_proj_dim,
                                "diversity_loss_weight": cfg.diversity_loss_weight})
+    if cfg.embedded_visual and (cfg.trainable_visual or cfg.visual.pretrained):
+        raise ValueError("embedded_visual is for a frozen visual encoder with no base-model file: it excludes "
+                         "trainable_visual and visual.pretrained")
     for section, width, heads in _HEAD_SPLITS:
         w, h = getattr(getattr(cfg, section), width), getattr(getattr(cfg, section), heads)
         if w % h:

@@ -5,6 +5,7 @@
     torchrun --nproc_per_node 2 -m training --config training/configs/tiny.yaml train.distributed=ddp
     favor-train synth data/synth --num-clips 200 --seed 0
     favor-train pack runs/demo/final.safetensors favor/assets/demo/favor-demo.safetensors --dtype float16
+    favor-train pretrain-vit --output-dir runs/demo_vit --heldout-manifest data/synth/heldout.jsonl
 
 ``train`` is the default command, so ``favor-train --config X`` and ``favor-train train --config X`` are
 the same. A config YAML has two sections:
@@ -188,6 +189,43 @@ def synth(
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None
     typer.echo(str(manifest))
+
+
+@app.command("pretrain-vit")
+def pretrain_vit(
+    output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="run directory")] = Path("runs/demo_vit"),
+    preset: Annotated[str, typer.Option(help="model preset whose visual encoder is pretrained")] = "demo",
+    steps: Annotated[int, typer.Option(min=1, help="optimiser steps")] = 600,
+    batch_size: Annotated[int, typer.Option(min=1, help="frames per step")] = 32,
+    lr: Annotated[float, typer.Option(min=0.0, help="peak AdamW learning rate")] = 5e-4,
+    seed: Annotated[int, typer.Option(min=0, help="seed of the train-split clips drawn")] = 0,
+    heldout_manifest: Annotated[Path | None, typer.Option(
+        help="a generated heldout split (JSONL): its decoded mp4 frames are scored at the end")] = None,
+    workers: Annotated[int, typer.Option(min=0, help="frame-rendering worker processes")] = 1,
+    resume: Annotated[bool, typer.Option("--resume", help="continue from the newest step_* in output_dir")]
+    = False,
+) -> None:
+    """Pretrain the preset's visual encoder on rendered synthetic frames (training.vit_pretrain), writing
+    OUTPUT_DIR/vit.safetensors for train.init_visual_from, OUTPUT_DIR/curve.json and held-out accuracy."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from training.vit_pretrain import ENCODER_FILE, PretrainConfig, VitPretrainer, describe
+
+    try:
+        pc = PretrainConfig(preset=preset, output_dir=str(output_dir), steps=steps, batch_size=batch_size, lr=lr,
+                            seed=seed, heldout_manifest=str(heldout_manifest) if heldout_manifest else None)
+        trainer = VitPretrainer(pc, resume=resume, num_workers=workers)
+        trainer.setup()
+        with Progress(TextColumn("[bold]pretrain-vit"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("loss {task.fields[loss]:.3f}"), TimeRemainingColumn(), transient=True) as bar:
+            task = bar.add_task("steps", total=steps, completed=trainer.step, loss=float("nan"))
+            trainer.train(progress=lambda step, loss: bar.update(task, completed=step, loss=loss))
+        report = trainer.finish()
+    except (ValueError, FileNotFoundError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(describe(report))
+    typer.echo(str(output_dir / ENCODER_FILE))
 
 
 @app.command()

@@ -30,7 +30,14 @@ from pathlib import Path
 import torch
 
 from favor.build import build_model
-from favor.checkpoint import Checkpoint, apply_weights, base_model_refs, load_checkpoint, save_checkpoint
+from favor.checkpoint import (
+    Checkpoint,
+    apply_weights,
+    base_model_refs,
+    embedded_visual_weights,
+    load_checkpoint,
+    save_checkpoint,
+)
 from favor.config import FavorConfig
 from favor.generation import generate, get_settings
 from favor.model import av_inputs
@@ -90,6 +97,12 @@ class TrainConfig:
     # Start from another run's FAVOR checkpoint (fresh optimiser and schedule), like the release's stage 2
     # loading the stage-1 delta; unlike --resume it does not continue that run's state.
     init_from: str | None = None
+    # Peak-lr multipliers by parameter-name prefix, e.g. {"qformer": 3.0, "projector": 3.0}: the
+    # randomly initialised fusion modules can take larger steps than LoRA on a pretrained LLM.
+    lr_scale: dict[str, float] = dataclasses.field(default_factory=dict)
+    # A pretrained visual encoder (favor-train pretrain-vit's vit.safetensors) loaded before training; with
+    # model.embedded_visual it stays frozen, its features can be cached, and every checkpoint carries it.
+    init_visual_from: str | None = None
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -109,6 +122,18 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
 
 
 # ---------------------------------------------------------------------------------------------- recipe
+
+
+def param_groups(model: torch.nn.Module, tc: TrainConfig) -> list[dict]:
+    """AdamW groups: weight decay on matrices only; each ``tc.lr_scale`` prefix gets its own peak lr
+    (the schedule multiplies every group's lr alike). Names are the unwrapped model's."""
+    groups: dict[tuple[float, bool], list] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            scale = next((s for prefix, s in tc.lr_scale.items() if name.startswith(prefix)), 1.0)
+            groups.setdefault((scale, p.dim() >= 2), []).append(p)
+    return [{"params": ps, "lr": tc.lr * scale, "lr_scale": scale, "weight_decay": tc.weight_decay if decay else 0.0}
+            for (scale, decay), ps in sorted(groups.items())]
 
 
 def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
@@ -166,8 +191,9 @@ class FinetuneRecipe:
         if model.tokenizer is None:
             raise ValueError("no tokenizer: set model.llm.pretrained or train.tokenizer (a tokenizer dir)")
         model.to(self.info.device)
-        self.caches = self._install_caches(model)
         resume_dir = self._resume_dir()
+        if tc.init_visual_from and resume_dir is None:  # a resumed run's checkpoint carries the encoder
+            self._init_visual(model)
         if tc.init_from and resume_dir is None:  # a resumed run already holds weights past init_from
             init = load_checkpoint(tc.init_from)
             if init.config.to_dict() != self.cfg.to_dict():
@@ -177,15 +203,13 @@ class FinetuneRecipe:
         if resume_dir is not None:
             ckpt = load_checkpoint(resume_dir / WEIGHTS_FILE)
             apply_weights(model, ckpt.weights, str(resume_dir / WEIGHTS_FILE))
+        self.visual_weights = {k: v.cpu().clone() for k, v in embedded_visual_weights(model).items()}  # frozen
+        self.caches = self._install_caches(model)  # after every load: the cache fingerprints the weights
         self.base_refs = base_model_refs(self.cfg)  # hashed once, reused by every checkpoint
         self.inner = model
         self.model = D.wrap_model(model, self.strategy, self.info, bf16_params=tc.fsdp_bf16)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        decay = [p for p in self.params if p.dim() >= 2]
-        no_decay = [p for p in self.params if p.dim() < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=tc.lr, betas=tc.betas)
+        self.optimizer = torch.optim.AdamW(param_groups(self.inner, tc), lr=tc.lr, betas=tc.betas)
         schedule = functools.partial(warmup_cosine, warmup=tc.warmup_steps, total=tc.steps,
                                      min_ratio=tc.min_lr_ratio)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
@@ -204,6 +228,15 @@ class FinetuneRecipe:
         if path.is_file():
             keep = [x for x in path.read_text().splitlines() if x and json.loads(x).get("step", 0) <= step]
             path.write_text("".join(x + "\n" for x in keep))
+
+    def _init_visual(self, model) -> None:
+        from training.vit_pretrain import load_encoder
+
+        if not (self.cfg.embedded_visual or self.cfg.trainable_visual):
+            raise ValueError(f"train.init_visual_from ({self.tc.init_visual_from}) needs model.embedded_visual "
+                             "(frozen) or model.trainable_visual: otherwise no checkpoint would keep those weights")
+        state = load_encoder(self.cfg, self.tc.init_visual_from).state_dict()
+        model.visual_encoder.load_state_dict({k: v.to(self.info.device) for k, v in state.items()})
 
     def _install_caches(self, model) -> dict[str, FeatureCache]:
         tc, caches = self.tc, {}
@@ -301,7 +334,8 @@ class FinetuneRecipe:
             samples += batch["size"]
         if tc.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, tc.max_grad_norm)
-        lr = self.optimizer.param_groups[0]["lr"]
+        group = self.optimizer.param_groups[0]
+        lr = group["lr"] / group["lr_scale"]  # the schedule's base lr, whatever the group's scale
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
@@ -411,7 +445,7 @@ class FinetuneRecipe:
     def _checkpoint(self, weights: dict) -> Checkpoint:
         extra = {"step": self.step, "position": self.position,
                  "train": json.loads(json.dumps(dataclasses.asdict(self.tc)))}
-        return Checkpoint(self.cfg, weights, self.base_refs, False, extra)
+        return Checkpoint(self.cfg, {**weights, **self.visual_weights}, self.base_refs, False, extra)
 
     def save_checkpoint(self) -> Path:
         """Atomically write step_NNNNNN/{favor.safetensors, train_state.pt} (collective: all ranks call)."""
