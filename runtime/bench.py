@@ -277,15 +277,19 @@ def _preset_model(preset: str):
 
 
 def _backend(name: str, base, model_path: Path | None, fps: float, frames_per_window: int, out: Path,
-             console=None, threads: int | None = None):
+             console=None, threads: int | None = None, max_batch: int = 1):
+    """``max_batch`` > 1: bundles with a batch axis (--streams: one StreamHub batches across streams)."""
+    from export.options import ExportOptions
     from runtime.backends import TorchBackend, make_backend
 
     if model_path is not None:  # a checkpoint: auto / onnxruntime export it through the bundle cache
         from runtime.bundle_cache import ExportView, Policy
 
         view = ExportView(console) if console is not None else None
+        options = ExportOptions(max_batch=max_batch) if max_batch > 1 else None
         try:
-            return make_backend(name, model_path, fps, frames_per_window, threads=threads, policy=Policy(say=view))
+            return make_backend(name, model_path, fps, frames_per_window, threads=threads,
+                                policy=Policy(say=view, options=options))
         finally:
             if view is not None:
                 view.close()
@@ -293,13 +297,14 @@ def _backend(name: str, base, model_path: Path | None, fps: float, frames_per_wi
     if name == "torch":
         return TorchBackend(model)
     if name in ("onnxruntime", "onnxruntime-int8"):
-        from export.bundle import ExportOptions, export_bundle
+        from export.bundle import export_bundle
         from runtime.backends import OnnxRuntimeBackend
 
         int8 = name.endswith("int8")
-        bundle = out / "bundles" / f"{base.cfg.preset}_{fps:g}fps_{frames_per_window}f{'_int8' if int8 else ''}"
+        batch = f"_b{max_batch}" if max_batch > 1 else ""
+        bundle = out / "bundles" / f"{base.cfg.preset}_{fps:g}fps_{frames_per_window}f{'_int8' if int8 else ''}{batch}"
         if not (bundle / "manifest.json").is_file():
-            export_bundle(model, bundle, ExportOptions(precision="int8" if int8 else "fp32"))
+            export_bundle(model, bundle, ExportOptions(precision="int8" if int8 else "fp32", max_batch=max_batch))
         backend = OnnxRuntimeBackend(bundle, threads=torch.get_num_threads())  # int8: the bundle's decoder
         backend.name = name
         return backend
@@ -308,9 +313,15 @@ def _backend(name: str, base, model_path: Path | None, fps: float, frames_per_wi
 
 def main(preset: str, model: Path | None, backends: list[str], fps_values: list[float],
          window_values: list[int], clip: Path | None, seconds: float, max_new_tokens: int, out: Path,
-         max_windows: int | None, console, threads: int | None = None) -> list[Cell]:
+         max_windows: int | None, console, threads: int | None = None, streams: list[int] | None = None,
+         max_latency: float | None = None) -> list:
     if not backends or not fps_values or not window_values:
         raise ValueError("bench needs at least one backend, one --fps and one --window value")
+    if streams:  # the --streams axis: live streams through one StreamHub (runtime/bench_streams.py)
+        if max_windows:  # every stream ends after that many windows of the longest window asked
+            seconds = min(seconds, max_windows * max(F / f for f in fps_values for F in window_values))
+        return _streams_main(preset, model, backends, fps_values, window_values, clip, seconds, max_new_tokens,
+                             out, console, threads, streams, max_latency)
     out.mkdir(parents=True, exist_ok=True)
     if clip is None:
         clip = out / f"synthetic_{seconds:g}s.mp4"
@@ -343,6 +354,29 @@ def main(preset: str, model: Path | None, backends: list[str], fps_values: list[
     write_outputs(cells, stem, info, clip)
     console.print(f"wrote {stem}.md (table), {stem}.png (plot), {stem}.csv and {stem}.jsonl")
     return cells
+
+
+def _streams_main(preset, model, backends, fps_values, window_values, clip, seconds, max_new_tokens, out,
+                  console, threads, streams: list[int], max_latency: float | None) -> list:
+    from runtime import bench_streams
+
+    out.mkdir(parents=True, exist_ok=True)
+    if clip is None:
+        clip = bench_streams.streams_clip(out, seconds)
+    elif not clip.is_file():
+        raise ValueError(f"{clip}: clip not found")
+    name = model.stem if model is not None else preset
+    base = None if model is not None else _preset_model(preset)
+    info = machine()
+    console.print(f"bench {name}: {','.join(map(str, streams))} live streams through one StreamHub on "
+                  f"{info['cpu']} ({info['cores']} cores), clip {clip}")
+
+    def backends_for(fps: float, F: int) -> list:
+        return [(b, _backend(b, base, model, fps, F, out, console, threads, max_batch=max(streams)))
+                for b in backends]
+
+    return bench_streams.sweep(backends_for, streams, fps_values, window_values, clip, max_new_tokens,
+                               max_latency, name, out, console, info)
 
 
 class CellProgress:
