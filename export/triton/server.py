@@ -5,6 +5,10 @@
         server.http_url                         # "localhost:PORT" for runtime/triton_backend.py
     python -m export.triton.server repo/ --http-port 8000 --grpc-port 8001     # foreground
 
+A full Triton install (NVIDIA's container: /opt/tritonserver with the onnxruntime, tensorrt and
+tensorrtllm backends, which the gpu repository needs) is used instead when ``home`` or
+$FAVOR_TRITON_HOME names it; its own Python backend and environment are then used as they are.
+
 What the wheel needs that pytriton's own launcher normally arranges (found by trying it here):
 - the Python backend directory must hold the stub built for this interpreter's version
   (``python_backend_stubs/3.X/triton_python_backend_stub``): assembled under the cache dir with links;
@@ -32,6 +36,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+HOME_ENV = "FAVOR_TRITON_HOME"  # a full Triton install (bin/tritonserver, backends/)
 STUB_NUMPY = "numpy>=1.26,<2"  # the Python backend stub's NumPy ABI (see the module docstring)
 READY_TIMEOUT_S = 180.0  # model loading: each Python model starts a stub that imports torch (seconds each)
 STOP_TIMEOUT_S = 20.0
@@ -127,7 +132,9 @@ class TritonServer:
     """A ``tritonserver`` process on ``repository`` (CPU here), bounded in start and stop time."""
 
     def __init__(self, repository: str | Path, http_port: int | None = None, grpc_port: int | None = None,
-                 metrics_port: int | None = None, ready_timeout: float = READY_TIMEOUT_S, verbose: bool = False):
+                 metrics_port: int | None = None, ready_timeout: float = READY_TIMEOUT_S, verbose: bool = False,
+                 home: str | Path | None = None):
+        self.home = Path(home) if home else (Path(os.environ[HOME_ENV]) if os.environ.get(HOME_ENV) else None)
         self.repository = Path(repository).resolve()
         if not self.repository.is_dir():
             raise ValueError(f"{repository}: no such model repository")
@@ -152,14 +159,22 @@ class TritonServer:
                 "--disable-auto-complete-config", f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
                 f"--log-verbose={1 if self.verbose else 0}"]
 
-    def start(self) -> TritonServer:
+    def _layout(self) -> tuple[Path, Path, dict[str, str]]:
+        """(install dir with bin/tritonserver, backend directory, environment)."""
+        if self.home is not None:
+            if not (self.home / "bin" / "tritonserver").is_file():
+                raise ValueError(f"{self.home}: no bin/tritonserver (${HOME_ENV} must name a Triton install)")
+            return self.home, self.home / "backends", dict(os.environ)
         dist, cache = distribution(), cache_dir()
-        backends, env = backend_dir(dist, cache), stub_environment(cache)
+        return dist, backend_dir(dist, cache), server_env(stub_environment(cache))
+
+    def start(self) -> TritonServer:
+        dist, backends, env = self._layout()
         fd, log = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
         self.log_path = Path(log)
         with os.fdopen(fd, "w") as out:
             self.process = subprocess.Popen(self.command(dist, backends), stdout=out, stderr=subprocess.STDOUT,
-                                            env=server_env(env), start_new_session=True, cwd=cache)
+                                            env=env, start_new_session=True, cwd=self.repository)
         try:
             self.wait_ready()
         except BaseException:
