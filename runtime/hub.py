@@ -272,13 +272,19 @@ class StreamHub:
                 s.subscribers.append(sub)
             return sub
 
-    def ask(self, source: str, question: str, max_new_tokens: int = 48, timeout: float | None = None) -> str:
-        """One answer about a whole clip, computed on the worker between decode steps (the engine is
-        single-threaded). The clip glue is runtime/clip.py's (shared with the API and the server)."""
-        from runtime import clip
-
-        return self.call(lambda backend: clip.ask(backend, source, question, max_new_tokens=max_new_tokens),
-                         timeout=timeout)
+    def ask(self, source: str, question: str, max_new_tokens: int = 48, *,
+            on_token: Callable[[str], None] | None = None, timeout: float | None = None) -> str:
+        """The answer to ``question`` about a whole clip (runtime/clip.py's glue, shared with the API).
+        The clip is encoded on the worker between batches; its answer then decodes in the running
+        decode batch beside the streams' captions. ``on_token(piece)`` gets each token's text as it is
+        decided (called on the worker thread). ValueError (one line) for an unusable clip or question."""
+        if not question or not question.strip():
+            raise ValueError(f"{source}: the question is empty")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens ({max_new_tokens}) must be >= 1")
+        answer: Future = self.call(lambda backend: self._server.ask(source, question, max_new_tokens, on_token),
+                                   timeout=timeout)
+        return answer.result(timeout)
 
     def call(self, fn: Callable, timeout: float | None = None):
         """Run ``fn(backend)`` on the worker thread between batches; returns its result (raises its error)."""
@@ -408,7 +414,9 @@ class StreamHub:
     def _run(self) -> None:
         from runtime.hub_worker import Worker
 
-        Worker(self).loop()
+        worker = Worker(self)
+        self._server = worker.server  # the worker thread's; hub.ask's job reaches it there
+        worker.loop()
 
 
 __all__ = ["StreamHub", "Subscription", "Caption"]

@@ -23,7 +23,9 @@ Notation: B rows of a call, n frames, M mel bins, Tm mel frames, Ta audio tokens
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -103,6 +105,16 @@ def fuse_rows(backend, visual: list[torch.Tensor] | None, audio: list[torch.Tens
 
 
 @dataclass
+class _Ask:
+    """hub.ask's answer in the decode batch: its future, token sink and timings."""
+
+    answer: Future
+    on_token: object = None
+    t_llm: float = 0.0
+    prefill_s: float = 0.0
+
+
+@dataclass
 class _Job:
     """One caption in progress: its stream, windows, AV rows, timings, and the streamed text."""
 
@@ -125,6 +137,7 @@ class BatchServer:
         self.limits = batch_limits(self.backend) if hub.batch else Limits(1, 1, 1)
         self.batch = self._continuous() if hub.batch else None
         self.running: list[_Job] = []
+        self.asks: list[_Ask] = []
 
     def _continuous(self) -> ContinuousBatch | None:
         """A ContinuousBatch over the backend's step-wise decoder, if it can merge caches and the backend
@@ -149,11 +162,14 @@ class BatchServer:
             self.hub._instruction = prompt
 
     def busy(self) -> bool:
-        return bool(self.running)
+        return bool(self.running or self.asks)
 
     def abort_all(self) -> None:
         for job in list(self.running):
             self._cancel(job)
+        for ask in self.asks:
+            ask.answer.set_exception(ValueError("the hub is closed"))
+        self.asks = []
 
     def forget(self, s) -> None:
         for job in [j for j in self.running if j.stream is s]:
@@ -290,6 +306,35 @@ class BatchServer:
         self.batch.join(embeds, mask, state, tag=job)
         job.prefill_s = time.perf_counter() - job.t_llm
 
+    def ask(self, source: str, question: str, max_new_tokens: int, on_token) -> Future:
+        """A whole-clip question: encode the clip now (runtime/clip.py), decode its answer in the running
+        batch (or alone when the decoder cannot batch). Returns the answer's future."""
+        from runtime.clip import clip_embeddings, load_clip
+        from runtime.hub_worker import TokenText
+
+        b = self.backend
+        clip = load_clip(Path(source), self.cfg)
+        with torch.inference_mode():
+            av = clip_embeddings(b, clip, question)  # [A, D]
+        self.hub._instruction = None  # the question was the visual instruction meanwhile
+        ask = _Ask(Future(), on_token, time.perf_counter())
+        text = TokenText(b.tokenizer)
+
+        def sink(token: int) -> None:
+            piece = text.push(token)
+            if on_token is not None:
+                on_token(piece)
+
+        if self.batch is None:
+            ask.answer.set_result(b.caption(question, av, max_new_tokens, on_token=lambda row, t: sink(t)).text)
+            return ask.answer
+        embeds, mask = captions.prompt_inputs(b.embedding, b.tokenizer, self.cfg.llm, [question], av[None],
+                                              torch.ones(1, av.shape[0], dtype=torch.bool))
+        self.batch.join(embeds, mask, DecodeState(self.cfg.llm.eos_token_id, max_new_tokens, GREEDY, None, sink),
+                        tag=ask)
+        self.asks.append(ask)
+        return ask.answer
+
     def step(self) -> None:
         """One decode step of the running batch; deliver what finished."""
         for job in [j for j in self.running if j.stream.state != "running"]:
@@ -300,6 +345,10 @@ class BatchServer:
             result = req.state.result
             result.prompt_tokens = req.prompt_tokens
             captions.decode_text([result], self.backend.tokenizer)
+            if isinstance(req.tag, _Ask):
+                self.asks.remove(req.tag)
+                req.tag.answer.set_result(result.text)
+                continue
             result.prefill_s = req.tag.prefill_s
             result.decode_s = time.perf_counter() - req.tag.t_llm - req.tag.prefill_s
             self._deliver(req.tag, result)

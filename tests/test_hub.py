@@ -265,3 +265,24 @@ def test_onnx_bundle_streams_batched_equal_alone(ort_backend, clips):
     assert m["mean_decode_batch"] > 1
     for clip, events in zip(clips[:3], got, strict=True):
         assert [e["text"] for e in events if e["type"] == "caption"] == single(ort_backend, clip)
+
+
+def test_ask_decodes_beside_running_streams(backend, clips):
+    """hub.ask while two streams caption: the answer is the API's whole-clip answer (runtime/clip.py,
+    one greedy decode alone), tokens reach on_token, and the streams lose nothing."""
+    from runtime.clip import ask_clip
+
+    question = "what appears"
+    want = ask_clip(backend, str(clips[6]), question, max_new_tokens=6)
+    pieces: list[str] = []
+    with StreamHub(backend, max_new_tokens=TOKENS, prompt=PROMPT) as hub:
+        sids = [hub.add(str(c), realtime=False) for c in clips[:2]]
+        got = hub.ask(str(clips[6]), question, max_new_tokens=6, on_token=pieces.append)
+        events = [events_until_end(hub.subscribe(s)) for s in sids]
+        with pytest.raises(ValueError, match="empty"):
+            hub.ask(str(clips[6]), "  ")
+        with pytest.raises(ValueError, match="nope.mp4"):
+            hub.ask("nope.mp4", question)
+    assert got == want and pieces
+    for clip, ev in zip(clips[:2], events, strict=True):
+        assert [e["text"] for e in ev if e["type"] == "caption"] == single(backend, clip)
