@@ -38,6 +38,10 @@ def install(app: FastAPI) -> None:
     async def _invalid(request: Request, exc: RequestValidationError):
         return error_response(422, _validation_message(exc))
 
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception):  # a server bug: still one line, never a traceback page
+        return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
+
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
