@@ -28,6 +28,11 @@ sysdeps:
 	  echo "installing espeak-ng"; \
 	  (apt-get update -qq && apt-get install -y -qq espeak-ng) >/dev/null || \
 	  { echo "espeak-ng missing and apt-get failed: install it (apt-get install espeak-ng)"; exit 1; }; }
+	@# chromium: tests/test_server_browser.py opens favor-rt serve's page in it (skipped, with the reason, without)
+	@command -v chromium >/dev/null || { \
+	  echo "installing chromium (headless browser test of the serve page)"; \
+	  (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null || \
+	  echo "chromium missing and apt-get failed: the browser test will be skipped (apt-get install chromium)"; }
 
 # Re-run pip only when packaging or kernel sources change (idempotent, fast when set up).
 $(STAMP): $(PY) pyproject.toml CMakeLists.txt $(wildcard kernels/*.h kernels/*.cpp kernels/*.cu kernels/*/*)
