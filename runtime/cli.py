@@ -94,6 +94,7 @@ class RunOptions:
     autotune: bool = True
     verbose: bool = False
     audio: str | None = None  # a second input for the sound (--audio)
+    url: str | None = None  # --backend triton: the Triton server (runtime/triton_backend.py)
 
 
 def flag(name: str) -> str:
@@ -119,6 +120,8 @@ def check_options(o: RunOptions) -> None:
         parse_threads(o.threads)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if o.url is not None and o.backend != "triton":
+        raise UsageError(f"--url is the Triton server of --backend triton, not of --backend {o.backend}")
     if not o.model.exists():
         raise UsageError(f"{o.model}: model not found (pass --model PATH or set ${MODEL_ENV})")
 
@@ -154,6 +157,11 @@ def open_engine(o: RunOptions):
     # the export's progress, shown only when the checkpoint is not in the bundle cache yet
     export_view = ExportView(Console(stderr=True, highlight=False, soft_wrap=True))
     try:
+        if o.backend == "triton":  # the stages on the server at --url (api.load takes no url yet)
+            from runtime.backends import make_backend
+
+            return api.Engine(make_backend("triton", o.model, o.fps, o.window, threads=o.threads, url=o.url),
+                              o.model, o.fps)
         return api.load(o.model, backend=o.backend, fps=o.fps, window=o.window, threads=o.threads,
                         cache=o.cache, cache_dir=o.cache_dir, autotune=o.autotune, say=export_view,
                         verbose=o.verbose)
@@ -382,19 +390,24 @@ def _run(o: RunOptions, live: bool | None) -> None:
     finish(stream(session, writers, term), scheduler, term, session.source)
 
 
+INPUT_HELP = ("media file, FIFO, camera (/dev/video0 or an index), rtsp/http/udp URL, microphone (hw:0, "
+              "alsa:NAME, pulse:NAME), gst:<GStreamer pipeline> or lavfi:<graph>")
+AUDIO_HELP = ("the sound from a second input, on the video's clock: ALSA hw:0 / plughw:1,0 / alsa:NAME, "
+              "PulseAudio pulse:NAME, or any media path, URL or lavfi:<graph> (replaces the input's own "
+              "sound track)")
+
+
 @app.command(context_settings=CONTEXT)
 def run(
-    input: Annotated[str, typer.Argument(help="media file, FIFO, camera (/dev/video0 or an index), "
-                                              "rtsp/http/udp URL, microphone (hw:0, alsa:NAME, pulse:NAME), "
-                                              "gst:<GStreamer pipeline> or lavfi:<graph>")],
-    audio: Annotated[str | None, typer.Option(
-        help="the sound from a second input, on the video's clock: ALSA hw:0 / plughw:1,0 / alsa:NAME, "
-             "PulseAudio pulse:NAME, or any media path, URL or lavfi:<graph> (replaces the input's own "
-             "sound track)")] = None,
+    input: Annotated[str, typer.Argument(help=INPUT_HELP)],
+    audio: Annotated[str | None, typer.Option(help=AUDIO_HELP)] = None,
     model: Annotated[Path | None, typer.Option(help="FAVOR checkpoint or exported bundle "
                                                     "(default: the demo model)")] = None,
     backend: Annotated[str, typer.Option(
-        help="auto | torch | onnxruntime | tensorrt (a bundle with built engines, NVIDIA GPU)")] = "auto",
+        help="auto | torch | onnxruntime | tensorrt (a bundle with built engines, NVIDIA GPU) | triton "
+             "(a Triton server at --url serving favor-export --targets triton)")] = "auto",
+    url: Annotated[str | None, typer.Option(help="--backend triton: the server, host:port (HTTP) or "
+                                                 "grpc://host:port")] = None,
     fps: Annotated[float | None, typer.Option(help="frames sampled per second (default: the model's); "
                                                    "at most the source's rate")] = None,
     window: Annotated[int | None, typer.Option(help="frames per window (default: the model's)")] = None,
@@ -434,7 +447,7 @@ def run(
     outputs = {k: p for k, p in (("srt", srt), ("vtt", vtt), ("jsonl", jsonl)) if p is not None}
     o = RunOptions(input, model or default_model_path(), backend, fps, window, prompt, max_latency,
                    max_new_tokens, context, max_merge, realtime, incremental, outputs, threads, timeout,
-                   cache=cache, cache_dir=cache_dir, autotune=autotune, verbose=verbose, audio=audio)
+                   cache=cache, cache_dir=cache_dir, autotune=autotune, verbose=verbose, audio=audio, url=url)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
         _run(o, live)

@@ -19,6 +19,9 @@ import torch
 
 from export.triton import configs
 from export.triton.repository import CONFIG, MARKER, write_repository
+from runtime.scheduler import DeadlineScheduler
+from runtime.sources import MediaSource
+from runtime.stream import StreamingCaptioner
 
 PROMPT = "describe the video"
 STAGE_MODELS = {f"favor_{s}": s for s in configs.ENCODER_STAGES}
@@ -28,7 +31,10 @@ pytestmark = pytest.mark.slow  # the module's bundle export (~30 s) and server s
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
+    before = torch.get_num_threads()
     torch.set_num_threads(1)  # as tests/test_runtime_stream.py: tiny graphs, steady times on a shared machine
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -218,10 +224,6 @@ def clip(tmp_path_factory):
 
 
 def _captions(backend, clip):
-    from runtime.scheduler import DeadlineScheduler
-    from runtime.sources import MediaSource
-    from runtime.stream import StreamingCaptioner
-
     out = []
     report = StreamingCaptioner(backend, PROMPT, max_new_tokens=6).run(
         MediaSource(str(clip), backend.cfg.timing.sample_rate), False, DeadlineScheduler(None), out.append)
@@ -241,6 +243,29 @@ def test_served_repository_captions_like_the_ort_bundle(server, bundle, clip):
         # The same graphs on the same ONNX Runtime build, in another process with its own thread pool:
         # reductions may split differently, float32 rounding (~1e-7 relative) is all that can differ.
         torch.testing.assert_close(a.embeds, b.embeds, rtol=1e-5, atol=1e-6)
+
+
+def test_favor_rt_run_backend_triton(server, bundle, clip, tmp_path):
+    """``favor-rt run --backend triton --url``: the same captions as the served backend object gives."""
+    from typer.testing import CliRunner
+
+    from runtime.backends import make_backend
+    from runtime.cli import app
+
+    out = tmp_path / "c.jsonl"
+    args = ["run", str(clip), "--model", str(bundle), "--backend", "triton", "--url", server.http_url,
+            "--offline", "--no-live", "--max-new-tokens", "6", "--context", "0", "--prompt", PROMPT,
+            "--jsonl", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    texts = [json.loads(line)["text"] for line in out.read_text().splitlines()]
+    cap = StreamingCaptioner(make_backend("triton", bundle, url=server.http_url), PROMPT, max_new_tokens=6,
+                             context=0)
+    expected = []
+    cap.run(MediaSource(str(clip), cap.cfg.timing.sample_rate), False, DeadlineScheduler(None), expected.append)
+    assert texts == [c.text for c in expected]
+    wrong = CliRunner().invoke(app, ["run", str(clip), "--model", str(bundle), "--url", server.http_url])
+    assert wrong.exit_code == 2 and "--url is the Triton server of --backend triton" in wrong.output
 
 
 def test_pipeline_model_and_sequence_release(server, bundle):
