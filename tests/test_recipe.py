@@ -317,3 +317,22 @@ def test_init_from_starts_at_a_previous_runs_weights(tmp_path, tokenizer):
     other = get_config("tiny", **{"qformer.dropout": 0.1})
     with pytest.raises(ValueError, match="config differs"):
         FinetuneRecipe(other, tc, tokenizer=tokenizer, pretrained=False).setup()
+
+
+def test_lr_scale_gives_prefixed_modules_their_own_peak_lr(tiny_cfg, tokenizer):
+    """train.lr_scale: parameters under a prefix get lr x scale, decay stays matrices-only, every
+    trainable parameter is in exactly one group, and the logged lr is the schedule's base lr."""
+    from training.recipe import TrainConfig, param_groups
+
+    tiny_model = build_model(tiny_cfg, tokenizer=tokenizer)
+    tc = TrainConfig(lr=1e-3, weight_decay=0.05, lr_scale={"qformer": 3.0, "projector": 2.0})
+    groups = param_groups(tiny_model, tc)
+    names = {id(p): n for n, p in tiny_model.named_parameters()}
+    seen = [id(p) for g in groups for p in g["params"]]
+    assert sorted(seen) == sorted(id(p) for p in tiny_model.parameters() if p.requires_grad)
+    for g in groups:
+        for p in g["params"]:
+            n = names[id(p)]
+            want = 3.0 if n.startswith("qformer") else 2.0 if n.startswith("projector") else 1.0
+            assert g["lr"] == pytest.approx(1e-3 * want) and g["lr_scale"] == want, n
+            assert g["weight_decay"] == (0.05 if p.dim() >= 2 else 0.0), n
