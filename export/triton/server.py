@@ -204,16 +204,22 @@ class TritonServer:
                          f"{self.log_tail()}")
 
     def stop(self) -> None:
-        """SIGTERM to the server's process group (it and its Python stubs), SIGKILL after a bound."""
+        """SIGTERM to the server, which stops its Python stubs itself (a stub whose server vanished
+        first spins); after it exits or a bound, SIGKILL to whatever is left of its process group."""
         p, self.process = self.process, None
-        if p is None or p.poll() is not None:
+        if p is None:
             return
-        os.killpg(p.pid, signal.SIGTERM)
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                pass
         try:
-            p.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait(STOP_TIMEOUT_S)
+            os.killpg(p.pid, signal.SIGKILL)  # the group is the server's own (start_new_session)
+        except ProcessLookupError:
+            pass
+        p.wait(STOP_TIMEOUT_S)
 
     def __enter__(self) -> TritonServer:
         return self.start()
@@ -239,6 +245,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"serving {a.repository}: http {server.http_url}, grpc {server.grpc_url} (log {server.log_path})")
+
+    def _terminate(signum, frame):  # SIGTERM ends the server too (it runs in its own session)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         while server.process and server.process.poll() is None:
             time.sleep(1)
