@@ -191,12 +191,13 @@ class Engine:
 def load(path: str | os.PathLike | None = None, *, backend: str = "auto", fps: float | None = None,
          window: int | None = None, threads: str | int | None = None, cache: bool = True,
          cache_dir: str | os.PathLike | None = None, autotune: bool = True, say=None,
-         verbose: bool = False) -> Engine:
+         verbose: bool = False, url: str | None = None) -> Engine:
     """A model ready to caption: a checkpoint (compiled once into the bundle cache unless ``cache`` is
     False), an exported bundle, or None for the demo model. ``backend``: auto | torch | onnxruntime |
-    tensorrt. ``fps`` / ``window`` override the checkpoint's timing (a bundle's is fixed). ``say``
-    receives export progress (runtime.bundle_cache.ExportView). Library warnings and progress bars are
-    silenced unless ``verbose`` (favor.quiet); ``threads=N`` also sets torch's thread count.
+    tensorrt | triton (the stages on the Triton server at ``url``, runtime/triton_backend.py).
+    ``fps`` / ``window`` override the checkpoint's timing (a bundle's is fixed). ``say`` receives export
+    progress (runtime.bundle_cache.ExportView). Library warnings and progress bars are silenced unless
+    ``verbose`` (favor.quiet); ``threads=N`` also sets torch's thread count.
     ValueError (one line) for a missing model, an unknown backend or bad threads."""
     from favor.quiet import quiet_libraries
 
@@ -214,7 +215,7 @@ def load(path: str | os.PathLike | None = None, *, backend: str = "auto", fps: f
     if not model.exists():
         raise ValueError(f"{model}: model not found (pass a checkpoint or bundle path, or set ${MODEL_ENV})")
     policy = Policy(None if cache_dir is None else Path(cache_dir), cache, autotune, say=say, verbose=verbose)
-    engine = make_backend(backend, model, fps, window, threads=threads, policy=policy)
+    engine = make_backend(backend, model, fps, window, threads=threads, policy=policy, url=url)
     return Engine(engine, model, fps)
 
 

@@ -157,14 +157,9 @@ def open_engine(o: RunOptions):
     # the export's progress, shown only when the checkpoint is not in the bundle cache yet
     export_view = ExportView(Console(stderr=True, highlight=False, soft_wrap=True))
     try:
-        if o.backend == "triton":  # the stages on the server at --url (api.load takes no url yet)
-            from runtime.backends import make_backend
-
-            return api.Engine(make_backend("triton", o.model, o.fps, o.window, threads=o.threads, url=o.url),
-                              o.model, o.fps)
         return api.load(o.model, backend=o.backend, fps=o.fps, window=o.window, threads=o.threads,
                         cache=o.cache, cache_dir=o.cache_dir, autotune=o.autotune, say=export_view,
-                        verbose=o.verbose)
+                        verbose=o.verbose, url=o.url)
     except (ValueError, FileNotFoundError) as e:
         message = str(e)
         if o.fps is not None and message.startswith("video_fps"):  # the config's check of --fps
