@@ -406,3 +406,60 @@ def test_metrics_parse_and_count_what_was_served(client, clips):
         <= value("favor_stream_latency_seconds", stream=sid, quantile="1")
     assert value("favor_captions") >= len(got)
     assert families["favor_chat_requests"].type == "counter"
+
+
+# -- the command -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("args, words", [
+    (["--port", "70000"], ("--port",)),
+    (["--max-streams", "0"], ("--max-streams",)),
+    (["--max-upload-mb", "0"], ("--max-upload-mb",)),
+    (["--backend", "nope"], ("--backend", "triton")),
+    (["--backend", "triton"], ("--url",)),
+    (["--url", "localhost:8000"], ("--url", "--backend auto")),
+    (["--model", "/no/such/model.safetensors"], ("model not found",)),
+])
+def test_serve_options_are_checked_before_anything_starts(args, words):
+    from typer.testing import CliRunner
+
+    from runtime.cli import app
+
+    r = CliRunner().invoke(app, ["serve", *args])
+    assert r.exit_code == 2
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and all(w in lines[0] for w in words), r.stderr
+
+
+@pytest.mark.slow  # a fresh process loads torch and the model: ~20 s on a loaded 2-core machine
+def test_serve_command_binds_loopback_quietly_and_stops_on_sigint(tiny_ckpt, clips):
+    import signal
+    import subprocess
+    import sys
+
+    from runtime.server.live import free_port
+
+    port = free_port()
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-m", "runtime", "serve", "--model", str(tiny_ckpt), "--backend",
+                             "torch", "--port", str(port)], cwd=root, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(root)})
+    try:
+        base = f"http://127.0.0.1:{port}"
+
+        def ready():
+            try:
+                return httpx.get(f"{base}/health", timeout=5).json()["status"] == "ready"
+            except httpx.TransportError:
+                return False
+
+        wait_for(ready, what="favor-rt serve to load the model")
+        with httpx.Client(base_url=base, timeout=HTTP_TIMEOUT_S) as h:
+            sid = h.post("/v1/streams", json={"source": str(clips[6]), "realtime": False}).json()["id"]
+        assert len(captions(follow(base, sid))) == CLIP_WINDOWS
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err  # interrupted, as favor-rt run
+    # quiet: our start and stop lines only (no access log, no library warnings, no traceback)
+    lines = err.strip().splitlines()
+    assert lines[0].startswith(f"favor-rt serve: http://127.0.0.1:{port}/"), err
+    assert lines[1:] == ["favor-rt serve: stopped"], err

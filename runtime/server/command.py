@@ -3,6 +3,7 @@
     favor-rt serve                                   # the demo model on http://127.0.0.1:8000
     favor-rt serve --model ckpt.safetensors --port 9000 --max-streams 4
     favor-rt serve --host 0.0.0.0                    # reachable from other machines: a choice
+    favor-rt serve --model bundles/demo --backend triton --url localhost:8000   # stages on a Triton server
 
 Quiet by default (uvicorn's warnings and errors only); -v adds its access log and the libraries' logs.
 The model loads in the background: /health answers 503 "loading" until it is ready.
@@ -27,7 +28,7 @@ from runtime.server.config import (
     ServerConfig,
 )
 
-EXIT_USAGE = 2
+EXIT_USAGE, EXIT_INTERRUPTED = 2, 130  # as favor-rt run
 # Ctrl-C: open caption streams (SSE, WebSocket) never end by themselves; they are cut after this.
 GRACEFUL_S = 5
 MAX_PORT = 65535
@@ -42,6 +43,10 @@ def check(config: ServerConfig, backends: tuple[str, ...]) -> None:
     check_number("--max-upload-mb", config.max_upload_bytes / MIB, 0, None, lo_open=True)
     if config.backend not in backends:
         raise ValueError(f"--backend ({config.backend!r}) must be one of {', '.join(backends)}")
+    if config.backend == "triton" and not config.url:
+        raise ValueError("--backend triton needs --url (the Triton server, host:port or grpc://host:port)")
+    if config.url is not None and config.backend != "triton":
+        raise ValueError(f"--url is the Triton server of --backend triton, not of --backend {config.backend}")
     if config.model is not None and not Path(config.model).exists():
         raise ValueError(f"{config.model}: model not found (pass --model PATH or set $FAVOR_MODEL)")
 
@@ -49,7 +54,10 @@ def check(config: ServerConfig, backends: tuple[str, ...]) -> None:
 def serve(
     model: Annotated[Path | None, typer.Option(help="FAVOR checkpoint or exported bundle "
                                                     "(default: the demo model)")] = None,
-    backend: Annotated[str, typer.Option(help="auto | torch | onnxruntime | tensorrt")] = "auto",
+    backend: Annotated[str, typer.Option(help="auto | torch | onnxruntime | tensorrt | triton (a Triton "
+                                              "server at --url serving favor-export --targets triton)")] = "auto",
+    url: Annotated[str | None, typer.Option(help="--backend triton: the server, host:port (HTTP) or "
+                                                 "grpc://host:port")] = None,
     host: Annotated[str, typer.Option(help="address to bind (loopback by default: the server opens "
                                            "any path or device a client names)")] = DEFAULT_HOST,
     port: Annotated[int, typer.Option(help="TCP port")] = DEFAULT_PORT,
@@ -69,7 +77,7 @@ def serve(
         from runtime.cli import default_model_path
 
         model = default_model_path()
-    config = ServerConfig(model=model, backend=backend, host=host, port=port, max_streams=max_streams,
+    config = ServerConfig(model=model, backend=backend, url=url, host=host, port=port, max_streams=max_streams,
                           max_upload_bytes=int(max_upload_mb * MIB), verbose=verbose)
     try:
         check(config, BACKENDS)
@@ -91,4 +99,8 @@ def run(config: ServerConfig, err: Console) -> None:
                                            timeout_graceful_shutdown=GRACEFUL_S))
     err.print(escape(f"favor-rt serve: http://{config.host}:{config.port}/ (model {config.model_name}, "
                      f"backend {config.backend}, up to {config.max_streams} streams; loading the model...)"))
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C / SIGINT once it has shut down cleanly
+        err.print("favor-rt serve: stopped")
+        raise typer.Exit(EXIT_INTERRUPTED) from None

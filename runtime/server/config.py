@@ -20,6 +20,7 @@ HEARTBEAT_S = 15.0
 class ServerConfig:
     model: Path | None = None  # None: the embedded demo model ($FAVOR_MODEL honoured)
     backend: str = "auto"
+    url: str | None = None  # --backend triton: the Triton server (host:port or grpc://host:port)
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     max_streams: int = DEFAULT_MAX_STREAMS

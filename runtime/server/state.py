@@ -22,7 +22,7 @@ def load_hub(config: ServerConfig):
     import favor
     from runtime.hub import StreamHub
 
-    engine = favor.load(config.model, backend=config.backend)
+    engine = favor.load(config.model, backend=config.backend, url=config.url, verbose=config.verbose)
     return StreamHub(engine, max_streams=config.max_streams), backend_name(engine)
 
 
