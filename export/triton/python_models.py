@@ -57,6 +57,18 @@ def _threads(params: dict[str, str]) -> int | None:
     return int(params["favor.threads"]) if params.get("favor.threads") else None
 
 
+def _providers(args: dict) -> list | None:
+    """KIND_GPU instances: ONNX Runtime's CUDA provider on the instance's device when onnxruntime-gpu
+    offers it (then CPU for nodes it lacks); KIND_CPU: the CPU provider (None)."""
+    if args.get("model_instance_kind") != "GPU":
+        return None
+    from runtime.selection import CPU_PROVIDER, CUDA_PROVIDER, onnxruntime_providers
+
+    if onnxruntime_providers()[0] != CUDA_PROVIDER:
+        return None
+    return [(CUDA_PROVIDER, {"device_id": int(args.get("model_instance_device_id", 0))}), CPU_PROVIDER]
+
+
 class OnnxStageModel:
     """An encoder / fusion graph on ONNX Runtime; requests run one by one (the graph's batch axis is
     the export's ``--max-batch``, each request already carries its own batch)."""
@@ -66,7 +78,7 @@ class OnnxStageModel:
 
         config, params, version = _setup(args)
         self.name = config["name"]
-        self.session = ort_session(version / params["favor.onnx_file"], _threads(params))
+        self.session = ort_session(version / params["favor.onnx_file"], _threads(params), _providers(args))
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.outputs = [o.name for o in self.session.get_outputs()]
 
@@ -100,7 +112,7 @@ class DecoderModel:
         manifest = json.loads((version / "manifest.json").read_text())
         self.cfg = FavorConfig.from_dict(manifest["config"])
         module, cls = DECODERS[manifest["stages"]["decoder"].get("kind", DYNAMO)].split(":")
-        session = ort_session(version / params["favor.onnx_file"], _threads(params))
+        session = ort_session(version / params["favor.onnx_file"], _threads(params), _providers(args))
         embedding = load_file(str(version / EMBED_FILE))["weight"]  # [V, D]
         self.inference = getattr(importlib.import_module(module), cls)(session, embedding, self.cfg)
         # the sequence batcher's candidate count bounds the caches an instance must hold
