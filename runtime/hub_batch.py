@@ -229,8 +229,6 @@ class BatchServer:
     def start(self, due: list[tuple[object, list[Window]]]) -> None:
         """Encode and fuse every due window (batched across streams), then prefill each caption and
         join it to the decode batch (or caption it alone when the decoder cannot batch)."""
-        if self.hub._baseline is None and any(s.realtime for s, _ in due):
-            self.warmup()
         jobs = [_Job(s, windows) for s, windows in due]
         t0 = time.perf_counter()
         visual = self._visual(jobs)

@@ -52,6 +52,9 @@ class Worker:
             streams = self._gather()
             for s in streams:
                 self._account(s)
+            if hub._baseline is None and any(s.realtime for s in streams):
+                with hub.engine_lock:  # while the first windows are being filmed, as favor-rt run does
+                    self.server.warmup()
             due = self._plan(streams)
             hints = self._hints(streams)
             if due or hints or self.server.busy():
