@@ -39,8 +39,9 @@ QUEUE_DELAY_US = 2000
 MAX_SEQUENCES = 8
 # A caption's KV cache is dropped when its stream sends nothing for this long (a client that died).
 SEQUENCE_IDLE_US = 60_000_000
-# Pipeline instances: windows of this many streams run through the BLS model at once (the stage
-# models batch them); on a 2-core CPU more would only contend.
+# BLS pipeline instances of the gpu variant: windows of this many streams in flight at once (the stage
+# models' dynamic batcher merges their calls up to --max-batch); the cpu variant has one (on 2 cores a
+# second would only contend for the same cores).
 PIPELINE_INSTANCES = 2
 
 
