@@ -287,6 +287,14 @@ def test_upload_limits(tiny_ckpt, hub, tmp_path, clips):
         assert_one_line_error(c.post("/v1/clips", json={"file": "x"}), 415, "multipart")
         bad = c.post("/v1/clips", files={"file": ("noise.mp4", os.urandom(600), "video/mp4")})
         assert_one_line_error(bad, 422, "cannot open")
+        # a chat request whose base64 clip decodes past the limit, then bodies past the request limit
+        big = "data:video/mp4;base64," + base64.b64encode(os.urandom(3000)).decode()
+        assert_one_line_error(chat(c, [video(big), QUESTION]), 413, "limit")
+        huge = json.dumps({"messages": [{"role": "user", "content": "x" * 200_000}]}).encode()
+        headers = {"content-type": "application/json"}
+        assert_one_line_error(c.post("/v1/chat/completions", content=huge, headers=headers), 413, "limit")
+        chunked = (huge[i:i + 8192] for i in range(0, len(huge), 8192))  # no Content-Length
+        assert_one_line_error(c.post("/v1/chat/completions", content=chunked, headers=headers), 413, "limit")
     assert not any(tmp_path.iterdir())  # nothing refused is left behind
 
 

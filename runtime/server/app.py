@@ -21,6 +21,7 @@ from runtime.server import chat, errors, streams
 from runtime.server.config import ServerConfig
 from runtime.server.metrics import Metrics
 from runtime.server.state import READY, ServerState
+from runtime.server.uploads import BodyLimit, body_limit
 
 PAGE = Path(__file__).parent / "static" / "index.html"
 
@@ -46,6 +47,7 @@ def create_app(config: ServerConfig | None = None, *, hub=None, backend: str | N
     app.state.server = state
     app.state.metrics = Metrics(state)
     errors.install(app)
+    app.add_middleware(BodyLimit, limit=body_limit(config.max_upload_bytes), upload_limit=config.max_upload_bytes)
     app.include_router(streams.router)
     app.include_router(chat.router)
 

@@ -29,6 +29,48 @@ _MIME_SUFFIX = {"audio/wav": ".wav", "audio/x-wav": ".wav", "audio/wave": ".wav"
                 "audio/mp4": ".m4a", "image/png": ".png", "image/jpeg": ".jpg"}
 
 
+# A request body may carry an upload base64-encoded in JSON (4 characters per 3 bytes) plus the rest
+# of the request (the question, multipart boundaries).
+BASE64_RATIO = 4 / 3
+BODY_OVERHEAD_BYTES = 64 * 1024
+
+
+def body_limit(upload_limit: int) -> int:
+    return int(upload_limit * BASE64_RATIO) + BODY_OVERHEAD_BYTES
+
+
+class BodyLimit:
+    """ASGI middleware: a request body above ``limit`` bytes is refused with 413 — at once when its
+    Content-Length says so, else as soon as the bytes read pass the limit (chunked uploads), before
+    they reach a parser or the disk."""
+
+    def __init__(self, app, limit: int, upload_limit: int):
+        self.app, self.limit, self.upload_limit = app, limit, upload_limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers", ())).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            from runtime.server.errors import error_response
+
+            return await error_response(413, too_large(self.upload_limit).message)(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:  # an HTTPException passes FastAPI's body parsing unchanged
+                    from starlette.exceptions import HTTPException
+
+                    raise HTTPException(413, too_large(self.upload_limit).message)
+            return message
+
+        await self.app(scope, limited, send)
+
+
 def too_large(limit: int) -> ApiError:
     return ApiError(413, f"upload is larger than the server's limit of {limit / (1 << 20):g} MiB "
                          "(favor-rt serve --max-upload-mb)")
