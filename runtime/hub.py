@@ -50,6 +50,9 @@ REPLAY_CAPTIONS = 32
 KEEP_ENDED_STREAMS = 64
 # The worker re-checks its streams at least this often while idle (seconds): stop / remove latency.
 IDLE_WAIT_S = 0.05
+# close() waits this long per stream for its capture thread (a network read may block until its timeout;
+# such a source is left to the daemon thread rather than holding up shutdown).
+CLOSE_JOIN_S = 1.0
 
 
 class Subscription:
@@ -333,6 +336,12 @@ class StreamHub:
         with self.cond:
             self.cond.notify_all()
         self._worker.join()
+        for s in list(self._ended.values()):  # sources the worker had no round left to close
+            if s.source is not None:
+                s.capture.join(CLOSE_JOIN_S)
+                if not s.capture.is_alive():
+                    s.source.close()
+                    s.source = None
         while self._jobs:
             _, fut = self._jobs.popleft()
             fut.set_exception(ValueError("the hub is closed"))

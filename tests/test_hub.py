@@ -286,3 +286,22 @@ def test_ask_decodes_beside_running_streams(backend, clips):
     assert got == want and pieces
     for clip, ev in zip(clips[:2], events, strict=True):
         assert [e["text"] for e in ev if e["type"] == "caption"] == single(backend, clip)
+
+
+def test_bench_streams_axis(tiny_ckpt, tmp_path):
+    """`favor-rt bench --streams 1,2`: one row per stream count with the counts adding up, and the
+    table, csv, jsonl and plot written."""
+    from rich.console import Console
+
+    from runtime import bench
+
+    cells = bench.main(preset="tiny", model=tiny_ckpt, backends=["torch"], fps_values=[10.0], window_values=[3],
+                       clip=None, seconds=20.0, max_new_tokens=TOKENS, out=tmp_path, max_windows=2,
+                       console=Console(file=open(os.devnull, "w")), streams=[1, 2], max_latency=30.0)
+    assert [c.streams for c in cells] == [1, 2]
+    for c in cells:
+        assert not c.errors and c.windows >= 2 * c.streams
+        assert c.captioned + c.dropped_late + c.dropped_overflow == c.windows
+        assert c.sustained == (c.captioned == c.windows and c.worst_stream_p95 <= 30.0)
+    for suffix in (".md", ".csv", ".jsonl", ".png"):
+        assert (tmp_path / f"bench_streams_tiny{suffix}").stat().st_size > 0
