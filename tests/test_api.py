@@ -50,8 +50,8 @@ def test_api_returns_what_the_cli_prints(engine, tiny_ckpt, tmp_path):
     assert [(c.start, c.end, c.text) for c in caps] == [(x["start"], x["end"], x["text"]) for x in rows]
     printed = [ln for ln in r.stdout.splitlines() if ln.startswith("[")]
     assert [ln.split("] ", 1)[1] for ln in printed] == [c.text for c in caps]
-    # module-level convenience over the same model path: the same captions
-    assert [c.text for c in favor.caption(str(clip), model=tiny_ckpt, max_new_tokens=3)] == [c.text for c in caps]
+    # the module-level convenience over the same engine: the same captions
+    assert [c.text for c in favor.caption(str(clip), model=engine, max_new_tokens=3)] == [c.text for c in caps]
 
 
 def test_stream_yields_captions_as_they_are_produced(engine):
