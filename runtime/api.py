@@ -191,13 +191,15 @@ class Engine:
 def load(path: str | os.PathLike | None = None, *, backend: str = "auto", fps: float | None = None,
          window: int | None = None, threads: str | int | None = None, cache: bool = True,
          cache_dir: str | os.PathLike | None = None, autotune: bool = True, say=None,
-         verbose: bool = False, url: str | None = None) -> Engine:
+         verbose: bool = False, url: str | None = None, max_batch: int = 1) -> Engine:
     """A model ready to caption: a checkpoint (compiled once into the bundle cache unless ``cache`` is
     False), an exported bundle, or None for the demo model. ``backend``: auto | torch | onnxruntime |
     tensorrt | triton (the stages on the Triton server at ``url``, runtime/triton_backend.py).
     ``fps`` / ``window`` override the checkpoint's timing (a bundle's is fixed). ``say`` receives export
     progress (runtime.bundle_cache.ExportView). Library warnings and progress bars are silenced unless
-    ``verbose`` (favor.quiet); ``threads=N`` also sets torch's thread count.
+    ``verbose`` (favor.quiet); ``threads=N`` also sets torch's thread count. ``max_batch`` > 1: a
+    checkpoint's bundle is exported with a batch axis that wide (a StreamHub batches the audio encoder
+    and fusion of that many streams in one call; the bundle cache keys on it).
     ValueError (one line) for a missing model, an unknown backend or bad threads."""
     from favor.quiet import quiet_libraries
 
@@ -214,7 +216,11 @@ def load(path: str | os.PathLike | None = None, *, backend: str = "auto", fps: f
     model = Path(path) if path is not None else default_model_path()
     if not model.exists():
         raise ValueError(f"{model}: model not found (pass a checkpoint or bundle path, or set ${MODEL_ENV})")
-    policy = Policy(None if cache_dir is None else Path(cache_dir), cache, autotune, say=say, verbose=verbose)
+    from export.options import ExportOptions
+
+    options = None if max_batch == 1 else ExportOptions(max_batch=max_batch)  # ValueError below 1
+    policy = Policy(None if cache_dir is None else Path(cache_dir), cache, autotune, options=options, say=say,
+                    verbose=verbose)
     engine = make_backend(backend, model, fps, window, threads=threads, policy=policy, url=url)
     return Engine(engine, model, fps)
 
