@@ -470,4 +470,4 @@ def test_serve_command_binds_loopback_quietly_and_stops_on_sigint(tiny_ckpt, cli
     # quiet: our start and stop lines only (no access log, no library warnings, no traceback)
     lines = err.strip().splitlines()
     assert lines[0].startswith(f"favor-rt serve: http://127.0.0.1:{port}/"), err
-    assert lines[1:] == ["favor-rt serve: stopped"], err
+    assert lines[1:] == ["favor-rt serve: ready (torch)", "favor-rt serve: stopped"], err

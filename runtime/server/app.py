@@ -26,11 +26,13 @@ from runtime.server.uploads import BodyLimit, body_limit
 PAGE = Path(__file__).parent / "static" / "index.html"
 
 
-def create_app(config: ServerConfig | None = None, *, hub=None, backend: str | None = None) -> FastAPI:
+def create_app(config: ServerConfig | None = None, *, hub=None, backend: str | None = None,
+               console=None) -> FastAPI:
     """The server over ``config``. ``hub``: an already running StreamHub (tests; left open at shutdown);
-    without one the model is loaded in the background when the app starts (``/health`` says loading)."""
+    without one the model is loaded in the background when the app starts (``/health`` says loading).
+    ``console``: where the command shows the export's progress and the ready line."""
     config = config or ServerConfig()
-    state = ServerState(config, hub=hub, backend=backend)
+    state = ServerState(config, hub=hub, backend=backend, console=console)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

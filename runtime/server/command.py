@@ -92,7 +92,7 @@ def run(config: ServerConfig, err: Console) -> None:
 
     from runtime.server.app import create_app
 
-    app = create_app(config)
+    app = create_app(config, console=err)
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port,
                                            log_level="info" if config.verbose else "warning",
                                            access_log=config.verbose, lifespan="on",

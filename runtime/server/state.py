@@ -17,12 +17,13 @@ from runtime.server.errors import ApiError
 LOADING, READY, FAILED = "loading", "ready", "error"
 
 
-def load_hub(config: ServerConfig):
-    """(hub, backend description): the engine through the Python API, then a StreamHub over it."""
+def load_hub(config: ServerConfig, say=None):
+    """(hub, backend description): the engine through the Python API, then a StreamHub over it.
+    ``say``: receives a first-run export's progress (runtime.bundle_cache.ExportView)."""
     import favor
     from runtime.hub import StreamHub
 
-    engine = favor.load(config.model, backend=config.backend, url=config.url, verbose=config.verbose)
+    engine = favor.load(config.model, backend=config.backend, url=config.url, verbose=config.verbose, say=say)
     return StreamHub(engine, max_streams=config.max_streams), backend_name(engine)
 
 
@@ -41,8 +42,9 @@ class ServerState:
     """Holds the hub once loaded; ``hub`` raises 503 until then. ``owns_hub``: close it at shutdown
     (a hub handed in by a test is the test's)."""
 
-    def __init__(self, config: ServerConfig, hub=None, backend: str | None = None):
+    def __init__(self, config: ServerConfig, hub=None, backend: str | None = None, console=None):
         self.config = config
+        self.console = console  # a rich Console for the export's progress and the ready line (the command's)
         self._hub, self.backend = hub, backend
         self.owns_hub = hub is None
         self.status = READY if hub is not None else LOADING
@@ -60,12 +62,25 @@ class ServerState:
             self._loader.start()
 
     def _load(self) -> None:
+        from rich.markup import escape
+
+        view = None
+        if self.console is not None:
+            from runtime.bundle_cache import ExportView
+
+            view = ExportView(self.console)  # prints only when the checkpoint is not compiled yet
         try:
-            self._hub, self.backend = load_hub(self.config)
+            self._hub, self.backend = load_hub(self.config, say=view)
             self.status = READY
         except Exception as e:  # any failure is reported on /health and by every model route
             self.error = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
             self.status = FAILED
+        finally:
+            if view is not None:
+                view.close()
+        if self.console is not None:
+            self.console.print(escape(f"favor-rt serve: ready ({self.backend})" if self.status == READY
+                                      else f"error: the model failed to load: {self.error}"), highlight=False)
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         if self._loader is not None:
