@@ -293,6 +293,11 @@ def test_pipeline_model_and_sequence_release(server, bundle):
     result = client.infer(configs.PIPELINE, inputs)
     assert result.as_numpy("text")[0].decode() == expected.text
     assert result.as_numpy("tokens").tolist() == expected.tokens
+    audio_only = backend.caption(PROMPT, backend.fuse(None, backend.encode_audio(mel), None), 6)
+    result = client.infer(configs.PIPELINE, [inputs[0], *inputs[2:]])  # no pixels: a sound-only window
+    assert result.as_numpy("tokens").tolist() == audio_only.tokens
+    with pytest.raises(Exception, match="a window needs mel"):
+        client.infer(configs.PIPELINE, inputs[2:])
     transport = ClientTransport(server.http_url)
     seq = SequenceInference(transport, eos_token_id=2)
     logits, cid = seq.prefill(torch.randn(1, 5, 48), torch.ones(1, 5))
