@@ -53,7 +53,7 @@ def _state(request: Request):
 
 
 def _active(hub) -> int:
-    return sum(1 for s in hub.streams() if s.get("state") not in ("ended", "removed", "error"))
+    return sum(1 for s in hub.streams() if s.get("state") == "running")
 
 
 def _add(state, source: str, **kw) -> str:
