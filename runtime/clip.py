@@ -1,10 +1,9 @@
-"""A whole clip -> one answer: the glue favor-eval's question answering, ``Engine.ask``, the server's
-chat endpoint and the stream hub share (written once, here).
+"""A whole clip -> one answer: the glue ``Engine.ask``, the server's chat endpoint and the stream hub
+share (written once, here), giving favor-eval's answers (same decode, same AV embeddings; tested).
 
-    load_clip(path, cfg)                  media as training/eval decode it (training/data.py ``_decode``):
-                                          audio = the first 30 s (zero-padded to MIN_AUDIO_SECONDS, to 30 s
-                                          when cfg.audio.pad_to_30s), frames at cfg.timing.video_fps up to
-                                          cfg.timing.max_frames
+    load_clip(path, cfg)                  media as training and favor-eval decode it (favor.clip_media:
+                                          the first 30 s of audio, frames at cfg.timing.video_fps up to
+                                          cfg.timing.max_frames)
     clip_embeddings(backend, clip, q)     -> AV embeddings [A, D]: every window of the clip in one fusion call
     ask_clip(backend, path, q)            -> the answer text (greedy, the runtime's one decode loop)
 
@@ -19,19 +18,14 @@ A AV rows (windows x Nq), D LLM width.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from favor import media
+from favor.clip_media import decode_clip
 from favor.config import FavorConfig
-
-# The release dataset's rule (training/data.py DataOptions.min_audio_seconds): shorter audio is
-# zero-padded to this many seconds before the mel, so eval and ask see the same features.
-MIN_AUDIO_SECONDS = 3.0
 
 
 @dataclass
@@ -40,39 +34,28 @@ class ClipMedia:
     pixels: torch.Tensor | None  # [T, 3, S, S] preprocessed frames; None: no video stream
 
 
-def _has_stream(path: str, kind: str) -> bool:
+def _streams(path: str) -> set[str]:
     import av
 
     try:
         with av.open(path) as c:
-            return bool(getattr(c.streams, kind))
+            return {s.type for s in c.streams}
     except av.FFmpegError as e:
         reason = getattr(e, "strerror", None) or str(e)
         raise ValueError(f"{path}: cannot open as a media file ({reason})") from None
 
 
-def load_clip(path: str | os.PathLike, cfg: FavorConfig, min_audio_seconds: float = MIN_AUDIO_SECONDS
-              ) -> ClipMedia:
-    """The clip's audio and frames, decoded exactly as favor-eval decodes a video sample."""
+def load_clip(path: str | os.PathLike, cfg: FavorConfig) -> ClipMedia:
+    """The clip's audio and frames, decoded by favor.clip_media.decode_clip: exactly as favor-eval
+    decodes a video sample whose sound is its own track."""
     path = str(path)
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such media file" + (" (a directory)" if os.path.isdir(path) else ""))
-    t = cfg.timing
-    mel = pixels = None
-    if _has_stream(path, "audio"):
-        sr = t.sample_rate
-        audio = media.load_audio(path, sr)[: t.whisper_chunk_seconds * sr]  # release: first 30 s only
-        min_samples = math.ceil(min_audio_seconds * sr)
-        if audio.shape[0] < min_samples:
-            audio = media.pad_or_trim(audio, min_samples)
-        pad = t.whisper_chunk_seconds * sr if cfg.audio.pad_to_30s else None
-        mel = media.log_mel_spectrogram(audio, cfg.audio.n_mels, t, pad_to_samples=pad)  # [M, Tm]
-    if _has_stream(path, "video"):
-        frames, _ = media.load_frames(path, t.video_fps, max_frames=t.max_frames)  # [T, H, W, 3]
-        pixels = media.preprocess_frames(frames, cfg.visual.image_size)  # [T, 3, S, S]
-    if mel is None and pixels is None:
+    kinds = _streams(path)
+    if not kinds & {"audio", "video"}:
         raise ValueError(f"{path}: no audio or video stream to answer about")
-    return ClipMedia(mel, pixels)
+    mel, pixels = decode_clip(cfg, path if "audio" in kinds else None, path if "video" in kinds else None)
+    return ClipMedia(mel, pixels)  # [M, Tm], [T, 3, S, S]
 
 
 def clip_embeddings(backend, clip: ClipMedia, question: str) -> torch.Tensor:

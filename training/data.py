@@ -11,7 +11,6 @@ Notation: T frames, S image side, M mel bins, Tm mel frames (100 Hz).
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 
 from favor import media
+from favor.clip_media import MIN_AUDIO_SECONDS, decode_clip
 from favor.config import FavorConfig
 from training.manifest import check_media, parse_manifest
 from training.pairing import PairingOptions, Plan, pair
@@ -30,7 +30,7 @@ from training.pairing import PairingOptions, Plan, pair
 class DataOptions:
     skip_bad: bool = False  # True: unusable samples are skipped and counted instead of raising
     validate: bool = True  # probe every file's streams when the dataset is built (no decoding)
-    min_audio_seconds: float = 3.0  # release dataset: shorter audio zero-padded to 3 s
+    min_audio_seconds: float = MIN_AUDIO_SECONDS  # release dataset: shorter audio zero-padded to 3 s
     pairing: PairingOptions = field(default_factory=PairingOptions)
 
 
@@ -84,24 +84,9 @@ class ManifestDataset(torch.utils.data.Dataset):
             raise ValueError(f"{plan.entry.where(self.manifest)}: {e} (set skip_bad: true to skip)") from None
 
     def _decode(self, plan: Plan) -> dict:
-        cfg, timing = self.cfg, self.cfg.timing
-        mel = pixels = None
-        if plan.audio is not None:
-            sr = timing.sample_rate
-            audio = media.load_audio(plan.audio, sr)
-            audio = audio[: timing.whisper_chunk_seconds * sr]  # release: first 30 s only
-            min_samples = math.ceil(self.options.min_audio_seconds * sr)
-            if audio.shape[0] < min_samples:
-                audio = media.pad_or_trim(audio, min_samples)
-            # pad_to_30s pads the waveform (not the mel) so the release's features are reproduced exactly
-            pad = timing.whisper_chunk_seconds * sr if cfg.audio.pad_to_30s else None
-            mel = media.log_mel_spectrogram(audio, cfg.audio.n_mels, timing, pad_to_samples=pad)  # [M, Tm]
-        if plan.visual is not None:
-            if plan.is_image:
-                frames = media.load_image(plan.visual)  # [H, W, 3]
-            else:
-                frames, _ = media.load_frames(plan.visual, timing.video_fps, max_frames=timing.max_frames)
-            pixels = media.preprocess_frames(frames, cfg.visual.image_size)  # [T, 3, S, S]
+        # the one decode rule of training, favor-eval and the runtime's whole-clip answers
+        mel, pixels = decode_clip(self.cfg, plan.audio, plan.visual, plan.is_image,
+                                  self.options.min_audio_seconds)  # [M, Tm], [T, 3, S, S]
         return {
             "mel": mel, "pixels": pixels, "is_image": plan.is_image,
             "modality_mask": torch.tensor(plan.modality_mask, dtype=torch.float32),
