@@ -158,6 +158,27 @@ def test_eight_concurrent_offline_clips_over_loopback_lose_no_caption(live, hub,
         assert all(c["stream"] == sid and c["text"] for c in caps)
 
 
+def test_eight_live_streams_over_loopback_account_for_every_window(live, hub):
+    """Realtime: a window is captioned or counted as dropped (the hub's latency bound, tests/test_hub.py),
+    never lost; each client receives every caption the hub made for its stream."""
+    graph = ("lavfi:testsrc=size=64x48:rate=10:duration=2[out0];"
+             "sine=frequency={f}:sample_rate=16000:duration=2[out1]")
+
+    def one(i: int) -> tuple[str, list[dict]]:
+        with httpx.Client(base_url=live, timeout=HTTP_TIMEOUT_S) as h:
+            sid = h.post("/v1/streams", json={"source": graph.format(f=300 + 50 * i)}).json()["id"]
+        return sid, follow(live, sid)
+
+    with ThreadPoolExecutor(STREAMS) as pool:
+        results = list(pool.map(one, range(STREAMS)))
+    rows = {row["id"]: row for row in httpx.get(f"{live}/v1/streams").json()["streams"]}
+    for sid, events in results:
+        caps, row = captions(events), rows[sid]
+        assert events[-1]["reason"] == "eof" and row["windows"] >= 6  # 2 s = 20 slots, 3 per window
+        assert len(caps) == row["captions"]
+        assert sum(len(c["windows"]) for c in caps) + row["dropped"] == row["windows"]
+
+
 def test_a_client_leaving_mid_stream_hurts_no_other(live, hub, clips):
     long_graph = "lavfi:testsrc=size=64x48:rate=10:duration=4[out0];sine=frequency=440:duration=4[out1]"
     with httpx.Client(base_url=live, timeout=HTTP_TIMEOUT_S) as h:
@@ -421,6 +442,7 @@ def test_metrics_parse_and_count_what_was_served(client, clips):
     (["--port", "70000"], ("--port",)),
     (["--max-streams", "0"], ("--max-streams",)),
     (["--max-upload-mb", "0"], ("--max-upload-mb",)),
+    (["--max-latency", "-1"], ("--max-latency",)),
     (["--backend", "nope"], ("--backend", "triton")),
     (["--backend", "triton"], ("--url",)),
     (["--url", "localhost:8000"], ("--url", "--backend auto")),

@@ -41,6 +41,8 @@ def check(config: ServerConfig, backends: tuple[str, ...]) -> None:
     check_number("--port", config.port, 1, MAX_PORT, integer=True)
     check_number("--max-streams", config.max_streams, 1, None, integer=True)
     check_number("--max-upload-mb", config.max_upload_bytes / MIB, 0, None, lo_open=True)
+    if config.max_latency is not None:
+        check_number("--max-latency", config.max_latency, 0, None, lo_open=True)
     if config.backend not in backends:
         raise ValueError(f"--backend ({config.backend!r}) must be one of {', '.join(backends)}")
     if config.backend == "triton" and not config.url:
@@ -64,6 +66,9 @@ def serve(
     max_streams: Annotated[int, typer.Option(help="streams served at once (more: HTTP 429)")] = DEFAULT_MAX_STREAMS,
     max_upload_mb: Annotated[float, typer.Option(help="largest uploaded clip in MiB (more: HTTP 413)")]
         = DEFAULT_MAX_UPLOAD_MB,
+    max_latency: Annotated[float | None, typer.Option(
+        help="seconds from a window's end to its caption, per live stream (default: one window, raised to "
+             "the device's cost per window if slower)")] = None,
     verbose: VerboseOption = False,
 ) -> None:
     """Serve many streams over HTTP: captions over SSE / WebSocket, an OpenAI-style chat endpoint,
@@ -78,7 +83,7 @@ def serve(
 
         model = default_model_path()
     config = ServerConfig(model=model, backend=backend, url=url, host=host, port=port, max_streams=max_streams,
-                          max_upload_bytes=int(max_upload_mb * MIB), verbose=verbose)
+                          max_upload_bytes=int(max_upload_mb * MIB), max_latency=max_latency, verbose=verbose)
     try:
         check(config, BACKENDS)
     except ValueError as e:

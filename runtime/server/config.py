@@ -24,6 +24,7 @@ class ServerConfig:
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     max_streams: int = DEFAULT_MAX_STREAMS
+    max_latency: float | None = None  # seconds, window close -> caption, per live stream (None: one window, adaptive)
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_MB * MIB
     upload_dir: Path | None = None  # None: a temporary directory removed at shutdown
     default_max_tokens: int = 48  # chat completions without max_tokens (as model.ask)

@@ -24,7 +24,7 @@ def load_hub(config: ServerConfig, say=None):
     from runtime.hub import StreamHub
 
     engine = favor.load(config.model, backend=config.backend, url=config.url, verbose=config.verbose, say=say)
-    return StreamHub(engine, max_streams=config.max_streams), backend_name(engine)
+    return StreamHub(engine, max_streams=config.max_streams, max_latency=config.max_latency), backend_name(engine)
 
 
 def backend_name(engine) -> str:
