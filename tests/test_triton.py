@@ -272,6 +272,7 @@ def test_pipeline_model_and_sequence_release(server, bundle):
     """The BLS pipeline gives the caption the client-side stage calls give; an ended sequence's KV
     cache is gone; beam search is refused; gRPC answers like HTTP."""
     import tritonclient.http as http
+    from tritonclient.utils import InferenceServerException
 
     from runtime.backends import make_backend
     from runtime.triton_backend import DECODER, ClientTransport, SequenceInference
@@ -296,7 +297,7 @@ def test_pipeline_model_and_sequence_release(server, bundle):
     audio_only = backend.caption(PROMPT, backend.fuse(None, backend.encode_audio(mel), None), 6)
     result = client.infer(configs.PIPELINE, [inputs[0], *inputs[2:]])  # no pixels: a sound-only window
     assert result.as_numpy("tokens").tolist() == audio_only.tokens
-    with pytest.raises(Exception, match="a window needs mel"):
+    with pytest.raises(InferenceServerException, match="a window needs mel"):
         client.infer(configs.PIPELINE, inputs[2:])
     transport = ClientTransport(server.http_url)
     seq = SequenceInference(transport, eos_token_id=2)
