@@ -155,6 +155,34 @@ def _open_stream(spec: str, timeout: float) -> av.container.InputContainer:
     return av.open(spec, options=options, timeout=timeout)
 
 
+_ALSA_ERROR_HANDLER = None  # kept alive: libasound calls it for every message
+
+
+def _quiet_alsa() -> None:
+    """libasound prints its own diagnostics ("ALSA lib ... Unknown PCM") straight to stderr; the open's
+    one-line SourceError already says what failed, so they are silenced (FAVOR_VERBOSE_ALSA=1 keeps them).
+    The handler is set on the libasound PyAV loaded (its wheel bundles one), else the system's."""
+    global _ALSA_ERROR_HANDLER
+    if _ALSA_ERROR_HANDLER is not None or os.environ.get("FAVOR_VERBOSE_ALSA"):
+        return
+    import ctypes
+    import ctypes.util
+    import glob
+
+    bundled = glob.glob(os.path.join(os.path.dirname(os.path.dirname(av.__file__)), "av.libs", "libasound*"))
+    name = bundled[0] if bundled else ctypes.util.find_library("asound")
+    if name is None:
+        return
+    try:
+        lib = ctypes.CDLL(name)
+    except OSError:
+        return
+    handler_type = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int,
+                                    ctypes.c_char_p)
+    _ALSA_ERROR_HANDLER = handler_type(lambda *args: None)
+    lib.snd_lib_error_set_handler(_ALSA_ERROR_HANDLER)
+
+
 def _open_device(spec: str, kind: str, timeout: float) -> av.container.InputContainer:
     """A microphone through libavdevice (ALSA or PulseAudio); its timestamps are wall-clock capture times."""
     fmt = DEVICE_FORMATS[kind]
@@ -165,6 +193,8 @@ def _open_device(spec: str, kind: str, timeout: float) -> av.container.InputCont
         raise SourceError(f"{spec}: name a device after '{kind}:' (e.g. {kind}:default)")
     if kind == "alsa" and "ALSA_CONFIG_PATH" not in os.environ and os.path.isfile(SYSTEM_ALSA_CONF):
         os.environ["ALSA_CONFIG_PATH"] = SYSTEM_ALSA_CONF
+    if kind == "alsa":
+        _quiet_alsa()
     return av.open(name, format=fmt, timeout=timeout)
 
 
@@ -206,7 +236,10 @@ def _open_container(spec: str, kind: str, timeout: float = NETWORK_TIMEOUT_S
         reason = getattr(e, "strerror", None) or str(e)
         if kind in ("stream", "camera", *DEVICE_FORMATS) and time.monotonic() - t0 >= TIMED_OUT_FRACTION * timeout:
             raise SourceError(f"{spec}: timed out: no data within {timeout:g} s (--timeout)") from None
-        raise SourceError(f"{spec}: cannot open as {kind} input ({reason})") from None
+        hint = ""
+        if kind == "alsa" and spec.startswith("hw:"):  # hw: takes only the card's own rates and layouts
+            hint = f"; plug{spec} converts rate and channels (list cards with arecord -l)"
+        raise SourceError(f"{spec}: cannot open as {kind} input ({reason}){hint}") from None
 
 
 class MediaSource:
