@@ -246,13 +246,19 @@ def test_uploaded_clip_is_captioned_then_deleted(client, clips, uploads):
     wait_for(lambda: not any(uploads.iterdir()), what="the upload to be deleted")
 
 
-def test_remove_ends_the_stream_for_its_listeners(client):
+def test_remove_ends_the_stream_for_its_listeners(live):
     graph = "lavfi:testsrc=size=64x48:rate=10:duration=30[out0]"
-    sid = client.post("/v1/streams", json={"source": graph, "name": "cam"}).json()["id"]
-    assert client.get(f"/v1/streams/{sid}").json()["name"] == "cam"
-    assert client.delete(f"/v1/streams/{sid}").json() == {"id": sid, "removed": True}
-    with client.stream("GET", f"/v1/streams/{sid}/events") as r:
-        assert r.status_code == 404  # removed streams are forgotten
+    with httpx.Client(base_url=live, timeout=HTTP_TIMEOUT_S) as h:
+        sid = h.post("/v1/streams", json={"source": graph, "name": "cam"}).json()["id"]
+        assert h.get(f"/v1/streams/{sid}").json()["name"] == "cam"
+        with h.stream("GET", f"/v1/streams/{sid}/events") as r:
+            lines = r.iter_lines()
+            while not next(lines).startswith("data:"):  # listening: the first event arrived
+                pass
+            assert h.delete(f"/v1/streams/{sid}").json() == {"id": sid, "removed": True}
+            end = sse(lines)[-1]
+        assert end == {"type": "end", "stream": sid, "reason": "removed", "error": None}
+        assert_one_line_error(h.get(f"/v1/streams/{sid}"), 404, sid)  # removed streams are forgotten
 
 
 # -- errors ----------------------------------------------------------------------------------------
@@ -320,7 +326,6 @@ def test_upload_limits(tiny_ckpt, hub, tmp_path, clips):
 
 
 def test_loading_model_answers_503_then_ready(tiny_ckpt, tmp_path):
-    pytest.importorskip("runtime.api", reason="favor.load (runtime/api.py) is not in this tree")
     app = create_app(ServerConfig(model=tiny_ckpt, backend="torch", upload_dir=tmp_path))
     with TestClient(app) as c:
         early = c.get("/health")
