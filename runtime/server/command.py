@@ -53,6 +53,15 @@ def check(config: ServerConfig, backends: tuple[str, ...]) -> None:
         raise ValueError(f"{config.model}: model not found (pass --model PATH or set $FAVOR_MODEL)")
 
 
+def check_installed() -> None:
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn", "python_multipart", "prometheus_client", "websockets")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ValueError(f"favor-rt serve needs {', '.join(missing)}: pip install 'favor-rt[serve]'")
+
+
 def serve(
     model: Annotated[Path | None, typer.Option(help="FAVOR checkpoint or exported bundle "
                                                     "(default: the demo model)")] = None,
@@ -86,6 +95,7 @@ def serve(
                           max_upload_bytes=int(max_upload_mb * MIB), max_latency=max_latency, verbose=verbose)
     try:
         check(config, BACKENDS)
+        check_installed()
     except ValueError as e:
         err.print(f"[bold red]error:[/] {escape(str(e))}")
         raise typer.Exit(EXIT_USAGE) from None
