@@ -20,7 +20,7 @@ Two ways to merge, picked by what the inputs are:
 
 A full queue drops the oldest item (counted in ``dropped``), as a live ring does: a slow consumer loses
 media, never stalls a device. Capture-device audio arrives in periods whose timestamps jitter by a few
-milliseconds; chunks within ``AUDIO_SLACK_S`` of where the last one ended are placed contiguously (the
+milliseconds; chunks within ``DEVICE_AUDIO_SLACK_S`` of where the last one ended are placed contiguously (the
 samples of a capture device are contiguous unless it overran; a larger jump is kept as a real gap).
 
 The video input's own sound track, if it has one, is not used: the user named the sound explicitly
@@ -34,7 +34,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 
-from runtime.sources import NETWORK_TIMEOUT_S, AudioChunk, Frame, MediaSource, source_kind
+from runtime.sources import DEVICE_AUDIO_SLACK_S, NETWORK_TIMEOUT_S, AudioChunk, Frame, MediaSource, source_kind
 
 # A first timestamp within this many seconds of time.time() is taken as a wall-clock capture time
 # (device inputs); media clocks start near 0 and network clocks are arbitrary, never this close to now.
@@ -42,8 +42,6 @@ WALL_CLOCK_TOLERANCE_S = 60.0
 # Items in flight between the reader threads and the capture thread: ~2 s of a 30 FPS camera plus its
 # audio periods; the consumer only hands them to the window assembler, so a full queue means it stalled.
 QUEUE_ITEMS = 256
-# Capture-device audio periods jitter by a few ms around their true start: contiguous within this slack.
-AUDIO_SLACK_S = 0.05
 # Live: the stream ends with its video (a microphone never ends); audio for the last window may arrive
 # up to one capture period after the last frame, so it is awaited this long (seconds).
 END_AUDIO_WAIT_S = 1.0
@@ -71,7 +69,7 @@ class _Clock:
             if delay > 0:
                 self.stop.wait(delay)
         if isinstance(item, AudioChunk):
-            if self.audio_end is not None and abs(t - self.audio_end) <= AUDIO_SLACK_S:
+            if self.audio_end is not None and abs(t - self.audio_end) <= DEVICE_AUDIO_SLACK_S:
                 t = self.audio_end
             self.audio_end = t + item.samples.size / sample_rate
         item.t = t

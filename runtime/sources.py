@@ -82,6 +82,9 @@ ALSA_DEVICE = re.compile(r"(plug)?hw:[\w=,.]+")
 # file is used instead unless $ALSA_CONFIG_PATH says otherwise.
 SYSTEM_ALSA_CONF = "/usr/share/alsa/alsa.conf"
 DEVICE_FORMATS = {"alsa": "alsa", "pulse": "pulse"}
+# A capture device's samples are contiguous unless it overran, but each period is stamped with the wall
+# time it was read (scheduling jitter of a few ms): chunks within this of the previous end are contiguous.
+DEVICE_AUDIO_SLACK_S = 0.05
 
 
 def source_kind(spec: str) -> str:
@@ -324,9 +327,13 @@ class MediaSource:
         """A chunk's start time, snapped to where the previous chunk ended when it is within one tick
         of the audio stream's time base (+ one sample) of it: containers round timestamps to their time
         base (1 ms in Matroska, 16 samples at 16 kHz), which is not a gap; offline decoding, which
-        concatenates the samples, sees none either. A larger difference is a real gap or overlap."""
+        concatenates the samples, sees none either. A larger difference is a real gap or overlap.
+        A microphone's periods are stamped when read, jittering by milliseconds: DEVICE_AUDIO_SLACK_S."""
         tick = float(self.audio.time_base) if self.audio.time_base else 0.0
-        if self._next_t is None or abs(t - self._next_t) > tick + 1.0 / self.sample_rate:
+        slack = tick + 1.0 / self.sample_rate
+        if self.kind in DEVICE_FORMATS:  # capture periods are stamped with the time they were read
+            slack = max(slack, DEVICE_AUDIO_SLACK_S)
+        if self._next_t is None or abs(t - self._next_t) > slack:
             self._next_t = t
         return self._next_t
 
