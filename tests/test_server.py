@@ -381,6 +381,8 @@ def test_streamed_chat_completion_adds_up_to_the_answer(client, clips):
     deltas = [c["choices"][0]["delta"] for c in chunks]
     assert deltas[0]["role"] == "assistant"
     assert "".join(d.get("content", "") for d in deltas) == plain
+    # token by token: the tiny tokenizer is word-level, so each word of the answer is its own chunk
+    assert len(plain.split()) >= 2 and sum(1 for d in deltas if d.get("content")) == len(plain.split())
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
     assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
 

@@ -5,7 +5,6 @@ hub's worker between stream batches (one engine, one worker)."""
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import time
 
@@ -23,26 +22,19 @@ def _state(request: Request):
     return request.app.state.server
 
 
-def _takes_on_token(hub) -> bool:
-    try:
-        return "on_token" in inspect.signature(hub.ask).parameters
-    except (TypeError, ValueError):
-        return False
+def _ask(hub, q: openai.Question, on_token=None) -> tuple[str, int]:
+    """(answer, tokens decided); 422 for an unusable source. ``on_token(piece)``: each token's text, on
+    the hub's worker thread."""
+    count = 0
 
-
-def _ask(hub, q: openai.Question, on_token=None) -> tuple[str, int | None]:
-    """(answer, tokens decided or None when the hub does not report them); 422 for an unusable source."""
-    count = [0]
-
-    def counted(piece) -> None:
-        count[0] += 1
+    def counted(piece: str) -> None:
+        nonlocal count
+        count += 1
         if on_token is not None:
             on_token(piece)
 
     try:
-        if _takes_on_token(hub):
-            return hub.ask(q.source, q.text, max_new_tokens=q.max_tokens, on_token=counted), count[0]
-        return hub.ask(q.source, q.text, max_new_tokens=q.max_tokens), None
+        return hub.ask(q.source, q.text, max_new_tokens=q.max_tokens, on_token=counted), count
     except ValueError as e:
         raise ApiError(422, str(e)) from None
     finally:
@@ -50,34 +42,20 @@ def _ask(hub, q: openai.Question, on_token=None) -> tuple[str, int | None]:
             q.temporary.unlink(missing_ok=True)
 
 
-def _finish_reason(tokens: int | None, q: openai.Question) -> str:
-    return "length" if tokens is not None and tokens >= q.max_tokens else "stop"
+def _finish_reason(tokens: int, q: openai.Question) -> str:
+    return "length" if tokens >= q.max_tokens else "stop"
 
 
-class Detokenizer:
-    """Text deltas from what the hub reports per token: a text piece as it is, or a token id (also as
-    ``(row, id)``) decoded incrementally (the whole prefix decoded, the new suffix sent), so the pieces
-    add up to the answer's text."""
+class Pieces:
+    """The token pieces sent so far; the answer's text starts without the tokenizer's leading space,
+    so the first piece is sent without it and the pieces add up to the answer."""
 
-    def __init__(self, tokenizer):
-        self.tokenizer, self.ids, self.text = tokenizer, [], ""
+    def __init__(self):
+        self.text = ""
 
-    def __call__(self, token) -> str:
-        if isinstance(token, tuple):
-            token = token[-1]
-        if isinstance(token, str):
-            piece = token if self.text else token.lstrip()
-            self.text += piece
-            return piece
-        if isinstance(token, dict):
-            return self(token.get("text", ""))
-        if self.tokenizer is None:
-            return ""
-        self.ids.append(int(token))
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True).lstrip()
-        if not text.startswith(self.text):  # a merge changed earlier characters: wait for stable text
-            return ""
-        piece, self.text = text[len(self.text):], text
+    def __call__(self, piece: str) -> str:
+        piece = piece if self.text else piece.lstrip()
+        self.text += piece
         return piece
 
 
@@ -115,8 +93,8 @@ async def _complete(body: openai.ChatRequest, state, done):
 
 
 async def _stream(hub, q: openai.Question, cid: str, model: str, done) -> StreamingResponse:
-    """SSE ``chat.completion.chunk``s: the role, one chunk per token (the whole answer in one chunk when
-    the hub reports no tokens), the finish reason, ``[DONE]``. Headers are sent only once the first
+    """SSE ``chat.completion.chunk``s: the role, one chunk per token (and any rest of the answer the
+    pieces did not cover), the finish reason, ``[DONE]``. Headers are sent only once the first
     token or the answer exists, so a source that cannot be opened is still a 4xx."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
@@ -124,11 +102,11 @@ async def _stream(hub, q: openai.Question, cid: str, model: str, done) -> Stream
     def put(kind: str, value) -> None:
         loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
 
-    pieces = Detokenizer(getattr(getattr(hub, "backend", None), "tokenizer", None))
+    pieces = Pieces()
 
     def run() -> None:
         try:
-            put("done", _ask(hub, q, on_token=lambda *token: put("token", pieces(token))))
+            put("done", _ask(hub, q, on_token=lambda piece: put("token", pieces(piece))))
         except BaseException as e:  # handed to the response: a 4xx before the first byte, else an error chunk
             put("error", e)
 
@@ -144,17 +122,15 @@ async def _stream(hub, q: openai.Question, cid: str, model: str, done) -> Stream
 
     async def body():
         yield data(openai.chunk(cid, model, created, {"role": "assistant", "content": ""}))
-        kind, value, streamed = first[0], first[1], False
+        kind, value = first
         while True:
             if kind == "token":
-                streamed = True
                 if value:
                     yield data(openai.chunk(cid, model, created, {"content": value}))
             elif kind == "done":
                 answer, tokens = value
-                rest = answer  # the pieces' text is a prefix of the answer; send what they did not cover
-                if streamed:
-                    rest = answer[len(pieces.text):] if answer.startswith(pieces.text) else ""
+                # the pieces' text is a prefix of the answer: send what they did not cover
+                rest = answer[len(pieces.text):] if answer.startswith(pieces.text) else ""
                 if rest:
                     yield data(openai.chunk(cid, model, created, {"content": rest}))
                 yield data(openai.chunk(cid, model, created, {}, _finish_reason(tokens, q)))
