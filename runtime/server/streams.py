@@ -57,11 +57,10 @@ def _active(hub) -> int:
 
 
 def _add(state, source: str, **kw) -> str:
-    """hub.add under the server's lock: 429 when full, 422 naming the problem for a bad source."""
+    """hub.add under the server's lock: 429 when full, 422 naming the problem for a bad source. The
+    count is checked here (the hub's own "full" is a plain ValueError, like a bad source's), and the
+    lock keeps it true until hub.add returns: only this server adds streams to its hub."""
     hub = state.hub
-    from runtime import hub as hub_module
-
-    full_error = getattr(hub_module, "HubFull", None)
     with state.add_lock:
         if _active(hub) >= state.config.max_streams:
             raise ApiError(429, f"too many streams: the server runs at most {state.config.max_streams} "
@@ -69,8 +68,6 @@ def _add(state, source: str, **kw) -> str:
         try:
             return hub.add(source, **kw)
         except ValueError as e:
-            if full_error is not None and isinstance(e, full_error):
-                raise ApiError(429, str(e)) from None
             raise ApiError(422, str(e)) from None
 
 
