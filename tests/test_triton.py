@@ -201,6 +201,42 @@ def test_open_triton_checks_url_and_config(bundle):
         open_triton(bundle, "localhost:1")  # nothing listens on port 1
 
 
+class _FakeTrtllm:
+    """Stands in for the tensorrt_llm model: records the request, answers with fixed ids."""
+
+    def __init__(self, answer: list[int]):
+        self.answer, self.requests = answer, []
+
+    def infer(self, model, inputs, outputs, sequence=None):
+        self.requests.append((model, inputs, sequence))
+        ids = np.array(self.answer, np.int32)[None, None]  # [1, beams, n]: exclude_input_in_output
+        return {"output_ids": ids, "sequence_length": np.array([[ids.shape[-1]]], np.int32)}
+
+
+def test_tensorrtllm_decoder_request(bundle):
+    """The tensorrtllm decoder path's request: prompt-table ids (AV rows as vocab + row), the rows as an
+    fp16 table, greedy, the answer cut at EOS (the engine itself is unverified here: no GPU)."""
+    from runtime.triton_backend import DECODER, TENSORRTLLM, TritonStages
+
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    llm = manifest["config"]["llm"]
+    fake = _FakeTrtllm([17, 23, llm["eos_token_id"], 40])
+    stages = TritonStages(bundle, manifest, fake, TENSORRTLLM)
+    av = torch.randn(6, llm["hidden"])
+    result = stages.caption(PROMPT, av, max_new_tokens=9)
+    assert result.tokens == [17, 23]
+    (model, feeds, sequence), = fake.requests
+    assert model == DECODER and sequence is None
+    ids = feeds["input_ids"][0]
+    assert feeds["input_ids"].dtype == np.int32 and int(feeds["input_lengths"][0, 0]) == len(ids)
+    assert sorted(ids[ids >= llm["vocab_size"]] - llm["vocab_size"]) == list(range(6))
+    table = feeds["prompt_embedding_table"]
+    assert table.dtype == np.float16 and table.shape == (1, 6, llm["hidden"])
+    torch.testing.assert_close(torch.from_numpy(table[0].astype(np.float32)), av, rtol=1e-3, atol=1e-3)  # fp16
+    assert int(feeds["prompt_vocab_size"][0, 0]) == 6 and int(feeds["runtime_top_k"][0, 0]) == 1
+    assert int(feeds["request_output_len"][0, 0]) == 9
+
+
 # -- a real tritonserver on the cpu repository -------------------------------------------------------
 @pytest.fixture(scope="module")
 def server(bundle, tmp_path_factory):
