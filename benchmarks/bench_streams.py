@@ -6,7 +6,8 @@
 Setting (issue 13's target): the demo model (favor/assets/demo/favor-demo.safetensors), 2 FPS x
 10-frame windows (5 s), every stream a live-paced copy of the same generated clip (camera-like
 320x240 at 25 FPS, with sound), the latency bound fixed at one window (``--max-latency 5`` for both
-arms: never raised, so an arm that cannot keep up shows it as drops).
+arms: never raised, so an arm that cannot keep up shows it as drops), no merging of late windows
+(``--max-merge 1`` for both: a caption covers one window, so captioned windows compare directly).
 
 Arms, per stream count N, run round-robin in the same invocation (each repeat alternates which arm
 goes first), each in its own process(es) so neither inherits the other's warm caches or threads:
@@ -14,7 +15,7 @@ goes first), each in its own process(es) so neither inherits the other's warm ca
               exported with max_batch 8
               (audio encoder and fusion take a batch axis), a StreamHub with N streams: windows of all
               streams through the encoders as batches, captions continuous-batched in the decoder
-  processes   N concurrent `favor-rt run CLIP --fps 2 --window 10 --max-latency 5 --jsonl ...`
+  processes   N concurrent `favor-rt run CLIP --fps 2 --window 10 --max-latency 5 --max-merge 1 --jsonl ...`
               processes on the default compiled bundle (batch 1), as a user would start them
   hub-serial  (with --arms hub-serial) the hub with batching off: streams interleaved, one caption
               at a time through Backend.caption; isolates what batching buys from sharing one process
@@ -112,7 +113,7 @@ def run_processes(clip: Path, n: int, model: Path, fps: float, window: int, boun
                   work: Path, threads: str | None) -> tuple[list[list[dict]], float, list[str]]:
     """N concurrent `favor-rt run` processes; their JSON lines are the captions."""
     cmd = [PY, "-m", "runtime", "run", str(clip), "--model", str(model), "--fps", f"{fps:g}", "--window",
-           str(window), "--max-latency", f"{bound:g}", "--max-new-tokens", str(tokens), "--no-live"]
+           str(window), "--max-latency", f"{bound:g}", "--max-merge", "1", "--max-new-tokens", str(tokens), "--no-live"]
     if threads:
         cmd += ["--threads", threads]
     outs = [work / f"proc{i}.jsonl" for i in range(n)]

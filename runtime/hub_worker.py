@@ -43,6 +43,13 @@ class Worker:
     # -- one round ----------------------------------------------------------------------------------
     def loop(self) -> None:
         hub = self.hub
+        if not hasattr(hub.backend, "model"):  # the stages run in ONNX Runtime / TensorRT, not torch
+            # torch does only small work here (frame resizing, log-mel, the token step over [B, V]
+            # logits); a 2-thread torch region beside ONNX Runtime's spinning workers measured ~50 ms
+            # per decode step on a loaded 2-core machine, 0.5 ms on one thread.
+            import torch
+
+            torch.set_num_threads(1)
         while True:
             self._run_jobs()
             self._reap()
