@@ -195,12 +195,13 @@ def synth(
 def pretrain_vit(
     output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="run directory")] = Path("runs/demo_vit"),
     preset: Annotated[str, typer.Option(help="model preset whose visual encoder is pretrained")] = "demo",
-    steps: Annotated[int, typer.Option(min=1, help="optimiser steps")] = 600,
-    batch_size: Annotated[int, typer.Option(min=1, help="frames per step")] = 32,
-    lr: Annotated[float, typer.Option(min=0.0, help="peak AdamW learning rate")] = 5e-4,
+    steps: Annotated[int, typer.Option(min=1, help="optimiser steps")] = 400,
+    batch_size: Annotated[int, typer.Option(min=1, help="frames per step")] = 16,
+    lr: Annotated[float, typer.Option(min=0.0, help="peak AdamW learning rate")] = 1e-3,
     seed: Annotated[int, typer.Option(min=0, help="seed of the train-split clips drawn")] = 0,
     heldout_manifest: Annotated[Path | None, typer.Option(
         help="a generated heldout split (JSONL): its decoded mp4 frames are scored at the end")] = None,
+    heldout_clips: Annotated[int, typer.Option(min=1, help="clips of --heldout-manifest scored")] = 40,
     workers: Annotated[int, typer.Option(min=0, help="frame-rendering worker processes")] = 1,
     resume: Annotated[bool, typer.Option("--resume", help="continue from the newest step_* in output_dir")]
     = False,
@@ -213,7 +214,8 @@ def pretrain_vit(
 
     try:
         pc = PretrainConfig(preset=preset, output_dir=str(output_dir), steps=steps, batch_size=batch_size, lr=lr,
-                            seed=seed, heldout_manifest=str(heldout_manifest) if heldout_manifest else None)
+                            seed=seed, heldout_manifest=str(heldout_manifest) if heldout_manifest else None,
+                            heldout_clips=heldout_clips)
         trainer = VitPretrainer(pc, resume=resume, num_workers=workers)
         trainer.setup()
         with Progress(TextColumn("[bold]pretrain-vit"), BarColumn(), MofNCompleteColumn(),

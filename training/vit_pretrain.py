@@ -8,6 +8,8 @@ grid cell the colour, shape, pulse flag and centre, and per frame the printed wo
 frozen and its features cached by the recipe (``train.init_visual_from`` + ``model.embedded_visual``).
 
     loss = CE(colour) + CE(shape) + BCE(pulse) + CE(text) + CENTRE_WEIGHT * MSE(centre of occupied cells)
+           + the same classification terms from the ViT's patch tokens pooled per cell / text band
+             (a short gradient path into the ViT; the query heads are the ones reported)
 
 Run directory (``output_dir``):
     step_000100/state.pt    encoder, heads, optimiser, scheduler, RNG (resume continues bit for bit:
@@ -41,7 +43,7 @@ from favor.fileio import atomic_write
 from favor.generation import instruction_inputs
 from training.recipe import warmup_cosine
 from training.vit_data import FrameBatch, decoded_batches, rendered_batch
-from training.vit_targets import CELLS, EMPTY, NUM_COLOURS, NUM_SHAPES, NUM_TEXTS
+from training.vit_targets import CELLS, EMPTY, NUM_COLOURS, NUM_SHAPES, NUM_TEXTS, region_pool
 
 FORMAT = "favor-visual-pretrain"
 ENCODER_FILE = "vit.safetensors"
@@ -65,10 +67,10 @@ ARCHITECTURE_FIELDS = ("image_size", "patch_size", "vit_width", "vit_layers", "v
 class PretrainConfig:
     preset: str = "demo"  # favor.config preset whose visual encoder is pretrained
     output_dir: str = "runs/demo_vit"
-    steps: int = 600
-    batch_size: int = 32  # frames per step
+    steps: int = 400
+    batch_size: int = 16  # frames per step: more updates per frame rendered beat bigger batches here
     frames_per_scene: int = 4
-    lr: float = 5e-4
+    lr: float = 1e-3
     min_lr_ratio: float = 0.05
     warmup_steps: int = 30
     weight_decay: float = 0.05
@@ -78,11 +80,11 @@ class PretrainConfig:
     codec: bool = True  # 4:2:0 chroma, as the H.264 clips the recipe decodes
     log_every: int = 10
     eval_every: int = 100  # steps; 0 = at the end only
-    ckpt_every: int = 50  # steps; 0 = none (no resume point)
+    ckpt_every: int = 25  # steps; 0 = none (no resume point)
     keep_checkpoints: int = 2
     heldout_frames: int = 256  # rendered frames from the heldout seed space per evaluation
     heldout_manifest: str | None = None  # a generated heldout split: its mp4 frames, decoded, at the end
-    heldout_clips: int = 100
+    heldout_clips: int = 40  # x ~16 frames at 2 FPS
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "frames_per_scene", "clip_pool", "heldout_frames", "heldout_clips"):
@@ -91,41 +93,72 @@ class PretrainConfig:
 
 
 class ProbeHeads(nn.Module):
-    """Linear heads over the flattened query outputs [B, Qv * Dv] (the information must be in them)."""
+    """Linear heads over the flattened query outputs [B, Qv * Dv] (the information must be in them), and,
+    as a short gradient path into the ViT, over its patch tokens mean-pooled per cell and text band."""
 
-    def __init__(self, num_queries: int, width: int):
+    def __init__(self, cfg: FavorConfig):
         super().__init__()
-        d = num_queries * width
+        v = cfg.visual
+        d = v.num_query_tokens * v.qformer_width
         self.colour = nn.Linear(d, CELLS * NUM_COLOURS)
         self.shape = nn.Linear(d, CELLS * NUM_SHAPES)
         self.pulse = nn.Linear(d, CELLS)
         self.centre = nn.Linear(d, CELLS * 2)
         self.text = nn.Linear(d, NUM_TEXTS)
+        self.patch_colour = nn.Linear(v.vit_width, NUM_COLOURS)
+        self.patch_shape = nn.Linear(v.vit_width, NUM_SHAPES)
+        self.patch_pulse = nn.Linear(v.vit_width, 1)
+        self.patch_text = nn.Linear(v.vit_width, NUM_TEXTS)
+        self.register_buffer("pool", torch.from_numpy(region_pool(v.image_size, v.patch_size)), persistent=False)
 
-    def forward(self, queries: torch.Tensor) -> dict[str, torch.Tensor]:
+    def query_heads(self) -> tuple[nn.Linear, ...]:
+        return self.colour, self.shape, self.pulse, self.centre, self.text
+
+    def forward(self, queries: torch.Tensor, patches: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+        """queries [B, Qv, Dv], patches [B, Np, Dvit] -> logits per head, for "queries" and "patches"."""
         x = queries.flatten(1)  # x: [B, Qv*Dv]
         b = x.shape[0]
-        return {"colour": self.colour(x).view(b, CELLS, NUM_COLOURS), "shape": self.shape(x).view(b, CELLS, NUM_SHAPES),
-                "pulse": self.pulse(x), "centre": self.centre(x).view(b, CELLS, 2), "text": self.text(x)}
+        q = {"colour": self.colour(x).view(b, CELLS, NUM_COLOURS), "shape": self.shape(x).view(b, CELLS, NUM_SHAPES),
+             "pulse": self.pulse(x), "centre": self.centre(x).view(b, CELLS, 2), "text": self.text(x)}
+        regions = self.pool @ patches  # regions: [B, CELLS + 1, Dvit]
+        cells, band = regions[:, :CELLS], regions[:, CELLS]
+        p = {"colour": self.patch_colour(cells), "shape": self.patch_shape(cells),
+             "pulse": self.patch_pulse(cells)[..., 0], "text": self.patch_text(band)}
+        return {"queries": q, "patches": p}
 
 
-def probe_losses(out: dict[str, torch.Tensor], t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    ce = nn.functional.cross_entropy
-    occupied = (t["colour"] != EMPTY).float()  # [B, CELLS]
-    centre_err = ((out["centre"] - t["centre"]) ** 2).sum(-1)  # [B, CELLS]
-    parts = {"colour": ce(out["colour"].flatten(0, 1), t["colour"].flatten()),
-             "shape": ce(out["shape"].flatten(0, 1), t["shape"].flatten()),
-             "pulse": nn.functional.binary_cross_entropy_with_logits(out["pulse"], t["pulse"]),
-             "text": ce(out["text"], t["text"]),
-             "centre": (centre_err * occupied).sum() / occupied.sum().clamp(min=1.0)}
+def probe_losses(out: dict[str, dict[str, torch.Tensor]], t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-head losses of the query heads, the patch heads' total ("patches"), and their sum ("loss")."""
+    parts = _losses(out["queries"], t)
+    parts["patches"] = sum(_losses(out["patches"], t).values())
     parts["loss"] = sum(v * (CENTRE_WEIGHT if k == "centre" else 1.0) for k, v in parts.items())
     return parts
 
 
-def encode_frames(encoder: VisualEncoder, batch: FrameBatch, tokenizer) -> torch.Tensor:
-    """Frames as single-frame clips through the encoder: [B, 3, S, S] -> queries [B, Qv, Dv]."""
-    ids, mask = instruction_inputs(tokenizer, batch.questions, encoder.max_instruction_tokens)
-    return encoder(batch.pixels[:, None], ids, mask)[:, 0]
+def _losses(out: dict[str, torch.Tensor], t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    ce = nn.functional.cross_entropy
+    parts = {"colour": ce(out["colour"].flatten(0, 1), t["colour"].flatten()),
+             "shape": ce(out["shape"].flatten(0, 1), t["shape"].flatten()),
+             "pulse": nn.functional.binary_cross_entropy_with_logits(out["pulse"], t["pulse"]),
+             "text": ce(out["text"], t["text"])}
+    if "centre" in out:
+        occupied = (t["colour"] != EMPTY).float()  # [B, CELLS]
+        err = ((out["centre"] - t["centre"]) ** 2).sum(-1)  # [B, CELLS]
+        parts["centre"] = (err * occupied).sum() / occupied.sum().clamp(min=1.0)
+    return parts
+
+
+def encode_frames(encoder: VisualEncoder, batch: FrameBatch, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frames as single-frame clips through the encoder: [B, 3, S, S] -> queries [B, Qv, Dv] and the ViT's
+    patch tokens [B, Np, Dvit] (caught on their way into the Q-Former)."""
+    seen = []
+    hook = encoder.vision_model.register_forward_hook(lambda m, i, o: seen.append(o.last_hidden_state))
+    try:
+        ids, mask = instruction_inputs(tokenizer, batch.questions, encoder.max_instruction_tokens)
+        queries = encoder(batch.pixels[:, None], ids, mask)[:, 0]
+    finally:
+        hook.remove()
+    return queries, seen[0][:, 1:]  # drop the class token
 
 
 @torch.no_grad()
@@ -143,7 +176,7 @@ def accuracy(encoder: VisualEncoder, heads: ProbeHeads, batches: list[FrameBatch
     was = encoder.training, heads.training
     encoder.eval(), heads.eval()
     for batch in batches:
-        out, t = heads(encode_frames(encoder, batch, tokenizer)), batch.targets
+        out, t = heads(*encode_frames(encoder, batch, tokenizer))["queries"], batch.targets
         occ = t["colour"] != EMPTY
         colour, shape = out["colour"].argmax(-1) == t["colour"], out["shape"].argmax(-1) == t["shape"]
         every = torch.ones_like(occ)
@@ -206,11 +239,23 @@ class VitPretrainer:
         torch.manual_seed(pc.seed)
         self.encoder = VisualEncoder(self.cfg)  # random init, as build_model makes it
         v = self.cfg.visual
-        self.heads = ProbeHeads(v.num_query_tokens, v.qformer_width)
-        params = [p for m in (self.encoder, self.heads) for p in m.parameters()]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": [p for p in params if p.dim() >= 2], "weight_decay": pc.weight_decay},
-             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=pc.lr)
+        # The instruction word table (49152 x 192 in the demo: 3/4 of the encoder) stays at its random init:
+        # no label depends on the prompt, so training it would only cost an AdamW pass over 9.4 M weights a
+        # step; distinct random rows still tell the Q-Former's text tokens apart.
+        self.encoder.qformer.embeddings.word_embeddings.requires_grad_(False)
+        self.heads = ProbeHeads(self.cfg)
+        # Adam moves every weight by ~lr a step; summed over a layer's inputs with mixed signs, a logit read
+        # from all Qv x Dv query features moves ~sqrt(Qv) times more than one read from Dv features (every
+        # other layer here), so those heads get lr / sqrt(Qv).
+        wide = {id(p) for m in self.heads.query_heads() for p in m.parameters()}
+        params = [p for m in (self.encoder, self.heads) for p in m.parameters() if p.requires_grad]
+        groups = []
+        for scale in (1.0, 1.0 / v.num_query_tokens ** 0.5):
+            mine = [p for p in params if (id(p) in wide) == (scale != 1.0)]
+            groups += [{"params": [p for p in mine if p.dim() >= 2], "weight_decay": pc.weight_decay,
+                        "lr": pc.lr * scale},
+                       {"params": [p for p in mine if p.dim() < 2], "weight_decay": 0.0, "lr": pc.lr * scale}]
+        self.optimizer = torch.optim.AdamW(groups, lr=pc.lr)
         schedule = functools.partial(warmup_cosine, warmup=pc.warmup_steps, total=pc.steps, min_ratio=pc.min_lr_ratio)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         rng = np.random.default_rng([pc.seed, HELDOUT_SEED_OFFSET])
@@ -273,7 +318,7 @@ class VitPretrainer:
 
     def train_step(self, batch: FrameBatch) -> dict[str, float]:
         self.encoder.train(), self.heads.train()
-        parts = probe_losses(self.heads(encode_frames(self.encoder, batch, self.tokenizer)), batch.targets)
+        parts = probe_losses(self.heads(*encode_frames(self.encoder, batch, self.tokenizer)), batch.targets)
         self.optimizer.zero_grad(set_to_none=True)
         parts["loss"].backward()
         if self.pc.max_grad_norm:

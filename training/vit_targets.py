@@ -77,3 +77,21 @@ def stack_targets(items: list[FrameTargets]) -> dict[str, np.ndarray]:
     return {"colour": np.stack([x.colour for x in items]), "shape": np.stack([x.shape for x in items]),
             "pulse": np.stack([x.pulse for x in items]), "centre": np.stack([x.centre for x in items]),
             "text": np.array([x.text for x in items], dtype=np.int64)}
+
+
+def region_pool(image_size: int, patch_size: int) -> np.ndarray:
+    """[CELLS + 1, Np] mean-pooling weights from the ViT's patch grid to the grid cells and the text band
+    (last row), by where each patch's centre falls in the frame. A region no patch centre falls in (tiny
+    grids) gets a zero row: its pooled feature is 0."""
+    g = image_size // patch_size  # patches per side
+    centres = (np.arange(g) + 0.5) / g  # patch centres as fractions of the side
+    pool = np.zeros((CELLS + 1, g * g), dtype=np.float32)
+    shapes_h = 1 - TEXT_BAND  # fraction of the height above the text band
+    for r, y in enumerate(centres):
+        for c, x in enumerate(centres):
+            if y >= shapes_h:
+                region = CELLS
+            else:
+                region = min(GRID - 1, int(y / (shapes_h / GRID))) * GRID + min(GRID - 1, int(x * GRID))
+            pool[region, r * g + c] = 1.0
+    return pool / np.maximum(pool.sum(1, keepdims=True), 1.0)
