@@ -229,6 +229,7 @@ class StreamHub:
         with self.lock:
             if len(self._streams) >= self.max_streams:
                 raise ValueError(f"the hub is full ({self.max_streams} streams): remove one first")
+        self._check_prompt(prompt or self.prompt)
         media = self._open(source, audio, realtime)
         try:
             s = self._make_stream(source, media, prompt or self.prompt, realtime, name)
@@ -353,6 +354,14 @@ class StreamHub:
         self.close()
 
     # -- streams ----------------------------------------------------------------------------------
+    def _check_prompt(self, prompt: str) -> None:
+        """The longest LLM prompt this stream can build must fit the position table (runtime.api's
+        check): refused at add, not discovered by the worker mid-stream."""
+        from runtime.api import StreamOptions, check_prompt_fits
+
+        check_prompt_fits(self.backend, StreamOptions(prompt=prompt, max_new_tokens=self.max_new_tokens,
+                                                      context=self.context, max_merge=self.max_merge))
+
     def _open(self, spec: str, audio: str | None, realtime: bool) -> MediaSource:
         """runtime.sources.open_source when present (a separate live audio input, GStreamer), else the
         plain MediaSource (then a separate audio input is refused in one line)."""

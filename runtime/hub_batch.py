@@ -175,6 +175,17 @@ class BatchServer:
         for job in [j for j in self.running if j.stream is s]:
             self._cancel(job)
 
+    def streams_in_flight(self) -> list:
+        return [j.stream for j in self.running]
+
+    def reset(self) -> None:
+        """After an engine failure: no caption or answer in progress, a fresh decode batch."""
+        for ask in self.asks:
+            ask.answer.set_exception(RuntimeError("the engine failed while this answer was decoding"))
+        self.asks, self.running = [], []
+        if self.batch is not None:
+            self.batch = ContinuousBatch(self.batch.inference, on_step=self._stepped)
+
     def _cancel(self, job: _Job) -> None:
         if job.cancelled:
             return

@@ -65,15 +65,30 @@ class Worker:
             due = self._plan(streams)
             hints = self._hints(streams)
             if due or hints or self.server.busy():
-                with hub.engine_lock:
-                    if due:  # new captions join the running batch before its next step
-                        self.server.start(due)
-                    if self.server.busy():
-                        self.server.step()
-                    if hints:  # frames of open windows, so their windows close with little left to do
-                        self.server.pre_encode(hints)
+                try:
+                    with hub.engine_lock:
+                        if due:  # new captions join the running batch before its next step
+                            self.server.start(due)
+                        if self.server.busy():
+                            self.server.step()
+                        if hints:  # frames of open windows, so their windows close with little left to do
+                            self.server.pre_encode(hints)
+                except Exception as e:  # noqa: BLE001 - the engine failed: end what it touched, keep serving
+                    self._engine_failed(e, [s for s, _ in due])
                 continue
             self._wait()
+
+    def _engine_failed(self, error: Exception, due: list[_Stream]) -> None:
+        """An engine call raised (a bad input the checks missed, an engine fault): the streams whose
+        windows or captions were in it end with an error event; the others go on; the decode batch
+        starts empty."""
+        hit = {id(s): s for s in [*due, *self.server.streams_in_flight()]}
+        self.server.reset()
+        message = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+        with self.hub.lock:
+            for s in hit.values():
+                s.in_flight = 0
+                self.hub._finish(s, "error", message)
 
     def _run_jobs(self) -> None:
         hub = self.hub

@@ -306,3 +306,31 @@ def test_bench_streams_axis(tiny_ckpt, tmp_path):
         assert c.sustained == (c.captioned == c.windows and c.worst_stream_p95 <= 30.0)
     for suffix in (".md", ".csv", ".jsonl", ".png"):
         assert (tmp_path / f"bench_streams_tiny{suffix}").stat().st_size > 0
+
+
+def test_engine_failure_ends_its_streams_hub_keeps_serving(backend, clips):
+    """An engine call that raises ends the streams it was serving with an error event; the worker
+    survives and a stream added afterwards is captioned as alone. A prompt too long for the model's
+    positions is refused at add, in one line."""
+    model = backend.model
+    inner = model.fuse
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return inner(*args, **kwargs)
+
+    with StreamHub(backend, max_new_tokens=TOKENS, prompt=PROMPT) as hub:
+        model.fuse = broken
+        try:
+            first = events_until_end(hub.subscribe(hub.add(str(clips[0]), realtime=False)))
+        finally:
+            del model.fuse
+        later = events_until_end(hub.subscribe(hub.add(str(clips[1]), realtime=False)))
+        with pytest.raises(ValueError, match="too long"):
+            hub.add(str(clips[2]), prompt="describe " * 5000)
+    assert first[-1]["reason"] == "error" and first[-1]["error"] == "RuntimeError: boom"
+    assert later[-1]["reason"] == "eof"
+    assert [e["text"] for e in later if e["type"] == "caption"] == single(backend, clips[1])
