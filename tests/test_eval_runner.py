@@ -44,6 +44,8 @@ def test_favor_eval_run_on_tiny_checkpoint(tiny_cfg, heldout, tmp_path):
                            "sound_source", "spoken_qa"}
     assert all(s["n"] == 1 and not math.isnan(s["score"]) for s in scores.values())
     assert scores["asr"]["metric"] == "wer" and scores["av_caption"]["metric"] == "cider"
+    assert all(p["events"] for p in preds)  # the scene events ride along: grounding from the file alone
+    assert {t for t, s in scores.items() if "grounding" in s} == {"av_caption", "asr", "sound_description"}
     assert "| spoken_qa | accuracy ↑ (qa) |" in res.output
 
     only = CliRunner().invoke(app, ["run", str(ckpt), str(heldout), "--out", str(tmp_path / "e2"), "--tokenizer",
