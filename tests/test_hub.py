@@ -78,7 +78,10 @@ def test_eight_offline_streams_lose_nothing(backend, clips):
     for clip, events in zip(clips, got, strict=True):
         caps = [e for e in events if e["type"] == "caption"]
         assert events[-1]["reason"] == "eof" and events[-1]["error"] is None
-        # nothing dropped offline: every window captioned in order, the text a lone stream gives
+        # nothing dropped offline: every window captioned in order, the text a lone stream gives.
+        # Exact text: batched audio encoder / fusion rows differ from batch-1 ones by <= 6e-7 (3e-7
+        # relative, measured on the tiny model), which flips a greedy token only at a top-1/top-2 margin
+        # that small; the inputs are fixed, so this is deterministic, not a flaky tolerance.
         assert [c["windows"] for c in caps] == [[i] for i in range(len(caps))]
         assert [c["text"] for c in caps] == single(backend, clip)
     m = hub.metrics()
