@@ -24,7 +24,7 @@ Both bundles are exported into the bundle cache before anything is timed.
 
 Reported per (arm, N) (formulas):
   captioned share    windows captioned / windows in the N paced clips (1 = nothing dropped)
-  throughput x       captioned media seconds / clip seconds = streams kept up with (N at most):
+  throughput x       captioned media seconds / the clip's media seconds = streams kept up with (N at most):
                      every stream plays the clip in real time, so the clip length is the wall time
                      of the streaming part (start-up excluded; reported separately as wall s)
   latency            seconds from a window's close to its caption (each caption's ``latency``):
@@ -93,12 +93,12 @@ def quantile(values: list[float], q: float) -> float:
     return v[lo] + (v[hi] - v[lo]) * (pos - lo)
 
 
-def score(r: Result, per_stream: list[list[dict]], clip_s: float, windows_per_stream: int, bound: float) -> Result:
+def score(r: Result, per_stream: list[list[dict]], media_s: float, windows_per_stream: int, bound: float) -> Result:
     """Fill the derived numbers from each stream's captions (dicts with windows, start, end, latency)."""
     r.windows = windows_per_stream * r.streams
     r.captioned = sum(len(c["windows"]) for s in per_stream for c in s)
     r.share = r.captioned / r.windows if r.windows else math.nan
-    r.throughput = sum(c["end"] - c["start"] for s in per_stream for c in s) / clip_s
+    r.throughput = sum(c["end"] - c["start"] for s in per_stream for c in s) / media_s
     lat = [c["latency"] for s in per_stream for c in s if c.get("latency") is not None]
     if lat:
         r.latency_p50, r.latency_p95, r.latency_max = statistics.median(lat), quantile(lat, 0.95), max(lat)
@@ -203,6 +203,16 @@ def prepare(model: Path, fps: float, window: int, clip_s: float, out: Path) -> P
     return clip
 
 
+def count_windows(clip: Path, fps: float, window: int) -> tuple[int, float]:
+    """Windows one stream of ``clip`` closes: the runtime's own assembler over the clip (the last frame
+    lasts its duration, so a clip a little longer than whole windows has a short last one)."""
+    from favor.config import FavorConfig
+    from runtime.bench import assemble
+
+    windows, _, _ = assemble(clip, fps, window, FavorConfig().timing.sample_rate)
+    return len(windows), sum(w.end - w.start for w in windows)  # (windows, media seconds they span)
+
+
 def write(results: list[Result], out: Path, info: dict, clip: Path, bound: float) -> None:
     with open(out / "bench_streams.jsonl", "a") as fh:
         for r in results:
@@ -293,13 +303,13 @@ def compare(
         raise typer.BadParameter(f"unknown arm or stream count outside 1..{HUB_MAX_BATCH}: {bad}")
     window_s = window / fps
     clip_s = min(seconds, max_windows * window_s) if max_windows else seconds
-    windows_per_stream = math.ceil(clip_s / window_s - 1e-9)
     bound = window_s
     out.mkdir(parents=True, exist_ok=True)
     work = out / "work"
     work.mkdir(exist_ok=True)
     print(f"preparing clip ({clip_s:g} s) and bundles (batch 1 and {HUB_MAX_BATCH}) ...", flush=True)
     clip = prepare(model, fps, window, clip_s, out)
+    windows_per_stream, media_s = count_windows(clip, fps, window)
     info = machine()
     print(machine_line(info), flush=True)
     results: list[Result] = []
@@ -315,7 +325,7 @@ def compare(
                     caps, r.wall_s, r.errors, r.mean_decode_batch = run_hub_child(
                         clip, n, model, fps, window, bound, max_new_tokens, work, batch=arm == "hub")
                 r.load_after = os.getloadavg()[0]
-                score(r, caps, clip_s, windows_per_stream, bound)
+                score(r, caps, media_s, windows_per_stream, bound)
                 results.append(r)
                 print(f"  {arm:10s} {n} streams: captioned {r.captioned}/{r.windows}, throughput "
                       f"{r.throughput:.2f}x, p95 {r.latency_p95:.2f} s (worst stream {r.worst_stream_p95:.2f} s), "
