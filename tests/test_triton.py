@@ -259,9 +259,9 @@ def clip(tmp_path_factory):
     return write_clip(tmp_path_factory.mktemp("media") / "clip.mp4", 2.0, fps=25.0, sample_rate=22_050, channels=2)
 
 
-def _captions(backend, clip):
+def _captions(backend, clip, context: int = 1):
     out = []
-    report = StreamingCaptioner(backend, PROMPT, max_new_tokens=6).run(
+    report = StreamingCaptioner(backend, PROMPT, max_new_tokens=6, context=context).run(
         MediaSource(str(clip), backend.cfg.timing.sample_rate), False, DeadlineScheduler(None), out.append)
     assert report.error is None
     return out
@@ -279,6 +279,29 @@ def test_served_repository_captions_like_the_ort_bundle(server, bundle, clip):
         # The same graphs on the same ONNX Runtime build, in another process with its own thread pool:
         # reductions may split differently, float32 rounding (~1e-7 relative) is all that can differ.
         torch.testing.assert_close(a.embeds, b.embeds, rtol=1e-5, atol=1e-6)
+
+
+def test_stream_hub_over_triton(server, bundle, clip, tmp_path):
+    """favor-rt serve's engine (the StreamHub) over the Triton backend: two offline streams batched
+    through the served encoders, each with the captions a single in-process ONNX Runtime stream gives."""
+    from runtime.backends import OnnxRuntimeBackend, make_backend
+    from runtime.hub import StreamHub
+    from runtime.synthclip import write_clip
+
+    clips = [clip, write_clip(tmp_path / "other.mp4", 1.4, fps=25.0, seed=5)]
+    expected = [[c.text for c in _captions(OnnxRuntimeBackend(bundle), c, context=0)] for c in clips]
+    with StreamHub(make_backend("triton", bundle, url=server.http_url), max_new_tokens=6, prompt=PROMPT,
+                   context=0) as hub:
+        sids = [hub.add(str(c), realtime=False) for c in clips]
+        got = []
+        for sid in sids:
+            sub, events = hub.subscribe(sid), []
+            while not events or events[-1]["type"] != "end":
+                events.append(sub.get(timeout=40))
+                assert events[-1] is not None, f"stream {sid}: no event within 40 s"
+            assert events[-1]["reason"] == "eof", events[-1]
+            got.append([e["text"] for e in events if e["type"] == "caption"])
+    assert got == expected
 
 
 def test_favor_rt_run_backend_triton(server, bundle, clip, tmp_path):
