@@ -337,3 +337,19 @@ def test_engine_failure_ends_its_streams_hub_keeps_serving(backend, clips):
     assert first[-1]["reason"] == "error" and first[-1]["error"] == "RuntimeError: boom"
     assert later[-1]["reason"] == "eof"
     assert [e["text"] for e in later if e["type"] == "caption"] == single(backend, clips[1])
+
+
+def test_subscription_is_bounded(backend):
+    """A subscriber that stops reading loses the oldest events (counted), never grows memory."""
+    from runtime.hub import Subscription
+
+    with StreamHub(backend, max_new_tokens=TOKENS, prompt=PROMPT) as hub:
+        sub = Subscription(hub, "s0", maxlen=3)
+        for i in range(5):
+            sub.put({"type": "token", "stream": "s0", "text": str(i)})
+        assert sub.dropped == 2
+        assert [sub.get(timeout=0)["text"] for _ in range(3)] == ["2", "3", "4"]
+        assert sub.get(timeout=0.01) is None
+        sub.close()
+        sub.put({"type": "token", "stream": "s0", "text": "late"})
+        assert sub.get(timeout=0) is None
