@@ -148,7 +148,7 @@ class _Stream:
     prompt: str
     realtime: bool
     scheduler: DeadlineScheduler
-    captioner: StreamingCaptioner
+    captioner: StreamingCaptioner | None  # None until the worker first sees the stream
     stop: threading.Event
     windows: Ring
     frames: Ring
@@ -198,13 +198,15 @@ class StreamHub:
             raise ValueError(f"max_streams ({max_streams}) must be >= 1")
         if max_latency is not None and not max_latency > 0:
             raise ValueError(f"max_latency ({max_latency}) must be > 0 seconds")
+        if max_new_tokens < 1 or context < 0:
+            raise ValueError(f"max_new_tokens ({max_new_tokens}) must be >= 1 and context ({context}) >= 0")
         self.backend = getattr(engine, "backend", engine)
         self.cfg = self.backend.cfg
         self.max_streams, self.max_latency, self.max_merge = max_streams, max_latency, max_merge
         self.max_new_tokens, self.context, self.prompt = max_new_tokens, context, prompt
         self.batch, self.timeout = batch, timeout  # timeout: seconds a source may stay silent
         self.cond = threading.Condition()  # every ring of every stream, the job queue, closing
-        self.engine_lock = threading.Lock()  # held by the worker around engine calls
+        self.engine_lock = threading.Lock()  # held by the worker around engine calls (the one user)
         self.lock = threading.RLock()  # the stream table and event delivery
         self._streams: dict[str, _Stream] = {}
         self._ended: collections.OrderedDict[str, _Stream] = collections.OrderedDict()
@@ -382,9 +384,7 @@ class StreamHub:
         scheduler = DeadlineScheduler(bound, self.max_merge, adaptive=self.max_latency is None)
         if self._baseline is not None:
             scheduler.calibrate(*self._baseline)
-        with self.engine_lock:  # set_instruction must not land in the middle of the worker's batch
-            captioner = StreamingCaptioner(self.backend, prompt, self.max_new_tokens, self.context)
-            self._instruction = None  # the worker sets its batch's instruction again
+        captioner = None  # made by the worker (its set_instruction must not land mid-batch)
         stop = threading.Event()
         block = not realtime
         windows = Ring(MAX_PENDING_WINDOWS, self.cond, block)

@@ -14,7 +14,7 @@ import time
 
 from runtime.assembler import Window
 from runtime.hub import IDLE_WAIT_S, StreamHub, _Stream
-from runtime.stream import Caption
+from runtime.stream import Caption, StreamingCaptioner
 
 
 class TokenText:
@@ -135,6 +135,16 @@ class Worker:
         """Take what each stream's capture produced (offline: only when the worker has none of that
         kind, so a blocked ring back-pressures the capture)."""
         streams = self._running()
+        hub = self.hub
+        for s in [s for s in streams if s.captioner is None]:  # new: its state, made on the engine's thread
+            try:
+                s.captioner = StreamingCaptioner(hub.backend, s.prompt, hub.max_new_tokens, hub.context)
+            except ValueError as e:  # the engine's timing cannot be captioned (checked per stream)
+                with hub.lock:
+                    hub._finish(s, "error", str(e))
+                streams.remove(s)
+                continue
+            hub._instruction = s.prompt  # StreamingCaptioner set it
         with self.hub.cond:
             for s in streams:
                 s._new = []
