@@ -270,7 +270,7 @@ def plot(results: list[Result], path: Path, bound: float) -> None:
     top = max(r.streams for r in results)
     ax_thr.plot([1, top], [1, top], color="grey", lw=0.8, ls="--", label="every stream kept up")
     ax_lat.axhline(bound, color="grey", lw=0.8, ls="--", label="bound")
-    ax_thr.set(xlabel="live streams", ylabel="captioned media s per clip s", title="total throughput")
+    ax_thr.set(xlabel="live streams", ylabel="captioned media s / one clip's media s", title="total throughput")
     ax_lat.set(xlabel="live streams", ylabel="worst per-stream p95 latency (s)", title="window close to caption")
     for ax in (ax_thr, ax_lat):
         ax.grid(True, alpha=0.3)
