@@ -23,7 +23,10 @@ def load_hub(config: ServerConfig, say=None):
     import favor
     from runtime.hub import StreamHub
 
-    engine = favor.load(config.model, backend=config.backend, url=config.url, verbose=config.verbose, say=say)
+    # max_batch: a checkpoint's bundle gets a batch axis as wide as the hub, so the audio encoder and
+    # fusion of every stream due at once run as one call (an exported bundle keeps its own axis)
+    engine = favor.load(config.model, backend=config.backend, url=config.url, verbose=config.verbose, say=say,
+                        max_batch=config.max_streams)
     return StreamHub(engine, max_streams=config.max_streams, max_latency=config.max_latency), backend_name(engine)
 
 
