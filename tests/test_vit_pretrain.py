@@ -84,30 +84,31 @@ def test_batches_are_a_function_of_the_seed_and_use_disjoint_splits():
 def tiny_pretrain(tmp_path: Path, **kw) -> PretrainConfig:
     # image 28 / patch 14 (2 x 2 patches), 8 frames a step: seconds per run on 2 cores
     defaults = dict(preset="tiny", output_dir=str(tmp_path), steps=12, batch_size=8, frames_per_scene=4, lr=3e-3,
+                    head_lr=3e-3,
                     warmup_steps=2, log_every=1, eval_every=0, ckpt_every=0, heldout_frames=8)
     return PretrainConfig(**{**defaults, **kw})
 
 
 def test_objective_decreases_on_a_tiny_run(tmp_path, tokenizer):
-    trainer = VitPretrainer(tiny_pretrain(tmp_path, steps=25), tokenizer=tokenizer, num_workers=0)
+    trainer = VitPretrainer(tiny_pretrain(tmp_path, steps=20), tokenizer=tokenizer, num_workers=0)
     trainer.setup()
     probe = rendered_batch(np.random.default_rng(99), 32, split="train", seed=0, clip_pool=10**6,
                            frames_per_scene=4, image_size=28)
 
     def probe_loss() -> float:
         with torch.no_grad():
-            return float(probe_losses(trainer.heads(encode_frames(trainer.encoder, probe, tokenizer)),
+            return float(probe_losses(trainer.heads(*encode_frames(trainer.encoder, probe, tokenizer)),
                                       probe.targets)["loss"])
 
     before = probe_loss()
     trainer.train()
     after = probe_loss()
-    # measured 17.4 -> 4.3 (random heads start far off on the centre term); a quarter of the drop is ample
-    assert after < before - 0.25 * (before - 4.3), (before, after)
+    # measured 26.1 -> 11.5 (seed 0) and 17.2 -> 10.5 (seed 1): ratios 0.44 and 0.61; 0.8 leaves margin
+    assert after < 0.8 * before, (before, after)
     report = trainer.finish()
     assert 0.0 <= report["rendered"]["colour"] <= 1.0 and report["rendered"]["frames"] == 8
     curve = [r for r in trainer.curve if r["kind"] == "train"]
-    assert [r["step"] for r in curve] == list(range(1, 26))
+    assert [r["step"] for r in curve] == list(range(1, 21))
     assert (tmp_path / "curve.json").is_file() and (tmp_path / ENCODER_FILE).is_file()
 
 

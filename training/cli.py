@@ -195,9 +195,10 @@ def synth(
 def pretrain_vit(
     output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="run directory")] = Path("runs/demo_vit"),
     preset: Annotated[str, typer.Option(help="model preset whose visual encoder is pretrained")] = "demo",
-    steps: Annotated[int, typer.Option(min=1, help="optimiser steps")] = 400,
+    steps: Annotated[int, typer.Option(min=1, help="optimiser steps")] = 3000,
     batch_size: Annotated[int, typer.Option(min=1, help="frames per step")] = 16,
-    lr: Annotated[float, typer.Option(min=0.0, help="peak AdamW learning rate")] = 1e-3,
+    lr: Annotated[float, typer.Option(min=0.0, help="peak AdamW learning rate of the encoder")] = 3e-4,
+    head_lr: Annotated[float, typer.Option(min=0.0, help="peak learning rate of the linear heads")] = 2e-3,
     seed: Annotated[int, typer.Option(min=0, help="seed of the train-split clips drawn")] = 0,
     heldout_manifest: Annotated[Path | None, typer.Option(
         help="a generated heldout split (JSONL): its decoded mp4 frames are scored at the end")] = None,
@@ -214,6 +215,7 @@ def pretrain_vit(
 
     try:
         pc = PretrainConfig(preset=preset, output_dir=str(output_dir), steps=steps, batch_size=batch_size, lr=lr,
+                            head_lr=head_lr,
                             seed=seed, heldout_manifest=str(heldout_manifest) if heldout_manifest else None,
                             heldout_clips=heldout_clips)
         trainer = VitPretrainer(pc, resume=resume, num_workers=workers)

@@ -67,10 +67,11 @@ ARCHITECTURE_FIELDS = ("image_size", "patch_size", "vit_width", "vit_layers", "v
 class PretrainConfig:
     preset: str = "demo"  # favor.config preset whose visual encoder is pretrained
     output_dir: str = "runs/demo_vit"
-    steps: int = 400
+    steps: int = 3000
     batch_size: int = 16  # frames per step: more updates per frame rendered beat bigger batches here
     frames_per_scene: int = 4
-    lr: float = 1e-3
+    lr: float = 3e-4  # encoder (ViT + instruction Q-Former)
+    head_lr: float = 2e-3  # linear heads: a fast probe on slowly moving features
     min_lr_ratio: float = 0.05
     warmup_steps: int = 30
     weight_decay: float = 0.05
@@ -79,8 +80,8 @@ class PretrainConfig:
     clip_pool: int = 1_000_000  # clip indices drawn from [0, clip_pool) of the train split
     codec: bool = True  # 4:2:0 chroma, as the H.264 clips the recipe decodes
     log_every: int = 10
-    eval_every: int = 100  # steps; 0 = at the end only
-    ckpt_every: int = 25  # steps; 0 = none (no resume point)
+    eval_every: int = 500  # steps; 0 = at the end only
+    ckpt_every: int = 250  # steps; 0 = none (no resume point)
     keep_checkpoints: int = 2
     heldout_frames: int = 256  # rendered frames from the heldout seed space per evaluation
     heldout_manifest: str | None = None  # a generated heldout split: its mp4 frames, decoded, at the end
@@ -93,17 +94,16 @@ class PretrainConfig:
 
 
 class ProbeHeads(nn.Module):
-    """Linear heads over the flattened query outputs [B, Qv * Dv] (the information must be in them), and,
-    as a short gradient path into the ViT, over its patch tokens mean-pooled per cell and text band."""
+    """Linear heads over the flattened query outputs [B, Qv * Dv] (the information must be in the tokens the
+    LLM sees) and, as a short gradient path into the ViT, over its patch tokens mean-pooled per cell and
+    text band. Reading all queries, a cell's labels need no query to attend to that cell alone: while the
+    Q-Former's cross-attention is still near uniform, position-dependent ViT features already carry them."""
 
     def __init__(self, cfg: FavorConfig):
         super().__init__()
         v = cfg.visual
         d = v.num_query_tokens * v.qformer_width
-        self.colour = nn.Linear(d, CELLS * NUM_COLOURS)
-        self.shape = nn.Linear(d, CELLS * NUM_SHAPES)
-        self.pulse = nn.Linear(d, CELLS)
-        self.centre = nn.Linear(d, CELLS * 2)
+        self.cells = nn.Linear(d, CELLS * CELL_OUTPUTS)
         self.text = nn.Linear(d, NUM_TEXTS)
         self.patch_colour = nn.Linear(v.vit_width, NUM_COLOURS)
         self.patch_shape = nn.Linear(v.vit_width, NUM_SHAPES)
@@ -112,19 +112,22 @@ class ProbeHeads(nn.Module):
         self.register_buffer("pool", torch.from_numpy(region_pool(v.image_size, v.patch_size)), persistent=False)
 
     def query_heads(self) -> tuple[nn.Linear, ...]:
-        return self.colour, self.shape, self.pulse, self.centre, self.text
+        return self.cells, self.text
 
     def forward(self, queries: torch.Tensor, patches: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
         """queries [B, Qv, Dv], patches [B, Np, Dvit] -> logits per head, for "queries" and "patches"."""
         x = queries.flatten(1)  # x: [B, Qv*Dv]
-        b = x.shape[0]
-        q = {"colour": self.colour(x).view(b, CELLS, NUM_COLOURS), "shape": self.shape(x).view(b, CELLS, NUM_SHAPES),
-             "pulse": self.pulse(x), "centre": self.centre(x).view(b, CELLS, 2), "text": self.text(x)}
+        cells = self.cells(x).view(x.shape[0], CELLS, CELL_OUTPUTS)
+        colour, shape, pulse, centre = cells.split([NUM_COLOURS, NUM_SHAPES, 1, 2], dim=-1)
+        q = {"colour": colour, "shape": shape, "pulse": pulse[..., 0], "centre": centre, "text": self.text(x)}
         regions = self.pool @ patches  # regions: [B, CELLS + 1, Dvit]
         cells, band = regions[:, :CELLS], regions[:, CELLS]
         p = {"colour": self.patch_colour(cells), "shape": self.patch_shape(cells),
              "pulse": self.patch_pulse(cells)[..., 0], "text": self.patch_text(band)}
         return {"queries": q, "patches": p}
+
+
+CELL_OUTPUTS = NUM_COLOURS + NUM_SHAPES + 1 + 2  # colour and shape logits, pulse logit, centre (x, y)
 
 
 def probe_losses(out: dict[str, dict[str, torch.Tensor]], t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -176,8 +179,10 @@ def accuracy(encoder: VisualEncoder, heads: ProbeHeads, batches: list[FrameBatch
     was = encoder.training, heads.training
     encoder.eval(), heads.eval()
     for batch in batches:
-        out, t = heads(*encode_frames(encoder, batch, tokenizer))["queries"], batch.targets
+        both, t = heads(*encode_frames(encoder, batch, tokenizer)), batch.targets
+        out, patch = both["queries"], both["patches"]
         occ = t["colour"] != EMPTY
+        add("patch_pair", (patch["colour"].argmax(-1) == t["colour"]) & (patch["shape"].argmax(-1) == t["shape"]), occ)
         colour, shape = out["colour"].argmax(-1) == t["colour"], out["shape"].argmax(-1) == t["shape"]
         every = torch.ones_like(occ)
         add("colour", colour, every), add("shape", shape, every), add("pair", colour & shape, occ)
@@ -190,6 +195,43 @@ def accuracy(encoder: VisualEncoder, heads: ProbeHeads, batches: list[FrameBatch
         counts["centre_px"] = counts.get("centre_px", 0.0) + float(occ.sum())
     encoder.train(was[0]), heads.train(was[1])
     return {k: sums[k] / counts[k] for k in sums if counts[k]} | {"frames": sum(len(b.questions) for b in batches)}
+
+
+# transformers' InstructBlipVisionConfig.initializer_range is 1e-10: made for loading EVA weights, it leaves
+# a ViT built from a config all but zero -- a constant function of the pixels, whose gradients vanish
+# (measured: query outputs differ by 1e-7 between two random images). From scratch, ViTs start at 0.02.
+VIT_INIT_STD = 0.02
+
+
+@torch.no_grad()
+def init_vit(vit: nn.Module, std: float = VIT_INIT_STD) -> None:
+    """ViT (timm / BERT) initialisation: truncated-normal weights and embeddings, zero biases, LayerNorm 1 / 0."""
+    for m in vit.modules():
+        if isinstance(m, nn.Linear | nn.Conv2d):
+            nn.init.trunc_normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    emb = vit.embeddings
+    nn.init.trunc_normal_(emb.position_embedding, std=std)
+    nn.init.trunc_normal_(emb.class_embedding, std=std)
+
+
+@torch.no_grad()
+def init_cross_attention(qformer: nn.Module) -> None:
+    """Xavier-uniform weights for the Q-Former's cross-attention projections (BERT's 0.02 elsewhere).
+
+    At BERT's 0.02, value x output projections pass ~1e-3 of the image into the queries' residual stream
+    (measured: the query outputs of two random frames differ by 0.003 at a scale of 0.8), so the heads see
+    almost nothing of the picture for hundreds of steps. BLIP-2 starts these layers fresh too, but trains
+    on 129 M images; Xavier keeps the path's variance at one from the start."""
+    for layer in qformer.encoder.layer:
+        if getattr(layer, "has_cross_attention", False):
+            cross = layer.crossattention
+            for lin in (cross.attention.query, cross.attention.key, cross.attention.value, cross.output.dense):
+                nn.init.xavier_uniform_(lin.weight)
 
 
 class _StepBatches(torch.utils.data.Dataset):
@@ -237,7 +279,9 @@ class VitPretrainer:
         if self.tokenizer is None:
             self.tokenizer = instruction_tokenizer_for(self.cfg)
         torch.manual_seed(pc.seed)
-        self.encoder = VisualEncoder(self.cfg)  # random init, as build_model makes it
+        self.encoder = VisualEncoder(self.cfg)
+        init_vit(self.encoder.vision_model)
+        init_cross_attention(self.encoder.qformer)
         v = self.cfg.visual
         # The instruction word table (49152 x 192 in the demo: 3/4 of the encoder) stays at its random init:
         # no label depends on the prompt, so training it would only cost an AdamW pass over 9.4 M weights a
@@ -245,16 +289,16 @@ class VitPretrainer:
         self.encoder.qformer.embeddings.word_embeddings.requires_grad_(False)
         self.heads = ProbeHeads(self.cfg)
         # Adam moves every weight by ~lr a step; summed over a layer's inputs with mixed signs, a logit read
-        # from all Qv x Dv query features moves ~sqrt(Qv) times more than one read from Dv features (every
-        # other layer here), so those heads get lr / sqrt(Qv).
-        wide = {id(p) for m in self.heads.query_heads() for p in m.parameters()}
-        params = [p for m in (self.encoder, self.heads) for p in m.parameters() if p.requires_grad]
+        # from Qv x Dv query features moves ~sqrt(Qv) times more than one read from Dv features (the patch
+        # heads), so the query heads get head_lr / sqrt(Qv).
+        wide = [p for m in self.heads.query_heads() for p in m.parameters()]
+        narrow = [p for p in self.heads.parameters() if all(p is not w for w in wide)]
         groups = []
-        for scale in (1.0, 1.0 / v.num_query_tokens ** 0.5):
-            mine = [p for p in params if (id(p) in wide) == (scale != 1.0)]
-            groups += [{"params": [p for p in mine if p.dim() >= 2], "weight_decay": pc.weight_decay,
-                        "lr": pc.lr * scale},
-                       {"params": [p for p in mine if p.dim() < 2], "weight_decay": 0.0, "lr": pc.lr * scale}]
+        for params, lr in ((self.encoder.parameters(), pc.lr), (narrow, pc.head_lr),
+                           (wide, pc.head_lr / v.num_query_tokens ** 0.5)):
+            params = [p for p in params if p.requires_grad]
+            groups += [{"params": [p for p in params if p.dim() >= 2], "weight_decay": pc.weight_decay, "lr": lr},
+                       {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr": lr}]
         self.optimizer = torch.optim.AdamW(groups, lr=pc.lr)
         schedule = functools.partial(warmup_cosine, warmup=pc.warmup_steps, total=pc.steps, min_ratio=pc.min_lr_ratio)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
