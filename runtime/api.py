@@ -181,11 +181,23 @@ class Engine:
         """Every caption of ``source`` (offline by default: as fast as possible, nothing dropped)."""
         return list(self.stream(source, audio=audio, realtime=realtime, **options))
 
-    def ask(self, source: str, question: str, *, max_new_tokens: int = 48) -> str:
-        """The answer to ``question`` about the whole clip (up to cfg.timing.max_frames) as one prompt."""
+    def ask(self, source: str | os.PathLike | None = None, question: str | None = None, *,
+            video: str | os.PathLike | None = None, audio: str | os.PathLike | None = None,
+            image: str | os.PathLike | None = None, max_new_tokens: int = 48) -> str:
+        """The answer to ``question`` about the whole clip (up to cfg.timing.max_frames) as one prompt.
+
+        ``source``: a video with its own sound. Or separate inputs, as an eval sample has them:
+        ``video`` (frames only) or ``image`` (a still), and/or ``audio`` (a recording, or a file's audio
+        track); ``source`` with ``audio`` takes the source's frames with that sound.
+        ``ask(image="still.png", audio="question.wav", question="...")``. ValueError (one line) for a
+        missing question, unreadable media or an impossible combination (video and image; source and
+        video/image)."""
         from runtime.clip import ask_clip
 
-        return ask_clip(self.backend, source, question, max_new_tokens=max_new_tokens)
+        if question is None:
+            raise ValueError("ask needs a question")
+        return ask_clip(self.backend, source, question, video=video, audio=audio, image=image,
+                        max_new_tokens=max_new_tokens)
 
 
 def load(path: str | os.PathLike | None = None, *, backend: str = "auto", fps: float | None = None,
@@ -254,6 +266,7 @@ def stream(source: str, model=None, **options) -> Iterator:
     return _engine(model).stream(source, **options)
 
 
-def ask(source: str, question: str, model=None, **options) -> str:
-    """favor.ask: ``load(model).ask(source, question, **options)``."""
+def ask(source: str | None = None, question: str | None = None, model=None, **options) -> str:
+    """favor.ask: ``load(model).ask(source, question, **options)`` (options: video, audio, image,
+    max_new_tokens)."""
     return _engine(model).ask(source, question, **options)

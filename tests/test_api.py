@@ -7,7 +7,9 @@ import json
 import subprocess
 import sys
 import time
+import wave
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_tokenizer
@@ -116,6 +118,36 @@ def test_ask_answers_about_the_whole_clip(engine, tmp_path):
     assert [c.text for c in engine.caption(str(clip), max_new_tokens=3)] == before
 
 
+def test_ask_takes_an_eval_sample_s_separate_inputs(engine, tmp_path):
+    """ask(video=/image=/audio=): the inputs a manifest sample can have; impossible combinations are one line."""
+    from PIL import Image
+
+    clip = str(write_clip(tmp_path / "clip.mp4", 1.2))
+    still = tmp_path / "still.png"
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(still)
+    tone = tmp_path / "tone.wav"
+    rate = 16_000
+    with wave.open(str(tone), "wb") as w:  # 1 s of a 300 Hz tone, 16-bit mono
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(rate)
+        w.writeframes((np.sin(2 * np.pi * 300 * np.arange(rate) / rate) * 8000).astype("<i2").tobytes())
+    q = "what happens?"
+    # a clip with its own sound == the same file named as both inputs (how eval passes a video sample)
+    assert engine.ask(clip, q, max_new_tokens=4) == engine.ask(question=q, video=clip, audio=clip, max_new_tokens=4)
+    for media in ({"image": still, "audio": tone}, {"image": still}, {"audio": clip}, {"video": clip},
+                  {"video": clip, "audio": tone}):
+        assert isinstance(engine.ask(question=q, max_new_tokens=3, **media), str)
+    for media, message in [({"video": clip, "image": still}, "not both"),
+                           ({"source": clip, "image": still}, "source is a video with its own sound"),
+                           ({}, "no media"),
+                           ({"video": tone}, "tone.wav: no video stream"),
+                           ({"audio": still}, "still.png: no audio stream")]:
+        with pytest.raises(ValueError, match=message) as e:
+            engine.ask(question=q, **media)
+        assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="ask needs a question"):
+        engine.ask(clip)
+
+
 @pytest.mark.slow
 def test_clip_glue_gives_favor_eval_answers(tiny_cfg, tmp_path):
     """runtime.clip on a torch backend gives favor-eval's predictions (and so its scores) for every video
@@ -132,7 +164,7 @@ def test_clip_glue_gives_favor_eval_answers(tiny_cfg, tmp_path):
 
     manifest = generate(tmp_path / "synth", 1, 0, split="heldout")
     model = build_model(tiny_cfg, pretrained=False, tokenizer=make_tokenizer())
-    records = predict(model, manifest, batch_size=4, max_new_tokens=6)
+    records = predict(model, manifest, max_new_tokens=6)  # engine.ask(video=, audio=) per sample
     rows = {r["id"]: r for r in map(json.loads, manifest.read_text().splitlines())}
     own_sound = [i for i, r in rows.items() if r["video"] and r["audio"] == r["video"]]  # a clip with its audio
     videos = [rec for rec in records if rec["id"] in own_sound]

@@ -35,7 +35,7 @@ def test_favor_eval_run_on_tiny_checkpoint(tiny_cfg, heldout, tmp_path):
     tok.save_pretrained(tmp_path / "tok")
     out = tmp_path / "eval"
     res = CliRunner().invoke(app, ["run", str(ckpt), str(heldout), "--out", str(out), "--tokenizer",
-                                   str(tmp_path / "tok"), "--max-new-tokens", "3", "--batch-size", "3"])
+                                   str(tmp_path / "tok"), "--max-new-tokens", "3"])
     assert res.exit_code == 0, res.output
     preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(preds) == 7  # 1 clip x 7 tasks
@@ -57,6 +57,25 @@ def test_favor_eval_run_on_tiny_checkpoint(tiny_cfg, heldout, tmp_path):
 def test_favor_eval_run_errors_are_one_line(tmp_path):
     res = CliRunner().invoke(app, ["run", str(tmp_path / "none.safetensors"), str(tmp_path / "m.jsonl")])
     assert res.exit_code == 2 and "none.safetensors: checkpoint not found" in res.output
+    res = CliRunner().invoke(app, ["run", str(tmp_path / "none.safetensors"), str(tmp_path / "m.jsonl"),
+                                   "--backend", "tensorrt"])
+    assert res.exit_code == 2 and "--backend ('tensorrt') must be one of torch, auto, onnxruntime" in res.output
+
+
+@pytest.mark.slow
+def test_favor_eval_scores_the_compiled_bundle(tiny_ckpt, heldout, tmp_path):
+    """--backend onnxruntime: the checkpoint compiled through the bundle cache answers every sample, a still
+    with a separate recording (spoken_qa) and an audio track alone (asr) included (~30 s: the export)."""
+    out = tmp_path / "eval"
+    res = CliRunner().invoke(app, ["run", str(tiny_ckpt), str(heldout), "--out", str(out), "--backend", "onnxruntime",
+                                   "--max-new-tokens", "3", "--task", "spoken_qa", "--task", "asr"])
+    assert res.exit_code == 0, res.output
+    preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [p["task"] for p in preds] == ["asr", "spoken_qa"] and all(isinstance(p["prediction"], str) for p in preds)
+    info = json.loads((out / "scores.json").read_text())["info"]
+    assert info["backend"] == "onnxruntime"
+    bad = CliRunner().invoke(app, ["run", str(tiny_ckpt), str(heldout), "--backend", "auto", "--tokenizer", str(out)])
+    assert bad.exit_code == 2 and "--tokenizer applies to the torch backend" in bad.output
 
 
 @pytest.mark.parametrize("variant, check", [
@@ -124,3 +143,72 @@ def test_ablation_run_one_is_resumable(tmp_path):
     again = A.run_one(ABLATION_YAML, tmp_path, "no_sync", 0, paths, over, eval_limit=3)
     assert again == first  # finished runs are read back, not retrained
     assert A.aggregate(A.load_results(tmp_path))["no_sync"]
+
+
+def _batched_predictions(model, manifest: Path, batch_size: int, max_new_tokens: int) -> dict[str, str]:
+    """favor-eval's answers before it went through the Python API (the training-side path, kept here as
+    the reference): ManifestDataset -> Collator (padded batches) -> FavorModel.encode_av -> generate."""
+    import torch
+
+    from favor.generation import generate, get_settings
+    from favor.model import av_inputs
+    from training.collate import Collator
+    from training.data import DataOptions, ManifestDataset
+    from training.pairing import PairingOptions
+
+    data = ManifestDataset(manifest, model.cfg, DataOptions(pairing=PairingOptions(enabled=False)))
+    collate = Collator(model.cfg, model.tokenizer, model.instruction_tokenizer)
+    order = sorted(range(len(data)), key=lambda i: (data.entries[i].task, i))
+    out = {}
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            batch = collate([data[i] for i in order[start: start + batch_size]])
+            av = model.encode_av(**av_inputs(batch))
+            preds = generate(model, av, batch["questions"], get_settings("greedy", max_new_tokens=max_new_tokens))
+            out.update(zip(batch["ids"], preds, strict=True))
+    return out
+
+
+def _same_av_embeddings(model, manifest: Path, rows: dict) -> None:
+    """Per sample: the API's whole-clip AV embeddings (runtime.clip on the torch backend, the sample's
+    media as separate inputs) equal FavorModel.encode_av of the collated sample, bit for bit."""
+    import torch
+
+    from favor.model import av_inputs
+    from runtime.backends import TorchBackend
+    from runtime.clip import clip_embeddings, load_media
+    from training.collate import Collator
+    from training.data import DataOptions, ManifestDataset
+    from training.pairing import PairingOptions
+
+    backend = TorchBackend(model, merge_lora=False)
+    data = ManifestDataset(manifest, model.cfg, DataOptions(pairing=PairingOptions(enabled=False)))
+    collate = Collator(model.cfg, model.tokenizer, model.instruction_tokenizer)
+    for i, e in enumerate(data.entries):
+        clip = load_media(model.cfg, video=e.video, audio=e.audio, image=e.image)
+        with torch.inference_mode():
+            want = model.encode_av(**av_inputs(collate([data[i]]))).embeds[0]  # [A, D]
+            got = clip_embeddings(backend, clip, e.conversation[0]["value"])
+        assert torch.equal(got, want), rows[e.id]["task"]
+
+
+@pytest.mark.slow
+def test_predict_through_the_api_gives_the_batched_answers(tiny_cfg, heldout):
+    """predict = engine.ask per sample with its own media gives the pre-API batched path's greedy text for
+    every task: spoken_qa (a still + a separate recording), asr / sound_description (a video's audio track
+    alone), av_matching (a video with another clip's sound) and the clip-with-its-sound tasks (~15 s)."""
+    from training.eval.runner import predict
+
+    model = build_model(tiny_cfg, pretrained=False, tokenizer=make_tokenizer())
+    records = predict(model, heldout, max_new_tokens=6)
+    rows = {r["id"]: r for r in map(json.loads, heldout.read_text().splitlines())}
+    assert [r["id"] for r in records] == sorted(rows, key=lambda i: rows[i]["task"])  # task by task, stable
+    assert any(rows[r["id"]]["image"] and rows[r["id"]]["audio"] for r in records)  # spoken_qa: still + speech
+    assert any(not rows[r["id"]]["video"] and not rows[r["id"]]["image"] for r in records)  # audio only
+    got = {r["id"]: r["prediction"] for r in records}
+    assert len(set(got.values())) > 1  # the random model answers differently per sample: the text is a check
+    _same_av_embeddings(model, heldout, rows)
+    # Greedy text must be identical (no tolerance): one sample alone is what batch 1 computes, and batches
+    # of 3 mix tasks (padding masked, images repeated over their audio in the collator instead of the model).
+    for batch_size in (1, 3):
+        assert got == _batched_predictions(model, heldout, batch_size, max_new_tokens=6), batch_size

@@ -208,8 +208,7 @@ def run_one(config: Path, work: Path, variant: str, seed: int, paths: dict[str, 
     if hasattr(model.audio_encoder, "inner"):  # evaluate through the plain encoder (no batch cache keys)
         model.audio_encoder = model.audio_encoder.inner
     t0 = time.perf_counter()
-    records = predict(model, paths["heldout"], batch_size=tc.batch_size, max_new_tokens=tc.max_new_tokens,
-                      limit=eval_limit)
+    records = predict(model, paths["heldout"], max_new_tokens=tc.max_new_tokens, limit=eval_limit)
     scores = score_predictions(records)
     result = {"variant": variant, "seed": seed, "scores": scores, "train_seconds": round(train_s, 1),
               "eval_seconds": round(time.perf_counter() - t0, 1), "steps": tc.steps,

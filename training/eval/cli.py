@@ -40,8 +40,11 @@ def run(
     checkpoint: Annotated[Path, typer.Argument(help="FAVOR checkpoint (.safetensors / .pt)")],
     manifest: Annotated[Path, typer.Argument(help="JSONL manifest (synthetic or converted AVEB)")],
     out: Annotated[Path, typer.Option("--out", "-o", help="directory for predictions and scores")] = Path("runs/eval"),
-    tokenizer: Annotated[Path | None, typer.Option(help="tokenizer dir, when the checkpoint's LLM has none")] = None,
-    batch_size: Annotated[int, typer.Option(min=1)] = 4,
+    backend: Annotated[str, typer.Option(help="torch (the checkpoint as trained, the default) | auto | onnxruntime "
+                                               "(the compiled bundle the runtime ships, via the bundle cache)")
+                       ] = "torch",
+    tokenizer: Annotated[Path | None, typer.Option(help="tokenizer dir, when the checkpoint's LLM has none "
+                                                        "(torch backend)")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 48,
     limit: Annotated[int | None, typer.Option(min=1, help="first N samples only")] = None,
     task: Annotated[list[str] | None, typer.Option("--task", help="only these tasks (repeatable)")] = None,
@@ -50,35 +53,56 @@ def run(
     judge_model: Annotated[str, typer.Option(help="judge model name")] = "gpt-3.5-turbo",
     judge_key_env: Annotated[str, typer.Option(help="environment variable holding the judge key")] = "OPENAI_API_KEY",
 ) -> None:
-    """Greedy answers for every sample, scored per task by the paper's rules."""
+    """Greedy answers for every sample through the Python API (engine.ask), scored per task by the paper's rules."""
     from rich.console import Console
     from rich.progress import Progress
 
-    from favor.build import load_tokenizer
-    from favor.checkpoint import load_model
     from training.eval.judge import Judge, JudgeConfig
     from training.eval.runner import format_grounding_table, format_table, predict, score_predictions, write_results
 
     try:
-        tok = load_tokenizer(str(tokenizer)) if tokenizer else None
-        model = load_model(checkpoint, tokenizer=tok)
-        if model.tokenizer is None:
-            _fail(f"{checkpoint}: the model has no tokenizer (random-init LLM); pass --tokenizer DIR")
+        engine = _engine(checkpoint, backend, tokenizer)
         judge = Judge(JudgeConfig(judge_url, judge_model, judge_key_env)) if judge_url else None
         with Progress(transient=True) as bar:
             job = bar.add_task("generate", total=None)
-            records = predict(model, manifest, batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit,
+            records = predict(engine, manifest, max_new_tokens=max_new_tokens, limit=limit,
                               tasks=task or None, skip_bad=skip_bad,
                               progress=lambda done, total: bar.update(job, completed=done, total=total))
         scores = score_predictions(records, judge)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
     path = write_results(out, records, scores, {"checkpoint": str(checkpoint), "manifest": str(manifest),
-                                                "judge": judge_url, "max_new_tokens": max_new_tokens})
+                                                "judge": judge_url, "max_new_tokens": max_new_tokens,
+                                                "backend": backend})
     Console().print(format_table(scores))
     if grounding := format_grounding_table(scores):
         typer.echo(grounding)
     typer.echo(f"scores: {path}")
+
+
+EVAL_BACKENDS = ("torch", "auto", "onnxruntime")
+
+
+def _engine(checkpoint: Path, backend: str, tokenizer: Path | None):
+    """The Engine eval asks: torch = the checkpoint's FavorModel as trained (LoRA unmerged, today's
+    scores); auto / onnxruntime = favor.load's compiled bundle (what `favor-rt run` ships)."""
+    if backend not in EVAL_BACKENDS:
+        raise ValueError(f"--backend ({backend!r}) must be one of {', '.join(EVAL_BACKENDS)}")
+    if backend != "torch":
+        if tokenizer is not None:
+            raise ValueError("--tokenizer applies to the torch backend; a compiled bundle takes the tokenizer "
+                             "beside the checkpoint (favor-export)")
+        import favor
+
+        return favor.load(checkpoint, backend=backend)
+    from favor.build import load_tokenizer
+    from favor.checkpoint import load_model
+    from training.eval.runner import as_engine
+
+    model = load_model(checkpoint, tokenizer=load_tokenizer(str(tokenizer)) if tokenizer else None)
+    if model.tokenizer is None:
+        raise ValueError(f"{checkpoint}: the model has no tokenizer (random-init LLM); pass --tokenizer DIR")
+    return as_engine(model)
 
 
 @app.command()

@@ -1,7 +1,7 @@
 """Run a FAVOR model over a manifest and score every task by its rule.
 
-    manifest -> ManifestDataset (no pairing) -> Collator -> encode_av -> generate -> predictions
-    (favor.generation.generate = favor.captions' decode loop, the one every runtime backend ships)
+    manifest -> ManifestDataset (no pairing) -> per sample engine.ask(question, video=, audio=, image=)
+    (the Python API, runtime/api.py + runtime/clip.py: on any backend) -> predictions
     predictions -> score_predictions (TASK_RULES) -> {task: {metric, score, n, ...}}
 
 Rules per task (appendix B; synthetic tasks take the rule of their AVEB counterpart):
@@ -25,8 +25,6 @@ import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
-
-import torch
 
 from training.eval import grounding as G
 from training.eval import metrics as M
@@ -96,52 +94,55 @@ def score_predictions(records: Sequence[dict], judge: Callable | None = None) ->
 # ---------------------------------------------------------------------------------------------- model
 
 
-@torch.inference_mode()
-def predict(model, manifest: str | Path, *, batch_size: int = 4, max_new_tokens: int = 48,
-            limit: int | None = None, tasks: Sequence[str] | None = None, skip_bad: bool = False,
-            progress: Callable[[int, int], None] | None = None) -> list[dict]:
-    """Greedy answers of ``model`` for every sample of ``manifest`` (first human turn as the prompt).
+def as_engine(model):
+    """``model`` as a runtime.api.Engine: an Engine as is; a FavorModel (a loaded checkpoint, the ablation's
+    trained model) on the torch backend with its LoRA left unmerged, so the numbers are the model's own."""
+    from runtime.api import Engine
 
-    Samples are batched per task (images batch with images). Returns one record per sample: id, task,
-    question, prediction, reference (the gpt turn) and references (``meta.references`` if present).
+    if isinstance(model, Engine):
+        return model
+    from runtime.backends import TorchBackend
+
+    return Engine(TorchBackend(model, merge_lora=False))
+
+
+def predict(model, manifest: str | Path, *, max_new_tokens: int = 48, limit: int | None = None,
+            tasks: Sequence[str] | None = None, skip_bad: bool = False,
+            progress: Callable[[int, int], None] | None = None) -> list[dict]:
+    """Greedy answers for every sample of ``manifest`` (first human turn as the question), each through
+    the Python API: ``engine.ask(question=, video=, audio=, image=)`` with the sample's own media.
+
+    ``model``: an Engine (favor.load(checkpoint, backend=...)) or a FavorModel (see as_engine). Samples
+    go task by task, manifest order within a task. Returns one record per sample: id, task, question,
+    prediction, reference (the gpt turn), references (``meta.references`` if present) and events
+    (``meta.events``, for grounding). ``skip_bad``: samples whose media cannot be used are left out.
     """
-    from favor.generation import generate, get_settings
-    from favor.model import av_inputs
-    from training.collate import Collator
+    from training.collate import first_answer, first_question
     from training.data import DataOptions, ManifestDataset
     from training.pairing import PairingOptions
 
-    if batch_size < 1:
-        raise ValueError(f"batch_size ({batch_size}) must be >= 1")
-    cfg = model.cfg
-    data = ManifestDataset(manifest, cfg, DataOptions(skip_bad=skip_bad, pairing=PairingOptions(enabled=False)))
-    collate = Collator(cfg, model.tokenizer, model.instruction_tokenizer)
-    chosen = [i for i, e in enumerate(data.entries) if tasks is None or e.task in tasks]
+    engine = as_engine(model)
+    data = ManifestDataset(manifest, engine.cfg, DataOptions(skip_bad=skip_bad, pairing=PairingOptions(enabled=False)))
+    chosen = [e for e in data.entries if tasks is None or e.task in tasks]
     if limit is not None:
         chosen = chosen[:limit]
-    chosen.sort(key=lambda i: (data.entries[i].task, i))  # stable: manifest order within a task
-    settings = get_settings("greedy", max_new_tokens=max_new_tokens)
-    device = next(model.parameters()).device
-    model.eval()
+    chosen.sort(key=lambda e: e.task)  # stable: manifest order within a task
     records: list[dict] = []
-    for start in range(0, len(chosen), batch_size):
-        idx = chosen[start: start + batch_size]
-        batch = collate([data[i] for i in idx])
-        if batch["size"] == 0:
-            continue
-        t = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        av = model.encode_av(**av_inputs(t))
-        preds = generate(model, av, batch["questions"], settings)
-        by_id = {data.entries[i].id: data.entries[i] for i in idx}
-        for sid, task, question, answer, pred in zip(batch["ids"], batch["tasks"], batch["questions"],
-                                                     batch["answers"], preds, strict=True):
-            meta = by_id[sid].meta
-            records.append({"id": sid, "task": task, "question": meta.get("question") or question,
+    for done, e in enumerate(chosen, start=1):
+        question, answer = first_question(e.conversation), first_answer(e.conversation)
+        try:
+            pred = engine.ask(question=question, video=e.video, audio=e.audio, image=e.image,
+                              max_new_tokens=max_new_tokens)
+        except ValueError as err:  # unreadable media (one line naming the file)
+            if not skip_bad:
+                raise ValueError(f"{e.where(data.manifest)}: {err} (set skip_bad: true to skip)") from None
+        else:
+            records.append({"id": e.id, "task": e.task, "question": e.meta.get("question") or question,
                             "prediction": pred, "reference": answer,
-                            "references": meta.get("references") or [answer],
-                            **({"events": meta["events"]} if meta.get("events") else {})})  # grounding
+                            "references": e.meta.get("references") or [answer],
+                            **({"events": e.meta["events"]} if e.meta.get("events") else {})})  # grounding
         if progress is not None:
-            progress(min(start + batch_size, len(chosen)), len(chosen))
+            progress(done, len(chosen))
     return records
 
 
