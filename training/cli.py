@@ -195,7 +195,7 @@ def synth(
 def pretrain_vit(
     output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="run directory")] = Path("runs/demo_vit"),
     preset: Annotated[str, typer.Option(help="model preset whose visual encoder is pretrained")] = "demo",
-    steps: Annotated[int, typer.Option(min=1, help="optimiser steps")] = 3000,
+    steps: Annotated[int, typer.Option(min=1, help="optimiser steps")] = 1200,
     batch_size: Annotated[int, typer.Option(min=1, help="frames per step")] = 16,
     lr: Annotated[float, typer.Option(min=0.0, help="peak AdamW learning rate of the encoder")] = 3e-4,
     head_lr: Annotated[float, typer.Option(min=0.0, help="peak learning rate of the linear heads")] = 2e-3,

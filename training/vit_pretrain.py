@@ -67,7 +67,7 @@ ARCHITECTURE_FIELDS = ("image_size", "patch_size", "vit_width", "vit_layers", "v
 class PretrainConfig:
     preset: str = "demo"  # favor.config preset whose visual encoder is pretrained
     output_dir: str = "runs/demo_vit"
-    steps: int = 3000
+    steps: int = 1200
     batch_size: int = 16  # frames per step: more updates per frame rendered beat bigger batches here
     frames_per_scene: int = 4
     lr: float = 3e-4  # encoder (ViT + instruction Q-Former)
@@ -80,8 +80,8 @@ class PretrainConfig:
     clip_pool: int = 1_000_000  # clip indices drawn from [0, clip_pool) of the train split
     codec: bool = True  # 4:2:0 chroma, as the H.264 clips the recipe decodes
     log_every: int = 10
-    eval_every: int = 500  # steps; 0 = at the end only
-    ckpt_every: int = 250  # steps; 0 = none (no resume point)
+    eval_every: int = 300  # steps; 0 = at the end only
+    ckpt_every: int = 100  # steps; 0 = none (no resume point)
     keep_checkpoints: int = 2
     heldout_frames: int = 256  # rendered frames from the heldout seed space per evaluation
     heldout_manifest: str | None = None  # a generated heldout split: its mp4 frames, decoded, at the end
