@@ -194,7 +194,7 @@ def _same_av_embeddings(model, manifest: Path, rows: dict) -> None:
 
 @pytest.mark.slow
 def test_predict_through_the_api_gives_the_batched_answers(tiny_cfg, heldout):
-    """predict = engine.ask per sample with its own media gives the pre-API batched path's greedy text for
+    """predict = engine.ask per sample with its own media gives the pre-API path's greedy text (batch 1) for
     every task: spoken_qa (a still + a separate recording), asr / sound_description (a video's audio track
     alone), av_matching (a video with another clip's sound) and the clip-with-its-sound tasks (~15 s)."""
     from training.eval.runner import predict
@@ -208,7 +208,8 @@ def test_predict_through_the_api_gives_the_batched_answers(tiny_cfg, heldout):
     got = {r["id"]: r["prediction"] for r in records}
     assert len(set(got.values())) > 1  # the random model answers differently per sample: the text is a check
     _same_av_embeddings(model, heldout, rows)
-    # Greedy text must be identical (no tolerance): one sample alone is what batch 1 computes, and batches
-    # of 3 mix tasks (padding masked, images repeated over their audio in the collator instead of the model).
-    for batch_size in (1, 3):
-        assert got == _batched_predictions(model, heldout, batch_size, max_new_tokens=6), batch_size
+    # Greedy text identical to the old path at batch 1 (no tolerance: the AV embeddings are bit-equal above).
+    # Not compared at batch > 1: without audio.pad_to_30s Whisper attends over a batch's padding, so the old
+    # path's features of a recording shorter than its batch neighbours depended on them (demo model, batch 4:
+    # up to 1.5 of ~6.6 in AV-embedding rows, 2 of 42 held-out answers changed); the API path has none.
+    assert got == _batched_predictions(model, heldout, 1, max_new_tokens=6)

@@ -1,6 +1,7 @@
 """favor-eval: run AVEB (real or synthetic) on a FAVOR checkpoint, convert AVEB sets, run the ablations.
 
     favor-eval run CHECKPOINT MANIFEST --out runs/eval            # predictions.jsonl + scores.json
+    favor-eval run CHECKPOINT MANIFEST --backend onnxruntime      # score the compiled bundle the runtime ships
     favor-eval run demo.safetensors data/heldout.jsonl --judge-url http://127.0.0.1:8000/v1 --judge-model m
     favor-eval score runs/eval/predictions.jsonl --manifest data/heldout.jsonl   # re-score (adds grounding)
     favor-eval convert librispeech /data/LibriSpeech data/aveb/asr.jsonl

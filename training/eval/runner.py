@@ -4,6 +4,10 @@
     (the Python API, runtime/api.py + runtime/clip.py: on any backend) -> predictions
     predictions -> score_predictions (TASK_RULES) -> {task: {metric, score, n, ...}}
 
+One sample at a time, so its features are its own: the earlier batched path padded a batch's audio to its
+longest and Whisper (audio.pad_to_30s off) attends over that padding, so a short recording's answer
+depended on its batch neighbours (tests/test_eval_runner.py: identical to that path at batch 1).
+
 Rules per task (appendix B; synthetic tasks take the rule of their AVEB counterpart):
     wer      asr, avsr                           WER %, lower is better
     caption  ac, ic, av_caption, sound_description   CIDEr (primary), BLEU-4, METEOR
