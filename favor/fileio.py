@@ -4,6 +4,7 @@
     sha256_path(path)         -> hex digest of a file, or of a directory's files (HF model dirs)
     atomic_write(path, write) -> ``write(tmp)`` beside ``path``, fsync, rename over ``path``
     atomic_dir(target, fill)  -> ``fill(tmp_dir)`` beside ``target``, rename into place
+    write_step_dir(target, fill, keep) -> a run's step checkpoint: replaces ``target``, keeps the newest ``keep``
 
 A reader never sees a half-written file: it finds the old file or the new one, never a mix.
 """
@@ -86,4 +87,24 @@ def atomic_dir(target: Path, fill: Callable[[Path], object]) -> Path:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)  # removes symlinks, never what they point to
+    return target
+
+
+def write_step_dir(target: Path, fill: Callable[[Path], object], keep: int) -> Path:
+    """A training run's checkpoint directory (``<run>/step_NNNNNN``): ``fill(tmp_dir)`` beside ``target``,
+    then it replaces ``target`` (a resumed run rewrites its own step) and only the newest ``keep``
+    ``step_*`` siblings stay (``keep`` 0 keeps all). The directory appears complete or not at all, so a
+    run killed mid-write resumes from the previous step."""
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        fill(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    for old in sorted(target.parent.glob("step_*"))[: -keep or None]:
+        shutil.rmtree(old, ignore_errors=True)
     return target

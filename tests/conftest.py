@@ -12,6 +12,14 @@ WORDS = ("a red green blue yellow circle square triangle appears disappears then
          "seven , . ? : user assistant < > / img").split()
 
 
+def sigint_at_default() -> None:
+    """Popen preexec_fn for a child the test interrupts: SIGINT back at its default (a shell or a CI
+    runner may start jobs with it ignored, and Python then never turns it into KeyboardInterrupt)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def make_tokenizer(vocab_size: int = 101):
     """A real PreTrainedTokenizerFast (word-level) sized to the tiny LLM vocabulary."""
     from tokenizers import Tokenizer, models, pre_tokenizers

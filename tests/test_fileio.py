@@ -51,3 +51,20 @@ def test_atomic_dir_keeps_the_winner_of_a_race(tmp_path):
     with pytest.raises(ValueError):  # a failing fill leaves nothing behind
         atomic_dir(tmp_path / "other", lambda d: (_ for _ in ()).throw(ValueError("bad")))
     assert sorted(os.listdir(tmp_path)) == ["cache-abc"]
+
+
+def test_write_step_dir_replaces_and_keeps_the_newest(tmp_path):
+    """A step directory appears whole (a failing fill leaves the previous steps untouched and no
+    partial target), a rewritten step replaces its old content, and only the newest ``keep`` stay."""
+    from favor.fileio import write_step_dir
+
+    for step in (1, 2, 3):
+        write_step_dir(tmp_path / f"step_{step:06d}", lambda d, s=step: (d / "w").write_text(str(s)), keep=2)
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_000002", "step_000003"]
+    write_step_dir(tmp_path / "step_000003", lambda d: (d / "w").write_text("again"), keep=2)
+    assert (tmp_path / "step_000003" / "w").read_text() == "again"
+    with pytest.raises(ValueError, match="disk"):
+        write_step_dir(tmp_path / "step_000004", lambda d: (_ for _ in ()).throw(ValueError("disk full")), keep=2)
+    assert not (tmp_path / "step_000004").exists() and not list(tmp_path.glob(".step_000004*"))
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_000002", "step_000003"]
+    assert (tmp_path / "step_000002" / "w").read_text() == "2"

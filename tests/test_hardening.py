@@ -21,6 +21,7 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
+from conftest import sigint_at_default
 from onnx import TensorProto, helper
 from rich.console import Console
 from safetensors import safe_open
@@ -454,10 +455,8 @@ def test_ctrl_c_while_waiting_for_input_exits_130(tiny_ckpt, tmp_path):
     os.mkfifo(fifo)
     cmd = [sys.executable, "-m", "runtime", "run", str(fifo), "--model", str(tiny_ckpt), "--backend", "torch",
            "--offline", "--no-live", "--timeout", "600"]
-    # SIGINT at its default (a shell may start jobs with it ignored), so Python turns it into Ctrl-C
     p = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=sigint_at_default)
     deadline = time.monotonic() + HANG_S
     while time.monotonic() < deadline and not _has_reader(fifo, p.pid):
         time.sleep(0.2)

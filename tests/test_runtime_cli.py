@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import sigint_at_default
 from typer.testing import CliRunner
 
 from favor.config import get_config
@@ -134,7 +135,8 @@ def test_sigint_mid_run_leaves_a_valid_srt(tiny_ckpt, tmp_path):
     cmd = [sys.executable, "-m", "runtime", "run", str(clip), "--model", str(tiny_ckpt), "--backend", "torch",
            "--realtime",
            "--max-latency", "10", "--no-live", "--threads", "1", "--max-new-tokens", "3", "--srt", str(srt)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=sigint_at_default)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:
         if srt.exists() and srt.read_text().count(" --> ") >= 3:

@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from conftest import sigint_at_default
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -478,7 +479,8 @@ def test_serve_command_binds_loopback_quietly_and_stops_on_sigint(tiny_ckpt, cli
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.Popen([sys.executable, "-m", "runtime", "serve", "--model", str(tiny_ckpt), "--backend",
                              "torch", "--port", str(port)], cwd=root, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(root)})
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(root)},
+                            preexec_fn=sigint_at_default)
     try:
         base = f"http://127.0.0.1:{port}"
 

@@ -22,7 +22,6 @@ import functools
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ from favor.checkpoint import (
     save_checkpoint,
 )
 from favor.config import FavorConfig
+from favor.fileio import write_step_dir
 from favor.generation import generate, get_settings
 from favor.model import av_inputs
 from training import distributed as D
@@ -458,15 +458,12 @@ class FinetuneRecipe:
             state = {"step": self.step, "position": self.position, "world_size": self.info.world_size,
                      "optimizer": opt, "scheduler": self.scheduler.state_dict(), "rng": rng,
                      "skipped": self.skipped}
-            tmp = self.out / f".{final.name}.tmp-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            save_checkpoint(self._checkpoint(weights), tmp / WEIGHTS_FILE)
-            torch.save(state, tmp / STATE_FILE)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)  # the directory appears complete or not at all
-            for old in sorted(self.out.glob("step_*"))[: -self.tc.keep_checkpoints or None]:
-                shutil.rmtree(old, ignore_errors=True)
+
+            def fill(tmp: Path) -> None:
+                save_checkpoint(self._checkpoint(weights), tmp / WEIGHTS_FILE)
+                torch.save(state, tmp / STATE_FILE)
+
+            write_step_dir(final, fill, self.tc.keep_checkpoints)
         D.barrier()
         return final
 

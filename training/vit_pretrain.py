@@ -26,8 +26,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +37,7 @@ from torch import nn
 
 from favor.config import FavorConfig, get_config
 from favor.encoders import VisualEncoder
-from favor.fileio import atomic_write
+from favor.fileio import atomic_write, write_step_dir
 from favor.generation import instruction_inputs
 from training.recipe import warmup_cosine
 from training.vit_data import FrameBatch, decoded_batches, rendered_batch
@@ -341,14 +339,7 @@ class VitPretrainer:
                  "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "torch_rng": torch.get_rng_state()}
         final = self.out / STEP_DIR.format(self.step)
-        tmp = self.out / f".{final.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        torch.save(state, tmp / STATE_FILE)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)  # the directory appears complete or not at all
-        for old in sorted(self.out.glob("step_*"))[: -self.pc.keep_checkpoints or None]:
-            shutil.rmtree(old, ignore_errors=True)
+        write_step_dir(final, lambda tmp: torch.save(state, tmp / STATE_FILE), self.pc.keep_checkpoints)
         self._save_curve()
 
     def _save_curve(self) -> None:
