@@ -20,6 +20,20 @@ def sigint_at_default() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def tiny_gqa_model():
+    """The tiny preset with grouped-query attention (3 heads over 1 KV head: the ORT GenAI builder's GQA
+    path) and non-zero LoRA B (peft starts it at zero), so merging LoRA matters; eval mode."""
+    from favor.build import build_model
+
+    torch.manual_seed(0)
+    cfg = get_config("tiny").replace(**{"llm.heads": 3, "llm.kv_heads": 1})
+    m = build_model(cfg, pretrained=False, tokenizer=make_tokenizer()).eval()
+    for name, p in m.llm.model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    return m
+
+
 def make_tokenizer(vocab_size: int = 101):
     """A real PreTrainedTokenizerFast (word-level) sized to the tiny LLM vocabulary."""
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tokenizer
+from conftest import tiny_gqa_model
 
-from favor.build import build_model
 from favor.captions import DecodeState, TorchInference, greedy_decode
-from favor.config import get_config
 from favor.continuous import ContinuousBatch, run_alone
 
 # Prompt lengths (odd, all different: rows of the batch hold different lengths) and length limits
@@ -33,13 +31,7 @@ MIN_MARGIN = 1e-4
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    cfg = get_config("tiny").replace(**{"llm.heads": 3, "llm.kv_heads": 1})
-    m = build_model(cfg, pretrained=False, tokenizer=make_tokenizer()).eval()
-    for name, p in m.llm.model.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
-    return m
+    return tiny_gqa_model()
 
 
 @pytest.fixture(scope="module")

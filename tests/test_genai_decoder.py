@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import make_tokenizer
+from conftest import make_tokenizer, tiny_gqa_model
 
 from export import decoder_precisions, genai_decoder
 from export.ort_decoder import GenaiInference, decoder_session
@@ -29,13 +29,7 @@ STEPS = 6
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    cfg = get_config("tiny").replace(**{"llm.heads": 3, "llm.kv_heads": 1})
-    m = build_model(cfg, pretrained=False, tokenizer=make_tokenizer()).eval()
-    for name, p in m.llm.model.named_parameters():
-        if "lora_B" in name:  # peft starts B at zero: make the merge matter
-            p.data.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
-    return m
+    return tiny_gqa_model()
 
 
 @pytest.fixture(scope="module")
