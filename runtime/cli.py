@@ -24,6 +24,7 @@ import signal
 import statistics
 import sys
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
@@ -49,8 +50,44 @@ class UsageError(ValueError):
     """Bad options or input, found before anything was written: exit 2."""
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
+class Interrupts:
+    """Ctrl-C and SIGTERM end the run, but never halfway through emitting a caption: a caption reaches
+    every output (files and terminal) or none. A signal that lands while one is being written is held
+    and raised right after it (signal handlers run between bytecodes, so without this the SRT could
+    hold a cue the terminal never printed)."""
+
+    def __init__(self) -> None:
+        self.emitting = False
+        self.pending = False
+
+    def handler(self, signum, frame) -> None:
+        if self.emitting:
+            self.pending = True
+            return
+        raise KeyboardInterrupt
+
+    @contextmanager
+    def atomic(self):
+        self.emitting = True
+        try:
+            yield
+        finally:
+            self.emitting = False
+        if self.pending:
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def installed(self):
+        """Route SIGINT and SIGTERM (service managers, `timeout`) here for the run (main thread only)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {s: signal.signal(s, self.handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
 
 
 def _fail(console: Console, message: str, code: int) -> typer.Exit:
@@ -314,43 +351,41 @@ def stream(session, writers, term: Terminal) -> Outcome:
     """Caption (the session warms up first when realtime) until the source ends, an output fails, or
     Ctrl-C / SIGTERM."""
     outcome = Outcome()
+    interrupts = Interrupts()
 
     def on_caption(cap) -> None:
-        for w in writers:
-            w.write(cap.start, cap.end, cap.text, cap.as_dict())
-        term.caption(cap)
+        with interrupts.atomic():
+            for w in writers:
+                w.write(cap.start, cap.end, cap.text, cap.as_dict())
+            term.caption(cap)
 
     stop = threading.Event()
-    previous_sigterm = None  # SIGTERM (service managers, `timeout`) ends the run like Ctrl-C
-    if threading.current_thread() is threading.main_thread():
-        previous_sigterm = signal.signal(signal.SIGTERM, _interrupt)
     captions = None
-    try:
-        on_token = None
-        if term.view is not None:
-            on_token = term.status.on_token  # the live view shows captions growing
-            term.view.start()
-        # realtime: the warm-up measures the per-window cost before the first deadline, while the
-        # first window is being captured (so it adds nothing to the time to the first caption)
-        captions = session.captions(stop, on_token=on_token)
-        for cap in captions:
-            on_caption(cap)
-        outcome.report = session.report
-    except KeyboardInterrupt:
-        outcome.interrupted = True
-        stop.set()
-    except OutputError as e:
-        outcome.output_error = e
-    finally:
-        if previous_sigterm is not None:
-            signal.signal(signal.SIGTERM, previous_sigterm)
-        if term.view is not None:
-            term.view.stop()
-        if captions is not None:
-            captions.close()  # an output failed mid-run: capture stopped and joined
-        for w in writers:
-            w.close()
-        session.close()
+    with interrupts.installed():
+        try:
+            on_token = None
+            if term.view is not None:
+                on_token = term.status.on_token  # the live view shows captions growing
+                term.view.start()
+            # realtime: the warm-up measures the per-window cost before the first deadline, while the
+            # first window is being captured (so it adds nothing to the time to the first caption)
+            captions = session.captions(stop, on_token=on_token)
+            for cap in captions:
+                on_caption(cap)
+            outcome.report = session.report
+        except KeyboardInterrupt:
+            outcome.interrupted = True
+            stop.set()
+        except OutputError as e:
+            outcome.output_error = e
+        finally:
+            if term.view is not None:
+                term.view.stop()
+            if captions is not None:
+                captions.close()  # an output failed mid-run: capture stopped and joined
+            for w in writers:
+                w.close()
+            session.close()
     return outcome
 
 

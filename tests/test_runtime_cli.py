@@ -197,3 +197,18 @@ def test_unavailable_backends_are_one_line_errors(tiny_ckpt, tmp_path, backend, 
     assert r.exit_code == EXIT_USAGE
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and message in lines[0]
+
+
+def test_an_interrupt_while_a_caption_is_written_waits_for_the_caption():
+    """Ctrl-C landing between the SRT write and the terminal print must not split a caption: the
+    signal is held until every output has it, then ends the run."""
+    from runtime.cli import Interrupts
+
+    interrupts, reached, before = Interrupts(), [], signal.getsignal(signal.SIGINT)
+    with interrupts.installed(), pytest.raises(KeyboardInterrupt):
+        with interrupts.atomic():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the handler runs here, between bytecodes
+            reached.append("printed")
+    assert reached == ["printed"]
+    assert signal.getsignal(signal.SIGINT) == before  # the caller's handler is back after the run
