@@ -271,18 +271,23 @@ class VisualEncoder(nn.Module):
         frames = pixels.reshape(b * t, *pixels.shape[2:])  # frames: [B*T, 3, S, S]
         image = self.vision_model(pixel_values=frames).last_hidden_state  # image: [B*T, Np+1, Dvit]
         # The release repeats the prompt's ids for every frame (b-major, matching `frames`).
-        ids = instruction_ids.repeat_interleave(t, dim=0)  # ids: [B*T, Li]
-        text_mask = instruction_mask.to(torch.long).repeat_interleave(t, dim=0)
-        queries = self.query_tokens.expand(b * t, -1, -1)  # queries: [B*T, Qv, Dv]
-        query_mask = torch.ones(queries.shape[:2], dtype=torch.long, device=pixels.device)
+        out = self.read(image, instruction_ids.repeat_interleave(t, dim=0),
+                        instruction_mask.repeat_interleave(t, dim=0))
+        return out.reshape(b, t, self.num_queries, -1)  # [B, T, Qv, Dv]
+
+    def read(self, image: torch.Tensor, instruction_ids: torch.Tensor,
+             instruction_mask: torch.Tensor) -> torch.Tensor:
+        """The Q-Former alone: ViT tokens [N, Np+1, Dvit] and the instruction [N, Li] -> queries [N, Qv, Dv]."""
+        queries = self.query_tokens.expand(image.shape[0], -1, -1)  # queries: [N, Qv, Dv]
+        query_mask = torch.ones(queries.shape[:2], dtype=torch.long, device=image.device)
         out = self.qformer(
-            input_ids=ids,
-            attention_mask=torch.cat([query_mask, text_mask], dim=1),  # [B*T, Qv+Li]
+            input_ids=instruction_ids,
+            attention_mask=torch.cat([query_mask, instruction_mask.to(torch.long)], dim=1),  # [N, Qv+Li]
             query_embeds=queries,
             encoder_hidden_states=image,
-            encoder_attention_mask=torch.ones(image.shape[:2], dtype=torch.long, device=pixels.device),
-        ).last_hidden_state  # out: [B*T, Qv+Li, Dv]
-        return out[:, : self.num_queries].reshape(b, t, self.num_queries, -1)  # [B, T, Qv, Dv]
+            encoder_attention_mask=torch.ones(image.shape[:2], dtype=torch.long, device=image.device),
+        ).last_hidden_state  # out: [N, Qv+Li, Dv]
+        return out[:, : self.num_queries]
 
     @classmethod
     def from_pretrained(cls, cfg: FavorConfig, path: str | Path, vit_path: str | Path | None = None, *,

@@ -25,6 +25,7 @@ from training.vit_pretrain import (
     ENCODER_FILE,
     PretrainConfig,
     VitPretrainer,
+    all_outputs,
     encode_frames,
     load_encoder,
     probe_losses,
@@ -83,21 +84,21 @@ def test_batches_are_a_function_of_the_seed_and_use_disjoint_splits():
 
 def tiny_pretrain(tmp_path: Path, **kw) -> PretrainConfig:
     # image 28 / patch 14 (2 x 2 patches), 8 frames a step: seconds per run on 2 cores
-    defaults = dict(preset="tiny", output_dir=str(tmp_path), steps=12, batch_size=8, frames_per_scene=4, lr=3e-3,
-                    head_lr=3e-3,
-                    warmup_steps=2, log_every=1, eval_every=0, ckpt_every=0, heldout_frames=8)
+    defaults = dict(preset="tiny", output_dir=str(tmp_path), steps=12, batch_size=8, frame_pool=32,
+                    frames_per_scene=4, lr=3e-3, head_lr=3e-3, warmup_steps=2, log_every=1, eval_every=0,
+                    ckpt_every=0, heldout_frames=8)
     return PretrainConfig(**{**defaults, **kw})
 
 
 def test_objective_decreases_on_a_tiny_run(tmp_path, tokenizer):
-    trainer = VitPretrainer(tiny_pretrain(tmp_path, steps=20), tokenizer=tokenizer, num_workers=0)
+    trainer = VitPretrainer(tiny_pretrain(tmp_path, steps=20), tokenizer=tokenizer)
     trainer.setup()
     probe = rendered_batch(np.random.default_rng(99), 32, split="train", seed=0, clip_pool=10**6,
                            frames_per_scene=4, image_size=28)
 
     def probe_loss() -> float:
         with torch.no_grad():
-            return float(probe_losses(trainer.heads(*encode_frames(trainer.encoder, probe, tokenizer)),
+            return float(probe_losses(all_outputs(trainer.heads, *encode_frames(trainer.encoder, probe, tokenizer)),
                                       probe.targets)["loss"])
 
     before = probe_loss()
@@ -113,15 +114,14 @@ def test_objective_decreases_on_a_tiny_run(tmp_path, tokenizer):
 
 
 def test_resume_continues_bit_for_bit(tmp_path, tokenizer):
-    full = VitPretrainer(tiny_pretrain(tmp_path / "a", steps=6, ckpt_every=3), tokenizer=tokenizer, num_workers=0)
+    full = VitPretrainer(tiny_pretrain(tmp_path / "a", steps=6, ckpt_every=3), tokenizer=tokenizer)
     full.setup()
     full.train()
     half = tmp_path / "b"
     half.mkdir()
     shutil.copytree(tmp_path / "a" / "step_000003", half / "step_000003")
     shutil.copy(tmp_path / "a" / "curve.json", half / "curve.json")
-    resumed = VitPretrainer(tiny_pretrain(half, steps=6, ckpt_every=3), tokenizer=tokenizer, resume=True,
-                            num_workers=0)
+    resumed = VitPretrainer(tiny_pretrain(half, steps=6, ckpt_every=3), tokenizer=tokenizer, resume=True)
     resumed.setup()
     assert resumed.step == 3
     resumed.train()

@@ -33,6 +33,7 @@ from favor.cli_options import CONTEXT, VerboseOption, VersionOption
 from favor.config import FavorConfig, get_config
 from favor.quiet import quiet_libraries
 from training.recipe import FinetuneRecipe, TrainConfig
+from training.vit_pretrain import PretrainConfig
 
 SECTIONS = ("model", "train")
 
@@ -195,15 +196,20 @@ def synth(
 def pretrain_vit(
     output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="run directory")] = Path("runs/demo_vit"),
     preset: Annotated[str, typer.Option(help="model preset whose visual encoder is pretrained")] = "demo",
-    steps: Annotated[int, typer.Option(min=1, help="optimiser steps")] = 1200,
-    batch_size: Annotated[int, typer.Option(min=1, help="frames per step")] = 16,
-    lr: Annotated[float, typer.Option(min=0.0, help="peak AdamW learning rate of the encoder")] = 3e-4,
-    head_lr: Annotated[float, typer.Option(min=0.0, help="peak learning rate of the linear heads")] = 2e-3,
+    steps: Annotated[int, typer.Option(min=1, help="optimiser steps, both phases")] = PretrainConfig.steps,
+    qformer_fraction: Annotated[float, typer.Option(
+        min=0.0, max=0.99, help="share of the steps that train the Q-Former over the frozen ViT")]
+    = PretrainConfig.qformer_fraction,
+    batch_size: Annotated[int, typer.Option(min=1, help="frames per step")] = PretrainConfig.batch_size,
+    frame_pool: Annotated[int, typer.Option(min=1, help="train frames rendered once and reused")]
+    = PretrainConfig.frame_pool,
+    lr: Annotated[float, typer.Option(min=0.0, help="peak AdamW learning rate of the encoder")] = PretrainConfig.lr,
+    head_lr: Annotated[float, typer.Option(min=0.0, help="peak learning rate of the linear heads")]
+    = PretrainConfig.head_lr,
     seed: Annotated[int, typer.Option(min=0, help="seed of the train-split clips drawn")] = 0,
     heldout_manifest: Annotated[Path | None, typer.Option(
         help="a generated heldout split (JSONL): its decoded mp4 frames are scored at the end")] = None,
     heldout_clips: Annotated[int, typer.Option(min=1, help="clips of --heldout-manifest scored")] = 40,
-    workers: Annotated[int, typer.Option(min=0, help="frame-rendering worker processes")] = 1,
     resume: Annotated[bool, typer.Option("--resume", help="continue from the newest step_* in output_dir")]
     = False,
 ) -> None:
@@ -211,14 +217,14 @@ def pretrain_vit(
     OUTPUT_DIR/vit.safetensors for train.init_visual_from, OUTPUT_DIR/curve.json and held-out accuracy."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from training.vit_pretrain import ENCODER_FILE, PretrainConfig, VitPretrainer, describe
+    from training.vit_pretrain import ENCODER_FILE, VitPretrainer, describe
 
     try:
-        pc = PretrainConfig(preset=preset, output_dir=str(output_dir), steps=steps, batch_size=batch_size, lr=lr,
-                            head_lr=head_lr,
-                            seed=seed, heldout_manifest=str(heldout_manifest) if heldout_manifest else None,
+        pc = PretrainConfig(preset=preset, output_dir=str(output_dir), steps=steps, qformer_fraction=qformer_fraction,
+                            batch_size=batch_size, frame_pool=frame_pool, lr=lr, head_lr=head_lr, seed=seed,
+                            heldout_manifest=str(heldout_manifest) if heldout_manifest else None,
                             heldout_clips=heldout_clips)
-        trainer = VitPretrainer(pc, resume=resume, num_workers=workers)
+        trainer = VitPretrainer(pc, resume=resume)
         trainer.setup()
         with Progress(TextColumn("[bold]pretrain-vit"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("loss {task.fields[loss]:.3f}"), TimeRemainingColumn(), transient=True) as bar:
