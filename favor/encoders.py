@@ -212,6 +212,13 @@ class AudioEncoder(nn.Module):
         return model
 
 
+# transformers' InstructBlipVisionConfig.initializer_range is 1e-10: made for loading EVA weights, it leaves
+# a ViT built from a config all but zero -- a constant function of the pixels whose gradients vanish
+# (measured: query outputs differ by 1e-7 between two random images, the gradient to the pixels is 6e-17).
+# A ViT trained from scratch starts at timm's / BERT's 0.02; loaded weights overwrite it.
+VIT_INIT_STD = 0.02
+
+
 def instructblip_configs(cfg: FavorConfig) -> tuple[InstructBlipVisionConfig, InstructBlipQFormerConfig]:
     """transformers configs for the ViT and the per-frame Q-Former of ``cfg.visual``."""
     v = cfg.visual
@@ -219,7 +226,7 @@ def instructblip_configs(cfg: FavorConfig) -> tuple[InstructBlipVisionConfig, In
         hidden_size=v.vit_width, intermediate_size=v.vit_mlp_dim, num_hidden_layers=v.vit_layers,
         num_attention_heads=v.vit_heads, image_size=v.image_size, patch_size=v.patch_size,
         layer_norm_eps=v.vit_ln_eps, qkv_bias=True, attention_dropout=0.0,
-        attn_implementation=ATTN_IMPLEMENTATION,
+        attn_implementation=ATTN_IMPLEMENTATION, initializer_range=VIT_INIT_STD,
     )
     qformer = InstructBlipQFormerConfig(
         vocab_size=v.qformer_vocab_size, hidden_size=v.qformer_width,

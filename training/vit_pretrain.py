@@ -248,28 +248,6 @@ def accuracy(encoder: VisualEncoder, heads: ProbeHeads, batches: list[FrameBatch
     return {k: sums[k] / counts[k] for k in sums if counts[k]} | {"frames": sum(len(b.questions) for b in batches)}
 
 
-# transformers' InstructBlipVisionConfig.initializer_range is 1e-10: made for loading EVA weights, it leaves
-# a ViT built from a config all but zero -- a constant function of the pixels, whose gradients vanish
-# (measured: query outputs differ by 1e-7 between two random images). From scratch, ViTs start at 0.02.
-VIT_INIT_STD = 0.02
-
-
-@torch.no_grad()
-def init_vit(vit: nn.Module, std: float = VIT_INIT_STD) -> None:
-    """ViT (timm / BERT) initialisation: truncated-normal weights and embeddings, zero biases, LayerNorm 1 / 0."""
-    for m in vit.modules():
-        if isinstance(m, nn.Linear | nn.Conv2d):
-            nn.init.trunc_normal_(m.weight, std=std)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-    emb = vit.embeddings
-    nn.init.trunc_normal_(emb.position_embedding, std=std)
-    nn.init.trunc_normal_(emb.class_embedding, std=std)
-
-
 @torch.no_grad()
 def init_cross_attention(qformer: nn.Module) -> None:
     """Xavier-uniform weights for the Q-Former's cross-attention projections (BERT's 0.02 elsewhere).
@@ -354,7 +332,6 @@ class VitPretrainer:
             self.tokenizer = instruction_tokenizer_for(self.cfg)
         torch.manual_seed(pc.seed)
         self.encoder = VisualEncoder(self.cfg)
-        init_vit(self.encoder.vision_model)
         init_cross_attention(self.encoder.qformer)
         v = self.cfg.visual
         # The instruction word table (49152 x 192 in the demo: 3/4 of the encoder) stays at its random init:
