@@ -113,6 +113,27 @@ def test_objective_decreases_on_a_tiny_run(tmp_path, tokenizer):
     assert (tmp_path / "curve.json").is_file() and (tmp_path / ENCODER_FILE).is_file()
 
 
+def test_phases_train_the_vit_then_only_the_qformer(tmp_path, tokenizer):
+    trainer = VitPretrainer(tiny_pretrain(tmp_path, steps=8, qformer_fraction=0.5), tokenizer=tokenizer)
+    trainer.setup()
+
+    def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in module.state_dict().items()}
+
+    enc = trainer.encoder
+    vit0, qformer0 = snapshot(enc.vision_model), snapshot(enc.qformer)
+    for _ in range(4):
+        trainer.train_step()
+    vit4, qformer4 = snapshot(enc.vision_model), snapshot(enc.qformer)
+    assert any(not torch.equal(vit0[k], vit4[k]) for k in vit0)  # phase 1 moves the ViT ...
+    assert all(torch.equal(qformer0[k], qformer4[k]) for k in qformer0)  # ... and not the Q-Former
+    for _ in range(4):
+        parts = trainer.train_step()
+    assert all(torch.equal(vit4[k], v) for k, v in enc.vision_model.state_dict().items())  # frozen now
+    assert any(not torch.equal(qformer4[k], v) for k, v in enc.qformer.state_dict().items())
+    assert "queries" in parts and "local" not in parts  # phase 2 trains the query readout only
+
+
 def test_resume_continues_bit_for_bit(tmp_path, tokenizer):
     full = VitPretrainer(tiny_pretrain(tmp_path / "a", steps=6, ckpt_every=3), tokenizer=tokenizer)
     full.setup()
