@@ -111,3 +111,33 @@ def test_ablation_without_causal_encoder(tiny_cfg):
     assert not any("encoder_causal_attention" in n for n, _ in qf.named_parameters())
     x, m = _window_inputs(cfg, 2)
     assert qf(x, m).shape == (2, 3, 36)
+
+
+def _input_sensitivity(cfg) -> float:
+    """How much the queries move between two random windows, relative to their scale (1 after LayerNorm)."""
+    torch.manual_seed(0)
+    q = CausalQFormer(cfg).eval()
+    frames = cfg.timing.frames_per_window
+    a, b = (torch.randn(1, frames * cfg.tokens_per_frame, cfg.fused_width) * 3 for _ in range(2))
+    mask = torch.ones(a.shape[:2], dtype=torch.bool)
+    with torch.no_grad():
+        return float((q(a, mask) - q(b, mask)).std() / q(a, mask).std())
+
+
+def test_xavier_window_init_lets_the_window_through_and_bert_draws_as_before():
+    bert = get_config("demo", **{"qformer.window_init": "bert"})
+    xavier = get_config("demo")  # the demo preset's choice
+    assert xavier.qformer.window_init == "xavier"
+    # measured 0.011 (bert) and 0.22 (xavier) on the demo preset's widths
+    assert _input_sensitivity(bert) < 0.03 and _input_sensitivity(xavier) > 0.1
+    torch.manual_seed(3)
+    a = CausalQFormer(bert).state_dict()
+    torch.manual_seed(3)
+    b = CausalQFormer(xavier).state_dict()
+    readers = ("crossattention.self.", "crossattention.output.dense", "encoder_causal_attention.self.",
+               "encoder_causal_attention.output.dense")
+    for k, v in a.items():  # xavier re-draws only the window readers' weights, after BERT's draws
+        same = torch.equal(v, b[k])
+        assert same != (any(r in k for r in readers) and k.endswith("weight")), k
+    with pytest.raises(ValueError, match="window_init"):
+        get_config("demo", **{"qformer.window_init": "kaiming"})
