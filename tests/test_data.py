@@ -164,6 +164,15 @@ def test_bad_media_raises_naming_the_line_or_is_skipped_and_counted(tmp_path, ti
     assert "no audio stream" in ds.skipped[2][1]
 
 
+def test_tasks_option_keeps_one_curriculum_stage(tmp_path, tiny_cfg):
+    m = make_world(tmp_path)
+    ds = ManifestDataset(m, tiny_cfg, DataOptions(tasks=("av_caption", "sound_description")))
+    assert [e.id for e in ds.entries] == ["av0", "av1", "av2", "a0", "i0"]
+    assert [e.id for e in ds.audio_pool] == ["av0", "av1", "av2", "a0"]  # negatives come from the stage too
+    with pytest.raises(ValueError, match=r"manifest\.jsonl: no samples of task\(s\) asr \(it has av_caption, "):
+        ManifestDataset(m, tiny_cfg, DataOptions(tasks=("asr", "av_caption")))
+
+
 def test_decode_failure_after_validation_is_counted_by_the_collator(tmp_path, tiny_cfg, tokenizer):
     m = make_world(tmp_path)
     strict = ManifestDataset(m, tiny_cfg, DataOptions(min_audio_seconds=0.0))

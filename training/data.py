@@ -32,6 +32,7 @@ class DataOptions:
     validate: bool = True  # probe every file's streams when the dataset is built (no decoding)
     min_audio_seconds: float = MIN_AUDIO_SECONDS  # release dataset: shorter audio zero-padded to 3 s
     pairing: PairingOptions = field(default_factory=PairingOptions)
+    tasks: tuple[str, ...] = ()  # only samples of these tasks (a curriculum stage); () = every task
 
 
 class ManifestDataset(torch.utils.data.Dataset):
@@ -49,6 +50,12 @@ class ManifestDataset(torch.utils.data.Dataset):
         self.options = options or DataOptions()
         self.seed = seed
         entries = parse_manifest(self.manifest)
+        if self.options.tasks:
+            present = {e.task for e in entries}
+            if missing := sorted(set(self.options.tasks) - present):
+                raise ValueError(f"{self.manifest}: no samples of task(s) {', '.join(missing)} "
+                                 f"(it has {', '.join(sorted(present))})")
+            entries = [e for e in entries if e.task in self.options.tasks]
         self.skipped: list[tuple[int, str]] = []  # (line, reason) of entries dropped at load
         if self.options.validate:
             kept = []

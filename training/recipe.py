@@ -57,6 +57,7 @@ class TrainConfig:
     """The ``train:`` section of a recipe YAML."""
 
     train_manifest: str = ""
+    tasks: list[str] = dataclasses.field(default_factory=list)  # train on these tasks only; [] = all
     eval_manifest: str | None = None
     output_dir: str = "runs/favor"
     steps: int = 100  # optimiser steps
@@ -260,7 +261,7 @@ class FinetuneRecipe:
         tc = self.tc
         pairing = PairingOptions(tc.pairing, tc.av_match_prob, tc.mismatch_prob, tc.video_combine_prob,
                                  tc.image_combine_prob)
-        opts = DataOptions(tc.skip_bad, tc.validate_media, tc.min_audio_seconds, pairing)
+        opts = DataOptions(tc.skip_bad, tc.validate_media, tc.min_audio_seconds, pairing, tuple(tc.tasks))
         self.train_set = ManifestDataset(tc.train_manifest, self.cfg, opts, seed=tc.seed)
         self.collator = Collator(self.cfg, self.inner.tokenizer, self.inner.instruction_tokenizer,
                                  tc.max_text_tokens)
