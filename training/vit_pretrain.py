@@ -77,7 +77,7 @@ class PretrainConfig:
     frame_pool: int = 4096  # train frames rendered once and reused (FramePool)
     frames_per_scene: int = 4
     lr: float = 1e-3  # encoder: the ViT in its phase, the Q-Former in its phase
-    head_lr: float = 1e-3  # linear heads (the query heads get head_lr / sqrt(Qv), see setup)
+    head_lr: float = 1e-3  # linear heads
     min_lr_ratio: float = 0.05
     warmup_steps: int = 20  # per phase
     weight_decay: float = 0.05
@@ -126,27 +126,36 @@ class ProbeHeads(nn.Module):
                 uniform when it starts, can pass on (measured: a Q-Former over a ViT trained with the
                 local readout alone stayed at pair accuracy 0.16 after 300 steps, over one trained with both
                 it reached 0.39 after 50)
-    Q-Former phase, from the flattened query outputs [B, Qv * Dv] (the tokens the LLM sees): every cell's
-    labels and the printed word."""
+    Q-Former phase, from the query outputs [B, Qv, Dv] (the tokens the LLM sees), as slots: the queries
+    are split into CELLS consecutive groups, cell c is read from the mean of group c, and the printed word
+    from the mean of all, by heads shared across groups. A label then lives in the tokens themselves, in
+    one direction for every token -- what the causal Q-Former downstream can take in, since its attention
+    projects every token alike. (Measured over the same frozen ViT: this readout reached a 0.90 pair
+    accuracy in 300 steps where a linear map of the flattened 32 x 192 outputs, which may read every
+    token differently, reached 0.65 in 600.)"""
 
     def __init__(self, cfg: FavorConfig):
         super().__init__()
         v = cfg.visual
-        self.cells = nn.Linear(v.num_query_tokens * v.qformer_width, CELLS * CELL_OUTPUTS)
-        self.text = nn.Linear(v.num_query_tokens * v.qformer_width, NUM_TEXTS)
+        if v.num_query_tokens < CELLS:
+            raise ValueError(f"the query readout needs at least one query per cell: num_query_tokens "
+                             f"({v.num_query_tokens}) < {CELLS}")
+        self.cells = nn.Linear(v.qformer_width, CELL_OUTPUTS)
+        self.text = nn.Linear(v.qformer_width, NUM_TEXTS)
+        # slot[c] = the queries cell c reads: CELLS near-equal consecutive groups of the Qv queries
+        self.register_buffer("slot", torch.arange(v.num_query_tokens) * CELLS // v.num_query_tokens,
+                             persistent=False)
         self.local = nn.Linear(v.vit_width, LOCAL_OUTPUTS)
         self.scene = nn.Linear(v.vit_width, CELLS * CELL_OUTPUTS)
         self.scene_text = nn.Linear(v.vit_width, NUM_TEXTS)
         regions = torch.from_numpy(region_pool(v.image_size, v.patch_size))  # [CELLS + 1, Np]
         self.register_buffer("in_cell", regions[:CELLS] > 0, persistent=False)  # [CELLS, Np]
 
-    def query_heads(self) -> tuple[nn.Linear, ...]:
-        return self.cells, self.text
-
     def queries(self, queries: torch.Tensor) -> dict[str, torch.Tensor]:
         """[B, Qv, Dv] -> per-cell colour / shape / pulse / centre and the printed word."""
-        x = queries.flatten(1)  # x: [B, Qv*Dv]
-        return _cell_outputs(self.cells(x)) | {"text": self.text(x)}
+        groups = nn.functional.one_hot(self.slot, CELLS).to(queries.dtype)  # [Qv, CELLS]
+        slots = torch.einsum("bqd,qc->bcd", queries, groups / groups.sum(0))  # [B, CELLS, Dv]
+        return _cell_outputs(self.cells(slots).flatten(1)) | {"text": self.text(queries.mean(1))}
 
     def patches(self, patches: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
         """[B, Np, Dvit] -> {"local": per-cell colour / shape / pulse, "global": as the query heads}."""
@@ -339,14 +348,8 @@ class VitPretrainer:
         # step; distinct random rows still tell the Q-Former's text tokens apart.
         self.encoder.qformer.embeddings.word_embeddings.requires_grad_(False)
         self.heads = ProbeHeads(self.cfg)
-        # Adam moves every weight by ~lr a step; summed over a layer's inputs with mixed signs, a logit read
-        # from Qv x Dv query features moves ~sqrt(Qv) times more than one read from Dv features (the patch
-        # heads), so the query heads get head_lr / sqrt(Qv).
-        wide = [p for m in self.heads.query_heads() for p in m.parameters()]
-        narrow = [p for p in self.heads.parameters() if all(p is not w for w in wide)]
         groups = []
-        for params, lr in ((self.encoder.parameters(), pc.lr), (narrow, pc.head_lr),
-                           (wide, pc.head_lr / v.num_query_tokens ** 0.5)):
+        for params, lr in ((self.encoder.parameters(), pc.lr), (self.heads.parameters(), pc.head_lr)):
             params = [p for p in params if p.requires_grad]
             groups += [{"params": [p for p in params if p.dim() >= 2], "weight_decay": pc.weight_decay, "lr": lr},
                        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr": lr}]
