@@ -237,8 +237,10 @@ async def stream_ws(websocket: WebSocket, sid: str):
     finally:
         for task in (sender, gone):
             task.cancel()
-        await asyncio.gather(sender, gone, return_exceptions=True)
-        sub.close()
+        try:
+            await asyncio.gather(sender, gone, return_exceptions=True)
+        finally:  # the server cancelling this handler mid-cleanup (shutdown) must not leak the subscription
+            sub.close()
 
 
 async def _send_events(websocket: WebSocket, sub, heartbeat_s: float) -> None:
