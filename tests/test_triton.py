@@ -245,7 +245,8 @@ def server(bundle, tmp_path_factory):
     try:
         distribution()
     except ValueError as err:
-        pytest.skip(f"no tritonserver to start (nvidia-pytriton is installed by make test): {err}")
+        pytest.skip("the nvidia-pytriton wheel (and its tritonserver binary) is not installed; make test installs "
+                    f"it: {err}")
     repo = tmp_path_factory.mktemp("served") / "repo"
     write_repository(bundle, repo, "cpu")
     with TritonServer(repo, ready_timeout=240) as s:  # five Python models, each stub imports torch
