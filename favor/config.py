@@ -193,6 +193,9 @@ class FavorConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
     audio_proj_dim: int | None = None  # Whisper width -> this; None = visual token width (768)
     diversity_loss_weight: float = 0.01  # lambda (release default factor)
+    # Demo only (the release has none): weight of favor/alignment.py's objective, which points each
+    # window's AV tokens at the LLM's embeddings of the words it shows or sounds; 0 = off.
+    word_alignment_weight: float = 0.0
     trainable_visual: bool = False  # demo preset only: its small ViT is trained (no weights offline)
     # The visual encoder is frozen but has no base-model file (the demo's ViT, pretrained on the synthetic
     # world by training/vit_pretrain.py): every checkpoint carries its weights, as trainable_visual does.
@@ -319,7 +322,8 @@ FIELD_RANGES: dict[str, dict[str, tuple[float, float]]] = {
                   "ffn_dim": _WIDTH, "vocab_size": _TOKENS, "rms_eps": _EPS, "rope_theta": (1.0, 1e9),
                   "max_positions": _TOKENS, "bos_token_id": (0, MAX_TOKENS), "eos_token_id": (0, MAX_TOKENS),
                   "lora_r": (1, MAX_WIDTH), "lora_alpha": (1e-6, 1e6), "lora_dropout": _PROBABILITY},
-    "FavorConfig": {"audio_proj_dim": _WIDTH, "diversity_loss_weight": (0.0, 1e6)},
+    "FavorConfig": {"audio_proj_dim": _WIDTH, "diversity_loss_weight": (0.0, 1e6),
+                    "word_alignment_weight": (0.0, 1e6)},
 }
 _OPEN_BELOW = {"video_fps", "vit_ln_eps", "ln_eps", "rms_eps"}  # must be > their lower bound
 # Widths that attention splits into heads: (section, width, heads); the fused width is checked apart.
@@ -351,7 +355,8 @@ def validate(cfg: FavorConfig) -> None:
     for section in (cfg.timing, cfg.audio, cfg.visual, cfg.qformer, cfg.llm):
         check_fields(type(section), dataclasses.asdict(section))
     check_fields(FavorConfig, {"audio_proj_dim": cfg.audio_proj_dim,
-                               "diversity_loss_weight": cfg.diversity_loss_weight})
+                               "diversity_loss_weight": cfg.diversity_loss_weight,
+                               "word_alignment_weight": cfg.word_alignment_weight})
     if cfg.embedded_visual and (cfg.trainable_visual or cfg.visual.pretrained):
         raise ValueError("embedded_visual is for a frozen visual encoder with no base-model file: it excludes "
                          "trainable_visual and visual.pretrained")

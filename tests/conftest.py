@@ -9,7 +9,9 @@ from favor.config import get_config
 
 WORDS = ("a red green blue yellow circle square triangle appears disappears then chime tone beep noise "
          "the word is spoken what after before yes no describe video audio sound picture one two three "
-         "seven , . ? : user assistant < > / img").split()
+         "seven , . ? : user assistant < > / img "
+         # the rest of the synthetic world's words (training/window_words.py), appended: earlier ids stay
+         "white orange purple diamond low high burst zero four five six eight nine cat dog sun stop go tree").split()
 
 
 def sigint_at_default() -> None:

@@ -100,6 +100,7 @@ class ManifestDataset(torch.utils.data.Dataset):
             "conversation": plan.conversation, "task": plan.task, "id": plan.entry.id,
             "line": plan.entry.line, "audio_key": self._file_key(plan.audio, "audio"),
             "visual_key": self._file_key(plan.visual, "image" if plan.is_image else "video"),
+            "scene": scene_of(plan),
         }
 
     def _file_key(self, path: Path | None, kind: str) -> str | None:
@@ -114,6 +115,17 @@ class ManifestDataset(torch.utils.data.Dataset):
         else:
             settings = (t.video_fps, t.max_frames, self.cfg.visual.image_size)
         return f"{kind}|{os.path.abspath(path)}|{st.st_mtime_ns}|{st.st_size}|{settings}"
+
+
+def scene_of(plan: Plan) -> dict | None:
+    """The clip's scene ground truth as far as this draw's media show it (training/window_words.py), or
+    None for a manifest without ``meta.events``."""
+    meta = plan.entry.meta
+    if "events" not in meta or "duration" not in meta:
+        return None
+    seen = plan.modality_mask[0] > 0 and plan.visual is not None and plan.visual == plan.entry.visual
+    heard = plan.modality_mask[1] > 0 and plan.audio is not None and plan.audio == plan.entry.audio
+    return {"events": meta["events"], "duration": float(meta["duration"]), "seen": seen, "heard": heard}
 
 
 # -------------------------------------------------------------------------------------------- sampler

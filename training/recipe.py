@@ -150,6 +150,7 @@ class StepLog:
     loss: float
     ce: float
     diversity: float
+    alignment: float  # favor/alignment.py's loss (0 when the config does not train it)
     lr: float
     samples_per_s: float  # global samples / wall time of the step, data loading included
     samples: int = 0
@@ -316,7 +317,7 @@ class FinetuneRecipe:
         t0 = time.perf_counter()
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        sums = torch.zeros(4)  # loss, ce, diversity, micro-batches used
+        sums = torch.zeros(5)  # loss, ce, diversity, alignment, micro-batches used
         samples = skipped = 0
         for i, batch in enumerate(batches):
             skipped += batch["num_skipped"]
@@ -331,7 +332,8 @@ class FinetuneRecipe:
             with sync, self._cache_keys(batch), self._autocast():
                 out = self.model(batch)
                 (out["loss"] / len(batches)).backward()
-            sums += torch.tensor([out["loss"].item(), out["ce"].item(), out["diversity"].item(), 1.0])
+            sums += torch.tensor([out["loss"].item(), out["ce"].item(), out["diversity"].item(),
+                                  out["alignment"].item(), 1.0])
             samples += batch["size"]
         if tc.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, tc.max_grad_norm)
@@ -342,11 +344,11 @@ class FinetuneRecipe:
         self.step += 1
         self.position += tc.grad_accum * self.info.world_size * tc.batch_size
         totals = D.all_reduce_sum(torch.cat([sums, torch.tensor([float(samples), float(skipped)])]))
-        n = max(totals[3].item(), 1.0)
-        self.skipped += int(totals[5].item())
+        n = max(totals[4].item(), 1.0)
+        self.skipped += int(totals[6].item())
         dt = time.perf_counter() - t0
-        return StepLog(self.step, totals[0].item() / n, totals[1].item() / n, totals[2].item() / n, lr,
-                       totals[4].item() / dt, int(totals[4].item()), int(totals[5].item()))
+        return StepLog(self.step, *(totals[:4] / n).tolist(), lr, totals[5].item() / dt, int(totals[5].item()),
+                       int(totals[6].item()))
 
     # -- train ------------------------------------------------------------------------------------
     def train(self) -> list[StepLog]:
