@@ -4,10 +4,12 @@ A demo-only auxiliary objective (``FavorConfig.word_alignment_weight``; the rele
 from scratch on 2 cores, the causal Q-Former and projector get their only signal through a 30-layer
 decoder, and the LLM learns the captions' language long before it learns to read new tokens: after 300
 steps every clip got the same caption (benchmarks/RESULTS.md 1b). This loss gives the fusion stages a
-direct signal instead: for every target k a window holds -- a word of the synthetic world (colours, shapes,
-sounds, spoken and printed words) or an object (the sum of its colour's and its shape's embeddings, which
-binds the two) -- some AV token of that window should be nearer, in cosine, to k's input embedding than to
-the embeddings of the targets the window does not hold (training/window_words.py builds them). A pretrained LLM copies
+direct signal instead: for every word w of the synthetic world (colours, shapes, sounds, spoken and printed
+words) that a window holds, some AV token of that window should be nearer, in cosine, to w's input
+embedding than to the embeddings of the world's words the window does not hold (training/window_words.py
+builds the targets). Objects are their two words: also aligning each window to the sum of its objects'
+colour and shape embeddings (to bind the two) scored the same after 300 steps (benchmarks/RESULTS.md 1b),
+so the simpler form stays. A pretrained LLM copies
 words it has been shown into its answer readily, so tokens that look like "purple" and "diamond" are ones it
 can already use.
 
@@ -21,14 +23,6 @@ import torch
 from torch import nn
 
 TEMPERATURE = 0.07  # CLIP's initial softmax temperature for cosine similarities
-
-
-def target_embeddings(embed, ids: torch.Tensor) -> torch.Tensor:
-    """[K, D] each target's direction: the sum of its words' input embeddings. ids [K, P] token ids,
-    -1 past a target's last word; ``embed`` maps ids to the LLM's input embeddings."""
-    valid = ids >= 0
-    e = embed(ids.clamp(min=0))  # [K, P, D]
-    return (e * valid[..., None].to(e.dtype)).sum(1)
 
 
 def word_alignment_loss(tokens: torch.Tensor, window_mask: torch.Tensor, table: torch.Tensor,

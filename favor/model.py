@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from favor import sync, windows
-from favor.alignment import target_embeddings, word_alignment_loss
+from favor.alignment import word_alignment_loss
 from favor.config import FavorConfig
 from favor.generation import resolve_instruction_tokenizer  # noqa: F401 (re-exported; lives with instruction_inputs)
 from favor.llm import LLM
@@ -202,7 +202,7 @@ class FavorModel(nn.Module):
         if self.cfg.word_alignment_weight > 0 and batch.get("window_words") is not None:
             B, W, Nq = av.queries.shape[:3]
             tokens = av.embeds.view(B, W, Nq, -1)  # [B, W, Nq, D]
-            table = target_embeddings(self.llm.embed, batch["alignment_ids"])  # [K, D]
+            table = self.llm.embed(batch["alignment_ids"])  # [K, D] the world words' input embeddings
             align = word_alignment_loss(tokens, av.window_mask, table, batch["window_words"])
             loss = loss + self.cfg.word_alignment_weight * align
         return {"loss": loss, "ce": ce.detach(), "diversity": div.detach(), "alignment": align.detach()}

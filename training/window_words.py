@@ -3,10 +3,8 @@ words each causal Q-Former window shows or sounds, read from the scene ground tr
 ``meta.events``.
 
 A window of F frames at ``video_fps`` covers [w F / fps, (w + 1) F / fps) s of stream time. It holds:
-  seen   every object visible in it (grounding.objects_in_window) as its colour, its shape and the pair
-         "colour shape" -- the pair binds the two, so a window with a blue circle and an orange diamond is
-         not also one with an orange circle -- and the word of every text shown in it (digits as their
-         word: captions say "the number four")
+  seen   the colour and shape of every object visible in it (grounding.objects_in_window), and the word
+         of every text shown in it (digits as their word: captions say "the number four")
   heard  the words of every sound kind and spoken word whose onset falls in it
 Seen words count only when the sample's video is the clip's own, heard words only when its audio is
 (pairing swaps audio for AV matching and paired samples: their events are another clip's).
@@ -27,26 +25,16 @@ SEEN_KINDS = frozenset({"appear", "disappear", "text"})
 HEARD_KINDS = frozenset({"sound", "speech"})
 WORLD_WORDS: tuple[str, ...] = tuple(dict.fromkeys(
     [*COLOURS, *SHAPES, *(w for kind in SOUNDS for w in kind.split()), *DIGIT_WORDS, *PRINTED_WORDS]))
-OBJECTS: tuple[str, ...] = tuple(f"{c} {s}" for c in COLOURS for s in SHAPES)
-TARGETS: tuple[str, ...] = WORLD_WORDS + OBJECTS  # the objective's K targets: words, then (colour, shape) pairs
-WORDS_PER_TARGET = 2  # an object is its colour word and its shape word
 
 
-def target_token_ids(tokenizer, targets: Sequence[str] = TARGETS) -> torch.Tensor:
-    """[K, WORDS_PER_TARGET] LLM tokens of each target's words as they appear mid-sentence (leading space),
-    -1 past a one-word target. A word the tokenizer splits is represented by its first piece; two words
-    sharing that piece would be one target, refused."""
-    words = tuple(dict.fromkeys(w for t in targets for w in t.split()))
-    first = {w: tokenizer.encode(" " + w, add_special_tokens=False)[0] for w in words}
-    if len(set(first.values())) != len(first):
-        ids = list(first.values())
-        clash = sorted(w for w, i in first.items() if ids.count(i) > 1)
+def world_token_ids(tokenizer, words: Sequence[str] = WORLD_WORDS) -> torch.Tensor:
+    """[K] the LLM token of each word as it appears mid-sentence (leading space). A word the tokenizer
+    splits is represented by its first piece; two words sharing that piece would be one target, refused."""
+    ids = [tokenizer.encode(" " + w, add_special_tokens=False)[0] for w in words]
+    if len(set(ids)) != len(ids):
+        clash = sorted(w for w, i in zip(words, ids, strict=True) if ids.count(i) > 1)
         raise ValueError(f"the tokenizer gives these world words one first token: {clash}")
-    out = torch.full((len(targets), WORDS_PER_TARGET), -1)
-    for k, t in enumerate(targets):
-        ids = [first[w] for w in t.split()]
-        out[k, : len(ids)] = torch.tensor(ids)
-    return out
+    return torch.tensor(ids)
 
 
 def text_word(text: str) -> str:
@@ -54,11 +42,11 @@ def text_word(text: str) -> str:
 
 
 def window_words(events: Sequence[dict], start: float, end: float, *, seen: bool, heard: bool) -> set[str]:
-    """The targets a window [start, end) s holds (module docstring): words and "colour shape" pairs."""
+    """The world words a window [start, end) s holds (module docstring)."""
     words: set[str] = set()
     if seen:
         for colour, shape in objects_in_window(events, start, end):
-            words.update((colour, shape, f"{colour} {shape}"))
+            words.update((colour, shape))
     for e in events:
         if not start <= e["t"] < end:
             continue
@@ -70,8 +58,8 @@ def window_words(events: Sequence[dict], start: float, end: float, *, seen: bool
 
 
 def window_targets(events: Sequence[dict], duration: float, cfg: FavorConfig, *, seen: bool, heard: bool,
-                   words: Sequence[str] = TARGETS) -> torch.Tensor:
-    """[W, K] multi-hot over the targets ``words`` for the ceil(duration / window length) windows of a clip."""
+                   words: Sequence[str] = WORLD_WORDS) -> torch.Tensor:
+    """[W, K] multi-hot over ``words`` for the ceil(duration / window length) windows of a clip."""
     window_s = cfg.timing.frames_per_window / cfg.timing.video_fps  # seconds per window (5 s at 10 / 2 FPS)
     n = max(1, math.ceil(duration / window_s))
     index = {w: k for k, w in enumerate(words)}
