@@ -6,13 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_tokenizer
 
 from favor.alignment import TEMPERATURE, word_alignment_loss
 from favor.config import get_config
 from training.data import scene_of
 from training.manifest import Entry
 from training.pairing import Plan
-from training.window_words import WORLD_WORDS, window_targets, window_words, world_token_ids
+from training.window_words import WORLD_WORDS, window_targets, window_words, world_vocab
 
 EVENTS = [  # a 7 s clip: two windows of 5 s at 2 FPS x 10 frames
     {"t": 0.2, "kind": "appear", "what": "purple diamond"},
@@ -146,6 +147,10 @@ def test_collator_builds_targets_and_the_loss_joins_the_total(aligned_cfg, token
     assert model(batch)["alignment"] == 0  # no targets, no term
 
 
-def test_words_the_tokenizer_merges_are_refused(tokenizer):
+def test_world_vocab_leaves_out_unknown_words_and_refuses_merged_ones(tokenizer):
+    words, ids = world_vocab(tokenizer, ("red", "unknownword", "blue"))  # <unk>: no embedding of its own
+    assert words == ("red", "blue") and tokenizer.convert_ids_to_tokens(ids.tolist()) == ["red", "blue"]
+    merged = make_tokenizer()
+    merged.unk_token = None  # a tokenizer without an unknown token of its own: "otherunknown" shares <unk>'s id
     with pytest.raises(ValueError, match="one first token"):
-        world_token_ids(tokenizer, ("red", "unknownword", "otherunknown"))  # both map to <unk>
+        world_vocab(merged, ("red", "unknownword", "otherunknown"))

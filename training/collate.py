@@ -18,7 +18,7 @@ from favor.generation import instruction_inputs
 from favor.model import resolve_instruction_tokenizer
 from favor.prompt import conversation_ids
 from favor.sync import audio_frames
-from training.window_words import WORLD_WORDS, window_targets, world_token_ids
+from training.window_words import window_targets, world_vocab
 
 
 def first_question(conversation: Sequence[dict]) -> str:
@@ -45,7 +45,7 @@ class Collator:
         self.instruction_tokenizer = resolve_instruction_tokenizer(cfg, instruction_tokenizer, tokenizer)
         self.max_text_tokens = max_text_tokens
         # the word-alignment objective's vocabulary (favor/alignment.py), when the config trains it
-        self.world_ids = world_token_ids(tokenizer) if cfg.word_alignment_weight > 0 else None
+        self.world_words, self.world_ids = world_vocab(tokenizer) if cfg.word_alignment_weight > 0 else ((), None)
 
     def __call__(self, items: Sequence[dict | None]) -> dict:
         kept = [it for it in items if it is not None]
@@ -88,9 +88,11 @@ class Collator:
 
     def _window_words(self, kept: Sequence[dict]) -> dict:
         """[B, Wt, K] window word targets (zero rows for samples without scene ground truth)."""
-        rows = [window_targets(sc["events"], sc["duration"], self.cfg, seen=sc["seen"], heard=sc["heard"])
-                if (sc := it.get("scene")) else torch.zeros(1, len(WORLD_WORDS)) for it in kept]
-        out = torch.zeros(len(rows), max(r.shape[0] for r in rows), len(WORLD_WORDS))
+        K = len(self.world_words)
+        rows = [window_targets(sc["events"], sc["duration"], self.cfg, seen=sc["seen"], heard=sc["heard"],
+                               words=self.world_words)
+                if (sc := it.get("scene")) else torch.zeros(1, K) for it in kept]
+        out = torch.zeros(len(rows), max(r.shape[0] for r in rows), K)
         for b, r in enumerate(rows):
             out[b, : r.shape[0]] = r
         return {"window_words": out, "alignment_ids": self.world_ids}

@@ -27,14 +27,19 @@ WORLD_WORDS: tuple[str, ...] = tuple(dict.fromkeys(
     [*COLOURS, *SHAPES, *(w for kind in SOUNDS for w in kind.split()), *DIGIT_WORDS, *PRINTED_WORDS]))
 
 
-def world_token_ids(tokenizer, words: Sequence[str] = WORLD_WORDS) -> torch.Tensor:
-    """[K] the LLM token of each word as it appears mid-sentence (leading space). A word the tokenizer
-    splits is represented by its first piece; two words sharing that piece would be one target, refused."""
-    ids = [tokenizer.encode(" " + w, add_special_tokens=False)[0] for w in words]
+def world_vocab(tokenizer, words: Sequence[str] = WORLD_WORDS) -> tuple[tuple[str, ...], torch.Tensor]:
+    """The world words the tokenizer can spell and [K] their LLM tokens as they appear mid-sentence
+    (leading space). A word the tokenizer splits is represented by its first piece; a word it maps to its
+    unknown token (a word-level vocabulary built from a small manifest) has no embedding of its own and is
+    left out; two kept words sharing one token would be one target, refused."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    pairs = [(w, tokenizer.encode(" " + w, add_special_tokens=False)[0]) for w in words]
+    pairs = [(w, i) for w, i in pairs if i != unk]
+    ids = [i for _, i in pairs]
     if len(set(ids)) != len(ids):
-        clash = sorted(w for w, i in zip(words, ids, strict=True) if ids.count(i) > 1)
+        clash = sorted(w for w, i in pairs if ids.count(i) > 1)
         raise ValueError(f"the tokenizer gives these world words one first token: {clash}")
-    return torch.tensor(ids)
+    return tuple(w for w, _ in pairs), torch.tensor(ids, dtype=torch.long)
 
 
 def text_word(text: str) -> str:

@@ -128,7 +128,7 @@ def prepare(work: Path, train_clips: int, heldout_clips: int, data_seed: int = 0
 def _memo_dataset_class():
     """ManifestDataset whose decoded media (mel, pixels) are kept in memory for the whole process: the
     same clips are decoded once for all the runs of a worker, not once per step."""
-    from training.data import ManifestDataset
+    from training.data import ManifestDataset, scene_of
 
     memo: dict[tuple, dict] = {}
 
@@ -139,7 +139,8 @@ def _memo_dataset_class():
                 memo[key] = super()._decode(plan)
             item = dict(memo[key])
             item.update(modality_mask=torch.tensor(plan.modality_mask, dtype=torch.float32),
-                        conversation=plan.conversation, task=plan.task, id=plan.entry.id, line=plan.entry.line)
+                        conversation=plan.conversation, task=plan.task, id=plan.entry.id, line=plan.entry.line,
+                        scene=scene_of(plan))  # what this draw's media show: its own, not the memo's first
             return item
 
     return MemoDataset
