@@ -213,3 +213,20 @@ def test_predict_through_the_api_gives_the_batched_answers(tiny_cfg, heldout):
     # path's features of a recording shorter than its batch neighbours depended on them (demo model, batch 4:
     # up to 1.5 of ~6.6 in AV-embedding rows, 2 of 42 held-out answers changed); the API path has none.
     assert got == _batched_predictions(model, heldout, 1, max_new_tokens=6)
+
+
+def test_memoised_ablation_dataset_gives_each_draw_its_own_scene(tiny_cfg, heldout):
+    # The memo keys decoded media by file; what a draw's media show (training/window_words.py) depends on
+    # the draw too: the same files with the audio masked must not inherit the first draw's heard events.
+    import dataclasses
+
+    from training.data import DataOptions
+    from training.pairing import PairingOptions
+
+    data = A._memo_dataset_class()(heldout, tiny_cfg, DataOptions(pairing=PairingOptions(enabled=False)))
+    i = next(i for i, e in enumerate(data.entries) if e.video is not None and e.audio is not None)
+    plan = data.plan(i)
+    first = data._decode(plan)
+    masked = data._decode(dataclasses.replace(plan, modality_mask=(1.0, 0.0)))
+    assert first["scene"]["heard"] is True and masked["scene"]["heard"] is False
+    assert masked["mel"] is first["mel"]  # the media themselves came from the memo
