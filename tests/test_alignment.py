@@ -50,6 +50,13 @@ def _plan(audio: str, mask=(1.0, 1.0)) -> Plan:
     return Plan(entry, entry.visual, False, Path(audio), mask, (), "av_caption")
 
 
+def test_scene_of_an_image_entry_sees_and_hears_nothing():
+    # spoken QA: a still of the clip (one instant, not the windows' timeline) and a recorded question
+    entry = Entry(1, "c", "spoken_qa", None, Path("q.wav"), Path("still.png"), (), {"events": EVENTS, "duration": 7.0})
+    scene = scene_of(Plan(entry, entry.image, True, entry.audio, (1.0, 1.0), (), "spoken_qa"))
+    assert scene["seen"] is False and scene["heard"] is False
+
+
 def test_scene_of_counts_only_the_clips_own_media():
     assert scene_of(_plan("c.mp4"))["heard"] is True
     swapped = scene_of(_plan("other.mp4"))  # AV matching "no" / paired audio: another clip's sounds

@@ -119,12 +119,17 @@ class ManifestDataset(torch.utils.data.Dataset):
 
 def scene_of(plan: Plan) -> dict | None:
     """The clip's scene ground truth as far as this draw's media show it (training/window_words.py), or
-    None for a manifest without ``meta.events``."""
-    meta = plan.entry.meta
+    None for a manifest without ``meta.events``.
+
+    ``meta.events`` is the timeline of the clip's video and soundtrack: an entry's video shows it, and so
+    does its audio, unless the entry is an image one (a still and the spoken question about it: one
+    instant, and a recording that is not the clip's); audio that pairing swapped in is another clip's."""
+    meta, entry = plan.entry.meta, plan.entry
     if "events" not in meta or "duration" not in meta:
         return None
-    seen = plan.modality_mask[0] > 0 and plan.visual is not None and plan.visual == plan.entry.visual
-    heard = plan.modality_mask[1] > 0 and plan.audio is not None and plan.audio == plan.entry.audio
+    seen = plan.modality_mask[0] > 0 and entry.video is not None and plan.visual == entry.video
+    heard = (plan.modality_mask[1] > 0 and entry.image is None and plan.audio is not None
+             and plan.audio == entry.audio)
     return {"events": meta["events"], "duration": float(meta["duration"]), "seen": seen, "heard": heard}
 
 
