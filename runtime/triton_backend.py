@@ -23,6 +23,7 @@ Notation: A AV rows, D LLM width, V vocabulary, L prompt ids, B batch (1 per str
 from __future__ import annotations
 
 import secrets
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -178,17 +179,27 @@ class ClientTransport:
     def __init__(self, url: str, timeout: float = CLIENT_TIMEOUT_S):
         from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-        self.module, address = _client_module(url)
+        self.module, self.address = _client_module(url)
         self.url, self.error, self.dtype = url, InferenceServerException, np_to_triton_dtype
-        opts = ({"network_timeout": timeout, "connection_timeout": timeout}
-                if self.module.__name__.endswith("http") else {})
+        self.opts = ({"network_timeout": timeout, "connection_timeout": timeout}
+                     if self.module.__name__.endswith("http") else {})
+        # tritonclient's HTTP client runs on gevent greenlets bound to the thread that made it ("Cannot
+        # switch to a different thread" from another): each thread that infers (the hub's worker, a
+        # stream's own) gets its own client.
+        self.local = threading.local()
         try:
-            self.client = self.module.InferenceServerClient(address, **opts)
             ready = self.client.is_server_ready()
         except Exception as err:  # noqa: BLE001 - connection errors come as several types
             raise ValueError(f"{url}: no Triton server answers ({type(err).__name__}: {err})") from None
         if not ready:
             raise ValueError(f"{url}: the Triton server is not ready (models still loading, or failed)")
+
+    @property
+    def client(self):
+        """This thread's InferenceServerClient (made on first use)."""
+        if getattr(self.local, "client", None) is None:
+            self.local.client = self.module.InferenceServerClient(self.address, **self.opts)
+        return self.local.client
 
     def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str],
               sequence: tuple[int, bool, bool] | None = None) -> dict[str, np.ndarray]:

@@ -385,3 +385,38 @@ def test_gpu_repository_on_a_gpu_server(bundle, clip, tmp_path):
     with TritonServer(tmp_path / "repo") as s:
         served = _captions(make_backend("triton", bundle, url=s.http_url), clip)
     assert [c.text for c in served] == [c.text for c in _captions(OnnxRuntimeBackend(bundle), clip)]
+
+
+def test_client_transport_gives_each_thread_its_own_client(monkeypatch):
+    # tritonclient's HTTP client is bound to the thread that made it (gevent): the hub infers from its
+    # worker thread, so a transport made on another thread must not hand it that thread's client.
+    import threading
+    import types
+
+    from runtime import triton_backend
+
+    class ThreadBoundClient:
+        def __init__(self, address, **opts):
+            self.owner = threading.get_ident()
+
+        def _check(self):
+            if threading.get_ident() != self.owner:
+                raise RuntimeError("Cannot switch to a different thread")
+
+        def is_server_ready(self):
+            self._check()
+            return True
+
+        def get_model_config(self, model):
+            self._check()
+            return {"config": {"parameters": {"favor.decoder": {"string_value": model}}}}
+
+    fake = types.SimpleNamespace(__name__="tritonclient.http", InferenceServerClient=ThreadBoundClient)
+    monkeypatch.setattr(triton_backend, "_client_module", lambda url: (fake, "host:8000"))
+    transport = triton_backend.ClientTransport("http://host:8000")
+    got = {}
+    worker = threading.Thread(target=lambda: got.update(params=transport.model_parameters("decoder")))
+    worker.start()
+    worker.join()
+    assert got["params"] == {"favor.decoder": "decoder"}
+    assert transport.model_parameters("fusion") == {"favor.decoder": "fusion"}  # the first thread's still works
