@@ -111,8 +111,7 @@ def _alsa_null_available() -> str | None:
 def test_alsa_null_device_stands_in_for_a_microphone():
     why = _alsa_null_available()
     if why:
-        pytest.skip("PyAV cannot open ALSA's null device as a stand-in microphone (no ALSA in this build or "
-                    f"no ALSA config): {why}")
+        pytest.skip(reason=f"PyAV cannot open ALSA's null device as a stand-in microphone: {why}")
     seconds = 0.6
     video = f"lavfi:testsrc=size=32x24:rate={FPS:g}:duration={seconds}"
     t_start = time.monotonic()
@@ -139,8 +138,7 @@ def test_alsa_null_device_stands_in_for_a_microphone():
 def test_cli_captions_camera_with_microphone_null(tiny_ckpt, tmp_path):
     why = _alsa_null_available()
     if why:
-        pytest.skip("PyAV cannot open ALSA's null device as a stand-in microphone (no ALSA in this build or "
-                    f"no ALSA config): {why}")
+        pytest.skip(reason=f"PyAV cannot open ALSA's null device as a stand-in microphone: {why}")
     srt = tmp_path / "cam.srt"
     r = CliRunner().invoke(app, ["run", "--backend", "torch", "lavfi:testsrc=size=32x24:rate=10:duration=0.9",
                                  "--audio", "alsa:null", "--model", str(tiny_ckpt), "--no-live", "--threads", "1",

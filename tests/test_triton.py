@@ -245,8 +245,7 @@ def server(bundle, tmp_path_factory):
     try:
         distribution()
     except ValueError as err:
-        pytest.skip("the nvidia-pytriton wheel (and its tritonserver binary) is not installed; make test installs "
-                    f"it: {err}")
+        pytest.skip(reason=f"nvidia-pytriton's tritonserver binary is not installed (make test installs it): {err}")
     repo = tmp_path_factory.mktemp("served") / "repo"
     write_repository(bundle, repo, "cpu")
     with TritonServer(repo, ready_timeout=240) as s:  # five Python models, each stub imports torch
