@@ -336,3 +336,19 @@ def test_lr_scale_gives_prefixed_modules_their_own_peak_lr(tiny_cfg, tokenizer):
             want = 3.0 if n.startswith("qformer") else 2.0 if n.startswith("projector") else 1.0
             assert g["lr"] == pytest.approx(1e-3 * want) and g["lr_scale"] == want, n
             assert g["weight_decay"] == (0.05 if p.dim() >= 2 else 0.0), n
+
+
+def test_visual_feature_cache_replaces_an_entry_of_another_length(tiny_cfg, tokenizer):
+    """A still cached by an older decode rule (repeated to the audio's frames) must not be served to a
+    one-frame sample: the stale entry is recomputed and replaced."""
+    model = build_model(tiny_cfg, pretrained=False, tokenizer=tokenizer)
+    enc = model.visual_encoder
+    cached = CachedVisualEncoder(enc, FeatureCache(module_fingerprint(enc)))
+    S = tiny_cfg.visual.image_size
+    pixels, ids, mask = torch.randn(1, 1, 3, S, S), torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long)
+    stale = torch.randn(6, tiny_cfg.visual.num_query_tokens, tiny_cfg.visual_width)
+    cached.cache.put("still|[[5, 6, 7]]", stale)
+    with cached.using(["still"], [1]):
+        out = cached(pixels, ids, mask)
+    torch.testing.assert_close(out[0], enc(pixels, ids, mask)[0], rtol=1e-5, atol=1e-5)  # fp32 rounding only
+    assert cached.cache.get("still|[[5, 6, 7]]").shape[0] == 1

@@ -94,13 +94,19 @@ class _Cached(nn.Module):
         finally:
             self._keys = self._lengths = None
 
-    def _features(self, b: int, compute, suffix: str = "") -> torch.Tensor | None:
+    def _features(self, b: int, compute, length: int | None = None, suffix: str = "") -> torch.Tensor | None:
+        """Sample b's features: from the cache, else ``compute()`` (then cached).
+
+        ``length``: the leading size this sample encodes to, when the caller knows it. A cached entry of
+        another length was written under an older decode rule for the same file (the fingerprint covers
+        weights, not code: stills were once cached after repeating to the audio's frames); it is recomputed
+        and replaced rather than served."""
         key, n = self._keys[b], self._lengths[b]
         if key is None or n == 0:
             return None
         key += suffix
         out = self.cache.get(key)
-        if out is None:
+        if out is None or (length is not None and out.shape[0] != length):
             with torch.no_grad():
                 out = compute()
             self.cache.put(key, out)
@@ -143,6 +149,6 @@ class CachedVisualEncoder(_Cached):
             ids, mask = instruction_ids[b:b + 1, :n], instruction_mask[b:b + 1, :n]  # [1, Li_b]
             feats.append(self._features(b, lambda b=b, t=t, ids=ids, mask=mask:
                                         self.inner(pixels[b:b + 1, :t], ids, mask)[0],
-                                        suffix=f"|{ids.tolist()}"))  # features depend on the prompt
+                                        t, suffix=f"|{ids.tolist()}"))  # features depend on the prompt
         ref = next(f for f in feats if f is not None)
         return _fill(pixels.new_zeros(B, T, *ref.shape[1:]), feats)  # [B, T, Qv, Dv]
