@@ -9,6 +9,7 @@ everything else is labelled IGNORE.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 PROMPT_START = "USER: <Img>"
@@ -26,6 +27,11 @@ class PromptIds:
     labels: list[int]
 
 
+# The question every streamed window is asked (favor-rt's default; the synthetic world's stream_caption
+# samples ask it too, so a model is trained on the text it is served).
+CAPTION_PROMPT = "Describe what happens in the video and the audio."
+
+
 def chat_prompt(question: str, history: list[tuple[str, str]] | None = None) -> str:
     """The release's multi-turn prompt string (inference.py ``predict``)."""
     if not history:
@@ -34,6 +40,12 @@ def chat_prompt(question: str, history: list[tuple[str, str]] | None = None) -> 
     for i, (q, a) in enumerate(history):
         text += f"{q}\nASSISTANT: {a}\n" if i == 0 else f" USER: {q}\nASSISTANT: {a}\n"
     return text + f" USER: {question}"
+
+
+def stream_prompt(question: str, previous: Sequence[str]) -> str:
+    """A streamed window's LLM prompt: the same question with the captions of the windows before it as
+    earlier turns (runtime.stream's bounded context)."""
+    return chat_prompt(question, [(question, c) for c in previous])
 
 
 def _ids(tokenizer, text: str) -> list[int]:

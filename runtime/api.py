@@ -22,7 +22,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-DEFAULT_PROMPT = "Describe what happens in the video and the audio."
+from favor.prompt import CAPTION_PROMPT
+
+DEFAULT_PROMPT = CAPTION_PROMPT
 MODEL_ENV = "FAVOR_MODEL"
 # Realtime warm-up captions: the first pays one-off costs (sessions, arenas), the second is the
 # measurement; each costs about one caption, and they run while the first window is captured.
@@ -72,12 +74,12 @@ def check_prompt_fits(engine, o: StreamOptions, name: Callable[[str], str] = _sa
     """The LLM prompt at its longest (the question, ``context`` earlier captions at full length,
     ``max_merge`` windows of AV tokens, the answer) must fit the model's position table; checked
     before any allocation (a 100,000-character prompt would otherwise ask for gigabytes)."""
-    from favor.prompt import chat_prompt, inference_ids
+    from favor.prompt import inference_ids, stream_prompt
 
     cfg, tok = engine.cfg, engine.tokenizer
 
     def text_tokens(question: str) -> int:  # BOS + the text around the AV chunk, history included
-        ids = inference_ids(tok, chat_prompt(question, [(question, "")] * o.context))
+        ids = inference_ids(tok, stream_prompt(question, [""] * o.context))
         return 1 + len(ids.pre) + len(ids.post)
 
     av = o.max_merge * cfg.queries_per_window

@@ -36,12 +36,13 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+from favor.prompt import CAPTION_PROMPT
 from runtime.assembler import FrameSlot, Window, WindowAssembler
 from runtime.scheduler import DeadlineScheduler
 from runtime.sources import NETWORK_TIMEOUT_S, Capture, MediaSource, Ring
 from runtime.stream import FRAME_HINT_WINDOWS, MAX_PENDING_WINDOWS, Caption, StreamingCaptioner
 
-DEFAULT_PROMPT = "Describe what happens in the video and the audio."
+DEFAULT_PROMPT = CAPTION_PROMPT
 # Events a subscriber may hold before the oldest is dropped: a client that stops reading must not
 # grow the hub's memory (a few minutes of captions and their tokens at 8 streams).
 SUBSCRIPTION_EVENTS = 4096

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from favor.media import log_mel_spectrogram, preprocess_frames
-from favor.prompt import chat_prompt
+from favor.prompt import stream_prompt
 from runtime.assembler import FrameSlot, Window, WindowAssembler
 from runtime.scheduler import DeadlineScheduler, SchedulerStats
 from runtime.sources import Capture, MediaSource, Ring
@@ -143,9 +143,7 @@ class StreamingCaptioner:
         return torch.cat([self.backend.encode_audio(mel) for mel in self.audio_mels(w)])  # [Ta, Da]
 
     def llm_prompt(self) -> str:
-        if not self.context or not self.history:
-            return self.prompt
-        return chat_prompt(self.prompt, [(self.prompt, c) for c in self.history[-self.context:]])
+        return stream_prompt(self.prompt, self.history[-self.context:] if self.context else [])
 
     def caption(self, windows: list[Window]) -> Caption:
         """One caption for ``windows`` (consecutive; more than one when the scheduler merged)."""

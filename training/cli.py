@@ -174,17 +174,22 @@ def synth(
     workers: Annotated[int, typer.Option("--workers", "-j", min=1, help="worker processes")] = 1,
     varied_audio: Annotated[bool, typer.Option(help="some clips at 44.1 kHz stereo (exercises resampling)")]
     = False,
+    windows: Annotated[bool, typer.Option(help="long scenes cut into the runtime's windows instead "
+                                               "(task stream_caption; manifest OUT_DIR/<split>_windows.jsonl)")]
+    = False,
 ) -> None:
     """Generate synthetic audio-visual clips and their manifest (training.synth.generate)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from training.synth import generate
+    from training.synth.generate import generate, generate_windows
+
+    make = generate_windows if windows else generate
 
     with Progress(TextColumn("[bold]clips"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   transient=True) as bar:
         task = bar.add_task("clips", total=num_clips)
         try:
-            manifest = generate(out_dir, num_clips, seed, split=split, workers=workers,
+            manifest = make(out_dir, num_clips, seed, split=split, workers=workers,
                                 progress=lambda done, total: bar.update(task, completed=done),
                                 varied_audio=varied_audio)
         except ValueError as e:

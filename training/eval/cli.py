@@ -46,7 +46,8 @@ def run(
                        ] = "torch",
     tokenizer: Annotated[Path | None, typer.Option(help="tokenizer dir, when the checkpoint's LLM has none "
                                                         "(torch backend)")] = None,
-    max_new_tokens: Annotated[int, typer.Option(min=1)] = 48,
+    max_new_tokens: Annotated[int | None, typer.Option(
+        min=1, help="greedy answer budget in tokens [default: training.eval.runner.MAX_NEW_TOKENS]")] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="first N samples only")] = None,
     task: Annotated[list[str] | None, typer.Option("--task", help="only these tasks (repeatable)")] = None,
     skip_bad: Annotated[bool, typer.Option(help="skip samples whose media cannot be decoded")] = False,
@@ -59,7 +60,16 @@ def run(
     from rich.progress import Progress
 
     from training.eval.judge import Judge, JudgeConfig
-    from training.eval.runner import format_grounding_table, format_table, predict, score_predictions, write_results
+    from training.eval.runner import (
+        MAX_NEW_TOKENS,
+        format_grounding_table,
+        format_table,
+        predict,
+        score_predictions,
+        write_results,
+    )
+
+    max_new_tokens = max_new_tokens or MAX_NEW_TOKENS
 
     try:
         engine = _engine(checkpoint, backend, tokenizer)

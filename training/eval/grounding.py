@@ -46,7 +46,8 @@ Counting, per answer:
 - ASR answers are transcripts: every word of the answer is a spoken-word mention (rule 1 is not applied),
   so on asr, word accuracy = 1 - the WER rule's score / 100.
 
-Which counts each task reports (what its input can ground): av_caption all four; sound_description
+Which counts each task reports (what its input can ground): av_caption and stream_caption (one streamed
+window; its timeline lists the objects already on screen as appearing at its start) all four; sound_description
 (audio only) sounds and spoken words; asr spoken words.
 
 Over a split the scores are **micro-averaged**: sum of matches / sum of mentions over every answer (an
@@ -73,6 +74,7 @@ SOUND_WORDS = tuple(tuple(kind.split()) for kind in SOUNDS)  # ("low", "tone"), 
 # Which counts a task's input can ground (see the module docstring).
 TASK_KINDS = {
     "av_caption": ("objects", "sounds", "spoken", "printed"),
+    "stream_caption": ("objects", "sounds", "spoken", "printed"),  # a window: truth = what it shows / plays
     "sound_description": ("sounds", "spoken"),
     "asr": ("spoken",),
 }

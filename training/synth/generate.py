@@ -28,6 +28,7 @@ from .render import render_audio, render_video
 from .scene import STREAM_PARTNER, STREAM_TASKS, Scene, SceneOptions, clip_rng, make_scene
 from .speech import SpeechBank
 from .tasks import ClipPaths, build_samples, choose_partner
+from .windows import LONG_SECONDS, window_samples, window_spans
 from .write import h264_encoder, write_mp4, write_png, write_wav
 
 GENERATE_SPLITS = ("train", "heldout")  # "demo" is make_demo_clip's own seed space
@@ -89,6 +90,15 @@ def make_clip(job: ClipJob) -> list[dict]:
     return samples
 
 
+def _check_run(split: str, num_clips: int, workers: int) -> None:
+    if split not in GENERATE_SPLITS:
+        raise ValueError(f"split ({split!r}) must be one of {list(GENERATE_SPLITS)}")
+    if isinstance(num_clips, bool) or not isinstance(num_clips, int) or num_clips < 1:
+        raise ValueError(f"num_clips ({num_clips!r}) must be an int >= 1")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers ({workers!r}) must be an int >= 1")
+
+
 def generate(out_dir: Path | str, num_clips: int, seed: int, split: str = "train", workers: int = 1, *,
              speech_cache: Path | str | None = None, progress: Callable[[int, int], None] | None = None,
              **scene_opts) -> Path:
@@ -98,12 +108,7 @@ def generate(out_dir: Path | str, num_clips: int, seed: int, split: str = "train
     varied_audio). ``speech_cache`` defaults to speech.default_cache_dir(). ``progress(done, total)`` is
     called after each clip.
     """
-    if split not in GENERATE_SPLITS:
-        raise ValueError(f"split ({split!r}) must be one of {list(GENERATE_SPLITS)}")
-    if isinstance(num_clips, bool) or not isinstance(num_clips, int) or num_clips < 1:
-        raise ValueError(f"num_clips ({num_clips!r}) must be an int >= 1")
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers ({workers!r}) must be an int >= 1")
+    _check_run(split, num_clips, workers)
     options = scene_options(**scene_opts)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -111,32 +116,71 @@ def generate(out_dir: Path | str, num_clips: int, seed: int, split: str = "train
     bank = _bank(cache)  # fail early (before spawning) if espeak-ng is missing
     jobs = [ClipJob(str(out), seed, split, i, num_clips, options, cache) for i in range(num_clips)]
     make_scene(seed, split, 0, options)  # validates seed and split before any worker starts
+    return _write_split(out, split, make_clip, jobs, workers, progress, bank)
 
+
+def _write_split(out: Path, name: str, make: Callable[[ClipJob], list[dict]], jobs: list[ClipJob], workers: int,
+                 progress: Callable[[int, int], None] | None, bank: SpeechBank) -> Path:
+    """Run ``make`` over ``jobs`` (in worker processes when workers > 1); write OUT/NAME.jsonl + NAME.json."""
     start = time.perf_counter()
     rows: list[dict] = []
     if workers == 1:
-        results = map(make_clip, jobs)
+        results = map(make, jobs)
         pool = None
     else:
         # spawn, not fork: the caller may hold torch / OpenMP threads that a fork would copy half-alive
         pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
-        results = pool.map(make_clip, jobs, chunksize=max(1, min(16, num_clips // (4 * workers))))
+        results = pool.map(make, jobs, chunksize=max(1, min(16, len(jobs) // (4 * workers))))
     try:
         for done, samples in enumerate(results, start=1):  # map keeps clip order: a stable manifest
             rows.extend(samples)
             if progress is not None:
-                progress(done, num_clips)
+                progress(done, len(jobs))
     finally:
         if pool is not None:
             pool.shutdown()
     elapsed = time.perf_counter() - start
 
-    manifest = write_manifest(out / f"{split}.jsonl", rows)
-    info = {"seed": seed, "split": split, "num_clips": num_clips, "num_samples": len(rows),
-            "scene_options": asdict(options), "espeak": bank.version, "pyav": av.__version__,
+    manifest = write_manifest(out / f"{name}.jsonl", rows)
+    job = jobs[0]
+    info = {"seed": job.seed, "split": job.split, "num_clips": len(jobs), "num_samples": len(rows),
+            "scene_options": asdict(job.options), "espeak": bank.version, "pyav": av.__version__,
             "video_encoder": h264_encoder(), "workers": workers, "seconds": round(elapsed, 3)}
-    (out / f"{split}.json").write_text(json.dumps(info, indent=2) + "\n")
+    (out / f"{name}.json").write_text(json.dumps(info, indent=2) + "\n")
     return manifest
+
+
+def make_long_clip(job: ClipJob) -> list[dict]:
+    """Render long scene ``job.index`` once, write each runtime window as its own mp4; its manifest rows."""
+    out = Path(job.out_dir)
+    scene = make_scene(job.seed, job.split, job.index, job.options, long=True)
+    frames, audio = render_video(scene), render_audio(scene, _bank(job.speech_cache))  # [T, H, W, 3], [C, N]
+    videos = []
+    for k, (start, end) in enumerate(window_spans(scene)):
+        video = f"{job.split}_windows/{scene.clip_id}-w{k}.mp4"
+        (out / video).parent.mkdir(parents=True, exist_ok=True)
+        f0, f1 = round(start * scene.fps), round(end * scene.fps)  # window edges lie on the file frame grid
+        a0, a1 = round(start * scene.sample_rate), round(end * scene.sample_rate)
+        write_mp4(out / video, frames[f0:f1], audio[:, a0:a1], scene.fps, scene.sample_rate)
+        videos.append(video)
+    return window_samples(scene, videos)
+
+
+def generate_windows(out_dir: Path | str, num_clips: int, seed: int, split: str = "train", workers: int = 1, *,
+                     speech_cache: Path | str | None = None, progress: Callable[[int, int], None] | None = None,
+                     **scene_opts) -> Path:
+    """Write ``num_clips`` long scenes of ``split``, cut into the runtime's windows (training.synth.windows),
+    under OUT_DIR/{split}_windows/ with the manifest OUT_DIR/{split}_windows.jsonl (task stream_caption);
+    returns the manifest path. Scene lengths default to windows.LONG_SECONDS; ``scene_opts`` as generate's."""
+    _check_run(split, num_clips, workers)
+    options = scene_options(**{"min_seconds": LONG_SECONDS[0], "max_seconds": LONG_SECONDS[1], **scene_opts})
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = None if speech_cache is None else str(speech_cache)
+    bank = _bank(cache)  # fail early (before spawning) if espeak-ng is missing
+    make_scene(seed, split, 0, options, long=True)  # validates seed and split before any worker starts
+    jobs = [ClipJob(str(out), seed, split, i, num_clips, options, cache) for i in range(num_clips)]
+    return _write_split(out, f"{split}_windows", make_long_clip, jobs, workers, progress, bank)
 
 
 def make_demo_clip(path: Path | str, seed: int = 0, *, speech_cache: Path | str | None = None) -> Scene:

@@ -18,6 +18,7 @@ from favor.fileio import atomic_write
 from training.manifest import read_jsonl
 
 from .tasks import TASKS
+from .windows import TASK as STREAM_TASK
 
 MODALITIES = ("video", "audio", "image")
 KEY_ORDER = ("id", "task", *MODALITIES, "conversation", "meta")
@@ -40,8 +41,8 @@ def _problem(row: dict, root: Path, check_files: bool) -> str | None:
         return f"unknown keys {unknown}; expected only {list(KEY_ORDER)}"
     if not isinstance(row.get("id"), str) or not row["id"]:
         return f"'id' must be a non-empty string, got {row.get('id')!r}"
-    if row.get("task") not in TASKS:
-        return f"'task' must be one of {list(TASKS)}, got {row.get('task')!r}"
+    if row.get("task") not in (*TASKS, STREAM_TASK):
+        return f"'task' must be one of {[*TASKS, STREAM_TASK]}, got {row.get('task')!r}"
     present = []
     for key in MODALITIES:
         value = row.get(key)

@@ -16,6 +16,7 @@ so any worker can regenerate any clip alone, and train / heldout / demo clips co
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from dataclasses import dataclass
@@ -207,6 +208,7 @@ class Scene:
 # Independent RNG streams per clip: changing the tasks never changes a scene, and the av_matching partner
 # (which depends on the run's clip count) never changes the other samples.
 STREAM_SCENE, STREAM_TASKS, STREAM_PARTNER = 0, 1, 2
+STREAM_LONG_SCENE = 3  # the long scenes cut into streamed windows (windows.py): no clip shares one
 
 
 def clip_seed_key(seed: int, split: str, index: int) -> tuple[int, int, int]:
@@ -224,10 +226,16 @@ def clip_rng(seed: int, split: str, index: int, stream: int = STREAM_SCENE) -> n
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(code, index, stream)))
 
 
-def make_scene(seed: int, split: str, index: int, options: SceneOptions | None = None) -> Scene:
-    """The scene of clip ``index`` of ``split`` under ``seed`` (deterministic)."""
+def make_scene(seed: int, split: str, index: int, options: SceneOptions | None = None, *,
+               long: bool = False) -> Scene:
+    """The scene of clip ``index`` of ``split`` under ``seed`` (deterministic); ``long``: of long scene
+    ``index`` instead (its own random stream and clip id, so it never repeats a clip's draws)."""
     options = options or SceneOptions()
-    return sample_scene(clip_rng(seed, split, index), options, split=split, seed=seed, index=index)
+    if not long:
+        return sample_scene(clip_rng(seed, split, index), options, split=split, seed=seed, index=index)
+    scene = sample_scene(clip_rng(seed, split, index, STREAM_LONG_SCENE), options, split=split, seed=seed,
+                         index=index)
+    return dataclasses.replace(scene, clip_id=f"{split}-long-{index:06d}")
 
 
 def _on_grid(t: float, fps: float) -> float:

@@ -14,12 +14,15 @@ Answers come from a small fixed vocabulary (scene.py) so a 135M LLM can learn th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from .scene import DIGIT_WORDS, SPEEDS, VOICES, Event, Scene
+
+NOTHING_NEW = "Nothing new happens."
 
 TASKS = ("av_caption", "asr", "sound_description", "temporal_qa", "av_matching", "sound_source", "spoken_qa")
 
@@ -75,10 +78,11 @@ def _sentence(clauses: list[str]) -> str:
     return s[:1].upper() + s[1:] + "."
 
 
-def caption(scene: Scene) -> str:
-    """All events in temporal order, as one sentence."""
+def caption(scene: Scene, start: float = 0.0, end: float = math.inf) -> str:
+    """The events with onsets in [start, end) s (all by default) in temporal order, as one sentence;
+    NOTHING_NEW when there are none (a streamed window where nothing starts)."""
     clauses = []
-    for e in scene.events:
+    for e in (e for e in scene.events if start <= e.t < end):
         if e.kind == "appear":
             clauses.append(f"{_a(scene.shapes[e.index].name)} appears")
         elif e.kind == "disappear":
@@ -93,7 +97,7 @@ def caption(scene: Scene) -> str:
                 clauses.append(f"the {scene.shapes[s.source].name} pulses with {_sound_np(s.kind)}")
         else:
             clauses.append(f"the word {scene.speech[e.index].word} is spoken")
-    return _sentence(clauses)
+    return _sentence(clauses) if clauses else NOTHING_NEW
 
 
 def sound_description(scene: Scene) -> str:
