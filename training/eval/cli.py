@@ -6,6 +6,7 @@
     favor-eval score runs/eval/predictions.jsonl --manifest data/heldout.jsonl   # re-score (adds grounding)
     favor-eval convert librispeech /data/LibriSpeech data/aveb/asr.jsonl
     favor-eval synth data/aveb_synth --num-clips 20                # a synthetic held-out test set
+    favor-eval streams MODEL --num-clips 40 -o runs/streams.json   # the demo clip test on 40 held-out streams
     favor-eval ablation --config training/configs/ablation.yaml --work-dir runs/ablation
     favor-eval table runs/ablation --out runs/ablation/table.md   # then paste into benchmarks/RESULTS.md
 """
@@ -142,6 +143,45 @@ def score(
                            "scores": scores}, indent=2) + "\n"
         atomic_write(out, lambda tmp: Path(tmp).write_text(text))
         typer.echo(f"scores: {out}")
+
+
+@app.command()
+def streams(
+    model: Annotated[Path, typer.Argument(help="FAVOR checkpoint or exported bundle (what favor-rt run takes)")],
+    num_clips: Annotated[int, typer.Option("--num-clips", "-n", min=1, help="held-out long clips")] = 40,
+    clip_dir: Annotated[Path, typer.Option(help="where the held-out long clips are written (once)")]
+    = Path("runs/heldout_long"),
+    backend: Annotated[str, typer.Option(help="runtime backend (favor-rt run --backend)")] = "torch",
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="tokens per cue (favor-rt run's default)")] = 32,
+    context: Annotated[int, typer.Option(min=0, help="previous captions as context (favor-rt run's default)")] = 1,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="write scores and every cue here (JSON)")] = None,
+) -> None:
+    """The demo clip test on many held-out long clips: favor-rt's stream loop, each cue checked against its
+    window (training/eval/streams.py)."""
+    from rich.progress import Progress
+
+    from runtime.api import DEFAULT_PROMPT
+    from runtime.backends import make_backend
+    from training.eval.streams import score_streams
+
+    try:
+        engine = make_backend(backend, model)
+        with Progress(transient=True) as bar:
+            job = bar.add_task("streams", total=num_clips)
+            scores, records = score_streams(engine, num_clips, clip_dir, DEFAULT_PROMPT, max_new_tokens, context,
+                                            lambda done, total: bar.update(job, completed=done))
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    if out is not None:
+        from favor.fileio import atomic_write
+
+        text = json.dumps({"info": {"model": str(model), "backend": backend, "max_new_tokens": max_new_tokens,
+                                    "context": context}, "scores": scores.to_dict(), "clips": records}, indent=1)
+        atomic_write(out, lambda tmp: Path(tmp).write_text(text + "\n"))
+    precision = "n/a" if scores.object_precision is None else f"{scores.object_precision:.3f}"
+    typer.echo(f"{scores.clips} clips, {scores.cues} cues: cues grounded {scores.cues_grounded:.3f}, "
+               f"clips grounded {scores.clips_grounded:.3f}, object precision {precision} "
+               f"({scores.objects_named} named)")
 
 
 @app.command()
