@@ -38,16 +38,18 @@ class StreamScores:
 
 def long_clip(index: int, clip_dir: Path, seed: int = 0):
     """Held-out long scene ``index`` and its whole mp4 under ``clip_dir`` (written once)."""
-    from training.synth.generate import _bank
+    from favor.fileio import atomic_write
     from training.synth.render import render_audio, render_video
+    from training.synth.speech import SpeechBank
     from training.synth.write import write_mp4
 
     scene = make_scene(seed, "heldout", index, SceneOptions(min_seconds=LONG_SECONDS[0],
                                                             max_seconds=LONG_SECONDS[1]), long=True)
     path = clip_dir / f"{scene.clip_id}.mp4"
-    if not path.is_file():
+    if not path.is_file():  # atomic: an interrupted run never leaves a half clip to be reused
         clip_dir.mkdir(parents=True, exist_ok=True)
-        write_mp4(path, render_video(scene), render_audio(scene, _bank(None)), scene.fps, scene.sample_rate)
+        frames, audio = render_video(scene), render_audio(scene, SpeechBank())
+        atomic_write(path, lambda tmp: write_mp4(tmp, frames, audio, scene.fps, scene.sample_rate))
     return scene, path
 
 
@@ -69,8 +71,7 @@ def stream_cues(backend, path: Path, prompt: str, max_new_tokens: int, context: 
 def score_streams(backend, num_clips: int, clip_dir: Path, prompt: str, max_new_tokens: int, context: int,
                   progress: Callable[[int, int], None] | None = None) -> tuple[StreamScores, list[dict]]:
     """Scores over the first ``num_clips`` held-out long clips, and one record per clip (its cues)."""
-    records, cues, grounded_clips, named, absent = [], 0, 0, 0, 0
-    grounded_cues = 0
+    records, cues, grounded_cues, grounded_clips, named, absent = [], 0, 0, 0, 0, 0
     for i in range(num_clips):
         scene, path = long_clip(i, clip_dir)
         checks = check_cues(stream_cues(backend, path, prompt, max_new_tokens, context), scene)
