@@ -11,9 +11,17 @@ from favor.prompt import CAPTION_PROMPT, stream_prompt
 from training.eval.grounding import check_cues, objects_in_window
 from training.synth import generate_windows, load_manifest, make_scene
 from training.synth.render import render_video
-from training.synth.scene import Event, Scene, SceneOptions, Shape, Sound, Speech, Text
+from training.synth.scene import Event, Scene, Shape, Sound, Speech, Text
 from training.synth.tasks import NOTHING_NEW, caption
-from training.synth.windows import LONG_SECONDS, TASK, WINDOW_SECONDS, window_events, window_samples, window_spans
+from training.synth.windows import (
+    LONG_OPTIONS,
+    LONG_SECONDS,
+    TASK,
+    WINDOW_SECONDS,
+    window_events,
+    window_samples,
+    window_spans,
+)
 
 # Mean |decoded - rendered| in 8-bit levels: H.264 at crf 18 costs ~2 (tests/test_demo_grounding.py); another
 # window of the same scene differs far more, so 5 tells the right crop from a wrong one.
@@ -97,11 +105,8 @@ def test_the_runtime_asks_the_same_question():
     assert cap.llm_prompt() == stream_prompt(CAPTION_PROMPT, ["A red circle appears."])
 
 
-LONG = SceneOptions(min_seconds=LONG_SECONDS[0], max_seconds=LONG_SECONDS[1])
-
-
 def test_long_scenes_have_their_own_seed_stream():
-    clip, long = make_scene(0, "train", 3, LONG), make_scene(0, "train", 3, LONG, long=True)
+    clip, long = make_scene(0, "train", 3, LONG_OPTIONS), make_scene(0, "train", 3, LONG_OPTIONS, long=True)
     assert long.clip_id == "train-long-000003" and clip.clip_id == "train-000003"
     assert long.events != clip.events and LONG_SECONDS[0] <= long.duration <= LONG_SECONDS[1]
 
@@ -111,7 +116,7 @@ def test_generated_windows_are_the_long_render_cut(tmp_path):
     rows = load_manifest(manifest)  # validates schema and files
     assert manifest.name == "heldout_windows.jsonl"
     for index in (0, 1):
-        scene = make_scene(0, "heldout", index, LONG, long=True)
+        scene = make_scene(0, "heldout", index, LONG_OPTIONS, long=True)
         mine = [r for r in rows if r["meta"]["clip"] == index]
         assert [r["meta"]["window"] for r in mine] == list(range(len(window_spans(scene))))
         frames = render_video(scene)  # [T, H, W, 3]

@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from training.eval.grounding import check_cues
-from training.synth.scene import SceneOptions, make_scene
-from training.synth.windows import LONG_SECONDS
+from training.synth.scene import make_scene
+from training.synth.windows import LONG_OPTIONS
 
 
 @dataclass(frozen=True)
@@ -43,11 +43,9 @@ def long_clip(index: int, clip_dir: Path, seed: int = 0):
     from training.synth.speech import SpeechBank
     from training.synth.write import write_mp4
 
-    scene = make_scene(seed, "heldout", index, SceneOptions(min_seconds=LONG_SECONDS[0],
-                                                            max_seconds=LONG_SECONDS[1]), long=True)
+    scene = make_scene(seed, "heldout", index, LONG_OPTIONS, long=True)
     path = clip_dir / f"{scene.clip_id}.mp4"
     if not path.is_file():  # atomic: an interrupted run never leaves a half clip to be reused
-        clip_dir.mkdir(parents=True, exist_ok=True)
         frames, audio = render_video(scene), render_audio(scene, SpeechBank())
         atomic_write(path, lambda tmp: write_mp4(tmp, frames, audio, scene.fps, scene.sample_rate))
     return scene, path

@@ -90,15 +90,6 @@ def make_clip(job: ClipJob) -> list[dict]:
     return samples
 
 
-def _check_run(split: str, num_clips: int, workers: int) -> None:
-    if split not in GENERATE_SPLITS:
-        raise ValueError(f"split ({split!r}) must be one of {list(GENERATE_SPLITS)}")
-    if isinstance(num_clips, bool) or not isinstance(num_clips, int) or num_clips < 1:
-        raise ValueError(f"num_clips ({num_clips!r}) must be an int >= 1")
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers ({workers!r}) must be an int >= 1")
-
-
 def generate(out_dir: Path | str, num_clips: int, seed: int, split: str = "train", workers: int = 1, *,
              speech_cache: Path | str | None = None, progress: Callable[[int, int], None] | None = None,
              **scene_opts) -> Path:
@@ -108,20 +99,39 @@ def generate(out_dir: Path | str, num_clips: int, seed: int, split: str = "train
     varied_audio). ``speech_cache`` defaults to speech.default_cache_dir(). ``progress(done, total)`` is
     called after each clip.
     """
-    _check_run(split, num_clips, workers)
-    options = scene_options(**scene_opts)
+    return _generate(out_dir, num_clips, seed, split, workers, speech_cache, progress, scene_options(**scene_opts),
+                     long=False)
+
+
+def generate_windows(out_dir: Path | str, num_clips: int, seed: int, split: str = "train", workers: int = 1, *,
+                     speech_cache: Path | str | None = None, progress: Callable[[int, int], None] | None = None,
+                     **scene_opts) -> Path:
+    """Write ``num_clips`` long scenes of ``split``, cut into the runtime's windows (training.synth.windows),
+    under OUT_DIR/{split}_windows/ with the manifest OUT_DIR/{split}_windows.jsonl (task stream_caption);
+    returns the manifest path. Scene lengths default to windows.LONG_SECONDS; ``scene_opts`` as generate's."""
+    options = scene_options(**{"min_seconds": LONG_SECONDS[0], "max_seconds": LONG_SECONDS[1], **scene_opts})
+    return _generate(out_dir, num_clips, seed, split, workers, speech_cache, progress, options, long=True)
+
+
+def _generate(out_dir: Path | str, num_clips: int, seed: int, split: str, workers: int,
+              speech_cache: Path | str | None, progress: Callable[[int, int], None] | None, options: SceneOptions,
+              *, long: bool) -> Path:
+    """Clips (``long`` False: make_clip, OUT/{split}.jsonl) or long scenes cut into windows (make_long_clip,
+    OUT/{split}_windows.jsonl), in worker processes when workers > 1; also writes the run's .json record."""
+    if split not in GENERATE_SPLITS:
+        raise ValueError(f"split ({split!r}) must be one of {list(GENERATE_SPLITS)}")
+    if isinstance(num_clips, bool) or not isinstance(num_clips, int) or num_clips < 1:
+        raise ValueError(f"num_clips ({num_clips!r}) must be an int >= 1")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers ({workers!r}) must be an int >= 1")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cache = None if speech_cache is None else str(speech_cache)
     bank = _bank(cache)  # fail early (before spawning) if espeak-ng is missing
+    make_scene(seed, split, 0, options, long=long)  # validates seed and split before any worker starts
     jobs = [ClipJob(str(out), seed, split, i, num_clips, options, cache) for i in range(num_clips)]
-    make_scene(seed, split, 0, options)  # validates seed and split before any worker starts
-    return _write_split(out, split, make_clip, jobs, workers, progress, bank)
+    make, name = (make_long_clip, f"{split}_windows") if long else (make_clip, split)
 
-
-def _write_split(out: Path, name: str, make: Callable[[ClipJob], list[dict]], jobs: list[ClipJob], workers: int,
-                 progress: Callable[[int, int], None] | None, bank: SpeechBank) -> Path:
-    """Run ``make`` over ``jobs`` (in worker processes when workers > 1); write OUT/NAME.jsonl + NAME.json."""
     start = time.perf_counter()
     rows: list[dict] = []
     if workers == 1:
@@ -130,21 +140,20 @@ def _write_split(out: Path, name: str, make: Callable[[ClipJob], list[dict]], jo
     else:
         # spawn, not fork: the caller may hold torch / OpenMP threads that a fork would copy half-alive
         pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
-        results = pool.map(make, jobs, chunksize=max(1, min(16, len(jobs) // (4 * workers))))
+        results = pool.map(make, jobs, chunksize=max(1, min(16, num_clips // (4 * workers))))
     try:
         for done, samples in enumerate(results, start=1):  # map keeps clip order: a stable manifest
             rows.extend(samples)
             if progress is not None:
-                progress(done, len(jobs))
+                progress(done, num_clips)
     finally:
         if pool is not None:
             pool.shutdown()
     elapsed = time.perf_counter() - start
 
     manifest = write_manifest(out / f"{name}.jsonl", rows)
-    job = jobs[0]
-    info = {"seed": job.seed, "split": job.split, "num_clips": len(jobs), "num_samples": len(rows),
-            "scene_options": asdict(job.options), "espeak": bank.version, "pyav": av.__version__,
+    info = {"seed": seed, "split": split, "num_clips": num_clips, "num_samples": len(rows),
+            "scene_options": asdict(options), "espeak": bank.version, "pyav": av.__version__,
             "video_encoder": h264_encoder(), "workers": workers, "seconds": round(elapsed, 3)}
     (out / f"{name}.json").write_text(json.dumps(info, indent=2) + "\n")
     return manifest
@@ -164,23 +173,6 @@ def make_long_clip(job: ClipJob) -> list[dict]:
         write_mp4(out / video, frames[f0:f1], audio[:, a0:a1], scene.fps, scene.sample_rate)
         videos.append(video)
     return window_samples(scene, videos)
-
-
-def generate_windows(out_dir: Path | str, num_clips: int, seed: int, split: str = "train", workers: int = 1, *,
-                     speech_cache: Path | str | None = None, progress: Callable[[int, int], None] | None = None,
-                     **scene_opts) -> Path:
-    """Write ``num_clips`` long scenes of ``split``, cut into the runtime's windows (training.synth.windows),
-    under OUT_DIR/{split}_windows/ with the manifest OUT_DIR/{split}_windows.jsonl (task stream_caption);
-    returns the manifest path. Scene lengths default to windows.LONG_SECONDS; ``scene_opts`` as generate's."""
-    _check_run(split, num_clips, workers)
-    options = scene_options(**{"min_seconds": LONG_SECONDS[0], "max_seconds": LONG_SECONDS[1], **scene_opts})
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    cache = None if speech_cache is None else str(speech_cache)
-    bank = _bank(cache)  # fail early (before spawning) if espeak-ng is missing
-    make_scene(seed, split, 0, options, long=True)  # validates seed and split before any worker starts
-    jobs = [ClipJob(str(out), seed, split, i, num_clips, options, cache) for i in range(num_clips)]
-    return _write_split(out, f"{split}_windows", make_long_clip, jobs, workers, progress, bank)
 
 
 def make_demo_clip(path: Path | str, seed: int = 0, *, speech_cache: Path | str | None = None) -> Scene:

@@ -23,12 +23,13 @@ import math
 from favor.config import WHOLE_EPS, TimingConfig
 from favor.prompt import CAPTION_PROMPT, stream_prompt
 
-from .scene import Scene
+from .scene import Scene, SceneOptions
 from .tasks import caption
 
 TASK = "stream_caption"
 WINDOW_SECONDS = TimingConfig().window_seconds  # 5 s: the runtime's window (10 frames at 2 FPS)
 LONG_SECONDS = (2 * WINDOW_SECONDS, 20.0)  # s: at least two windows, at most the demo clip's length
+LONG_OPTIONS = SceneOptions(min_seconds=LONG_SECONDS[0], max_seconds=LONG_SECONDS[1])  # otherwise the defaults
 
 
 def window_spans(scene: Scene) -> list[tuple[float, float]]:
