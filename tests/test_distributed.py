@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,20 +23,47 @@ from training.features import weights_digest
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "training" / "configs" / "tiny.yaml"
 STEPS = 3
+TIMEOUT_S = 300  # ~10 s on 2 idle cores; the margin is for a loaded CI machine, not for a hang
 
 
-def torchrun(out: Path, world, tok_dir: Path, strategy: str, *extra: str) -> list[dict]:
+def torchrun(out: Path, world, tok_dir: Path, strategy: str, *extra: str, steps: int = STEPS,
+             timeout_s: float = TIMEOUT_S) -> list[dict]:
     """Run ``python -m training`` in 2 gloo processes; returns the run's metrics.jsonl records."""
     train, heldout = world
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "training", "--config", str(TINY), f"train.train_manifest={train}",
            f"train.eval_manifest={heldout}", f"train.output_dir={out}", f"train.tokenizer={tok_dir}",
-           f"train.steps={STEPS}", "train.ckpt_every=2", "train.eval_every=0", "train.eval_generate=1",
+           f"train.steps={steps}", "train.ckpt_every=2", "train.eval_every=0", "train.eval_generate=1",
            "train.progress=false", f"train.distributed={strategy}", *extra]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "_TYPER_STANDARD_TRACEBACK": "1"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        stdout, stderr = dump_stacks_and_kill(proc)
+        pytest.fail(f"torchrun still running after {timeout_s} s; the ranks' stacks:\n"
+                    f"{stderr[-8000:]}\n{stdout[-2000:]}")
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def descendants(pid: int) -> list[int]:
+    """Child processes, recursively (torchrun starts each rank in its own session, so no process group)."""
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [p for c in map(int, out) for p in (c, *descendants(c))]
+
+
+def dump_stacks_and_kill(proc: subprocess.Popen) -> tuple[str, str]:
+    """A hung run's diagnosis: every rank prints its threads' stacks on SIGUSR1 (training.distributed)."""
+    ranks = descendants(proc.pid)
+    for pid in ranks:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGUSR1)
+    time.sleep(2)
+    for pid in (*ranks, proc.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return proc.communicate()
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +92,17 @@ def test_ddp_two_processes_end_with_identical_weights(gloo_runs):
     assert state["world_size"] == 2 and len(state["rng"]) == 2 and state["position"] == 2 * 2 * 2 * 2
     assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])  # per-rank dropout streams
     assert any(r["kind"] == "eval" for r in records)
+
+
+@pytest.mark.slow
+def test_a_stuck_run_shows_every_ranks_stack(gloo_runs):
+    # A run far longer than its time limit stands in for a hang: each rank answers SIGUSR1 with its stacks.
+    root, world, tok_dir = gloo_runs
+    with pytest.raises(pytest.fail.Exception) as failure:
+        torchrun(root / "stuck", world, tok_dir, "ddp", steps=10_000, timeout_s=20)
+    message = str(failure.value)
+    assert message.count("Current thread") == 2, message[-3000:]  # one main-thread stack per rank
+    assert "training/recipe.py" in message
 
 
 @pytest.mark.slow

@@ -155,14 +155,12 @@ def train(
         typer.echo(json.dumps({"model": cfg.to_dict(), "train": dataclasses.asdict(tc)}, indent=2))
         return
     recipe = FinetuneRecipe(cfg, tc, resume=resume_from or resume or None)
-    try:
-        recipe.setup()
-        history = recipe.train()
-        if recipe.info.is_main and history:
-            last = history[-1]
-            typer.echo(f"step {last.step}: loss {last.loss:.4f}; checkpoint {recipe.out / 'final.safetensors'}")
-    finally:
-        recipe.cleanup()
+    recipe.setup()
+    history = recipe.train()
+    recipe.cleanup()  # success only (training.distributed.cleanup says why)
+    if recipe.info.is_main and history:
+        last = history[-1]
+        typer.echo(f"step {last.step}: loss {last.loss:.4f}; checkpoint {recipe.out / 'final.safetensors'}")
 
 
 @app.command()

@@ -13,7 +13,9 @@ Checkpoint helpers return full (unsharded) tensors so every strategy writes the 
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import signal
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -56,6 +58,8 @@ def init_distributed(backend: str | None = None) -> DistInfo:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend or ("nccl" if cuda else "gloo"), rank=rank, world_size=world)
+        # A rank stuck in a collective shows where: `kill -USR1 PID` prints every thread's stack to stderr.
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     return DistInfo(rank, world, local, device)
 
 
@@ -160,5 +164,11 @@ def barrier() -> None:
 
 
 def cleanup() -> None:
+    """Leave the process group after a run that succeeded on this rank.
+
+    A barrier first, so that no rank tears its connections down while a peer still waits in the last
+    collective (destroy_process_group can hang otherwise, pytorch#75097). Not after a failure: destroying
+    while a peer sits in a collective deadlocks, and torchrun stops the remaining ranks anyway."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

@@ -200,10 +200,8 @@ def run_one(config: Path, work: Path, variant: str, seed: int, paths: dict[str, 
     recipe = _recipe_class()(cfg, tc, tokenizer=tokenizer, resume=find_latest_checkpoint(out) is not None or None)
     t0 = time.perf_counter()
     recipe.setup()
-    try:
-        history = recipe.train()
-    finally:
-        recipe.cleanup()
+    history = recipe.train()
+    recipe.cleanup()
     train_s = time.perf_counter() - t0
     model = recipe.inner
     if hasattr(model.audio_encoder, "inner"):  # evaluate through the plain encoder (no batch cache keys)
