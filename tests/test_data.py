@@ -11,16 +11,18 @@ import numpy as np
 import pytest
 import torch
 
+from favor.prompt import CAPTION_PROMPT, stream_prompt
 from favor.sync import audio_frames
 from training.collate import Collator, normalise_answer
 from training.data import DataOptions, ManifestDataset, StreamSampler
-from training.manifest import parse_manifest
+from training.manifest import Entry, parse_manifest
 from training.pairing import (
     IMAGE_PREFIX,
     MATCH_NO,
     MATCH_QUESTIONS,
     MATCH_TASK,
     MATCH_YES,
+    STREAM_TASK,
     PairingOptions,
     join_qa,
     pair,
@@ -248,6 +250,48 @@ def test_pairing_audio_only_and_disabled(tmp_path):
     off = PairingOptions(enabled=False)
     assert pair(e["v0"], np.random.default_rng(0), pool, off).modality_mask == (1.0, 0.0)
     assert pair(e["i0"], np.random.default_rng(0), pool, off).audio is None
+
+
+def _windows(tmp_path) -> list[Entry]:
+    """Two streamed windows of one clip and one of another, as training/synth/windows.py writes them."""
+    av = _entries(tmp_path)["av0"]
+    answers = ["A red circle appears.", "A beep sounds.", "A blue square appears."]
+    previous = [[], answers[:1], []]
+    return [Entry(i + 1, f"w{i}", STREAM_TASK, av.video, av.audio, None,
+                  tuple(qa(stream_prompt(CAPTION_PROMPT, prev), a)), {"prompt": CAPTION_PROMPT, "previous": prev})
+            for i, (a, prev) in enumerate(zip(answers, previous, strict=True))]
+
+
+def test_streamed_window_context_swapped_and_instruction_bare(tmp_path):
+    windows = _windows(tmp_path)
+    captions = [w.conversation[1]["value"] for w in windows]
+    off = PairingOptions(av_match_prob=0.0)
+    for w in windows:  # no noise: the question as written; the visual encoder gets the bare prompt
+        plan = pair(w, np.random.default_rng(0), [], off, captions)
+        assert plan.conversation == w.conversation and plan.instruction == CAPTION_PROMPT
+    second = windows[1]
+    noisy = [pair(second, np.random.default_rng(i), [], PairingOptions(av_match_prob=0.0, context_noise_prob=0.5),
+                  captions) for i in range(600)]
+    contexts = Counter(p.conversation[0]["value"] for p in noisy)
+    swapped = sum(n for q, n in contexts.items() if q != second.conversation[0]["value"])
+    # swapped half the time, to one of the other captions (1/3 of draws pick its own context back)
+    assert 0.5 * 2 / 3 - 0.06 < swapped / len(noisy) < 0.5 * 2 / 3 + 0.06
+    assert set(contexts) == {stream_prompt(CAPTION_PROMPT, [c]) for c in captions}
+    assert all(p.conversation[1] == second.conversation[1] for p in noisy)  # the answer is the window's own
+    first = windows[0]  # no context at the stream's start: none is invented
+    assert all(pair(first, np.random.default_rng(i), [], PairingOptions(context_noise_prob=1.0), captions)
+               .conversation == first.conversation for i in range(20))
+
+
+def test_collator_gives_the_visual_encoder_the_plan_instruction(tmp_path, tiny_cfg, tokenizer):
+    w = _windows(tmp_path)[1]
+    ds = ManifestDataset(make_world(tmp_path), tiny_cfg, DataOptions(pairing=PairingOptions(enabled=False)))
+    item = ds._decode(pair(w, np.random.default_rng(0), [], PairingOptions(enabled=False), []))
+    collate = Collator(tiny_cfg, tokenizer)
+    bare = collate([{**item, "conversation": qa(CAPTION_PROMPT, "x"), "instruction": None}])
+    batch = collate([item])
+    assert batch["questions"] == [w.conversation[0]["value"]]  # the LLM is asked with the context ...
+    assert torch.equal(batch["instruction_ids"], bare["instruction_ids"])  # ... the visual encoder without
 
 
 def test_join_qa_format():

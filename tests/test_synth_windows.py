@@ -82,6 +82,10 @@ def test_questions_carry_the_previous_reference_caption():
     for k in (1, 2):
         assert rows[k]["conversation"][0]["value"] == stream_prompt(CAPTION_PROMPT, [answers[k - 1]])
         assert answers[k - 1] in rows[k]["conversation"][0]["value"]
+    for row in rows:  # ... and its parts, from which training rebuilds it (training/pairing.py)
+        meta = row["meta"]
+        assert stream_prompt(meta["prompt"], meta["previous"]) == row["conversation"][0]["value"]
+    assert [r["meta"]["previous"] for r in rows] == [[], answers[:1], answers[1:2]]
     assert [r["meta"]["duration"] for r in rows] == [5.0, 5.0, 2.0]
     assert {r["task"] for r in rows} == {TASK} and rows[2]["video"] == rows[2]["audio"] == "w2.mp4"
     with pytest.raises(ValueError, match="2 window files for 3 windows"):

@@ -70,7 +70,8 @@ class Collator:
             batch["mel"] = None
         batch.update(self._visual(kept, audio_lengths))
         questions = [first_question(it["conversation"]) for it in kept]
-        ids, mask = instruction_inputs(self.instruction_tokenizer, questions, cfg.visual.max_instruction_tokens)
+        instructions = [it.get("instruction") or q for it, q in zip(kept, questions, strict=True)]
+        ids, mask = instruction_inputs(self.instruction_tokenizer, instructions, cfg.visual.max_instruction_tokens)
         batch.update({
             "instruction_ids": ids, "instruction_mask": mask,  # [B, Li]
             "modality_mask": torch.stack([it["modality_mask"] for it in kept]),  # [B, 2]

@@ -23,7 +23,7 @@ from favor import media
 from favor.clip_media import MIN_AUDIO_SECONDS, decode_clip
 from favor.config import FavorConfig
 from training.manifest import check_media, parse_manifest
-from training.pairing import PairingOptions, Plan, pair
+from training.pairing import STREAM_TASK, PairingOptions, Plan, pair
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,7 @@ class ManifestDataset(torch.utils.data.Dataset):
             raise ValueError(f"{self.manifest}: every sample was skipped as bad ({len(self.skipped)})")
         self.entries = entries
         self.audio_pool = [e for e in entries if e.audio is not None]
+        self.stream_captions = [e.conversation[1]["value"] for e in entries if e.task == STREAM_TASK]
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -79,7 +80,7 @@ class ManifestDataset(torch.utils.data.Dataset):
     def plan(self, key: int | tuple[int, int]) -> Plan:
         position, index = key if isinstance(key, tuple) else (key, key)
         rng = np.random.default_rng([self.seed, position])
-        return pair(self.entries[index], rng, self.audio_pool, self.options.pairing)
+        return pair(self.entries[index], rng, self.audio_pool, self.options.pairing, self.stream_captions)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict | None:
         plan = self.plan(key)
@@ -97,7 +98,8 @@ class ManifestDataset(torch.utils.data.Dataset):
         return {
             "mel": mel, "pixels": pixels, "is_image": plan.is_image,
             "modality_mask": torch.tensor(plan.modality_mask, dtype=torch.float32),
-            "conversation": plan.conversation, "task": plan.task, "id": plan.entry.id,
+            "conversation": plan.conversation, "instruction": plan.instruction, "task": plan.task,
+            "id": plan.entry.id,
             "line": plan.entry.line, "audio_key": self._file_key(plan.audio, "audio"),
             "visual_key": self._file_key(plan.visual, "image" if plan.is_image else "video"),
             "scene": scene_of(plan),

@@ -8,6 +8,9 @@
                    the image question prefixed "In the image, ", order random; otherwise one of the two
                    Q/As at random
     audio only     mask [0, 1]; image + audio from the manifest: mask [1, 1]
+A streamed window (task stream_caption, training/synth/windows.py) is asked as favor-rt asks: its question
+is rebuilt from meta (prompt, previous), with p = context_noise_prob the previous caption swapped for
+another window's, and the visual encoder's instruction is the bare prompt (what the runtime gives it).
 The caller passes the random generator (training/data.py seeds it by stream position).
 """
 
@@ -19,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from favor.prompt import stream_prompt
 from training.manifest import Entry
 
 MATCH_QUESTIONS = (
@@ -28,6 +32,7 @@ MATCH_QUESTIONS = (
 )
 MATCH_YES, MATCH_NO = "Yes.", "No."
 MATCH_TASK = "av_matching"
+STREAM_TASK = "stream_caption"
 IMAGE_PREFIX = "In the image, "
 
 
@@ -38,6 +43,10 @@ class PairingOptions:
     mismatch_prob: float = 0.5  # of those, audio swapped for another sample's -> "No."
     video_combine_prob: float = 0.2  # video without audio: both Q/As joined, mask [1, 1]
     image_combine_prob: float = 0.5  # image without audio: both Q/As joined
+    # Ours, not the release's: a served window's context is the model's own previous caption, which may
+    # name objects no longer (or never) on screen; trained with another window's caption there, the model
+    # learns to describe the window rather than copy its context.
+    context_noise_prob: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -51,6 +60,7 @@ class Plan:
     modality_mask: tuple[float, float]  # (visual, audio)
     conversation: tuple[dict, ...]
     task: str
+    instruction: str | None = None  # the visual encoder's instruction; None = the first question
 
 
 def _strip_end(text: str) -> str:
@@ -73,13 +83,27 @@ def _single_turn(conv: tuple[dict, ...]) -> bool:
     return len(conv) == 2
 
 
+def stream_turns(entry: Entry, rng: np.random.Generator, captions: Sequence[str],
+                 opts: PairingOptions) -> tuple[tuple[dict, ...], str]:
+    """A streamed window's conversation and visual instruction, its context maybe swapped (module docstring).
+
+    ``captions``: the answers of the manifest's streamed windows, where a swapped context comes from."""
+    prompt, previous = entry.meta["prompt"], list(entry.meta.get("previous", ()))
+    if previous and captions and opts.context_noise_prob > 0 and rng.random() < opts.context_noise_prob:
+        previous = [captions[int(rng.integers(len(captions)))]]
+    question = {"from": "human", "value": stream_prompt(prompt, previous)}
+    return (question, *entry.conversation[1:]), prompt
+
+
 def pair(entry: Entry, rng: np.random.Generator, audio_pool: Sequence[Entry],
-         opts: PairingOptions) -> Plan:
+         opts: PairingOptions, stream_captions: Sequence[str] = ()) -> Plan:
     """Apply the release's random audio/visual pairing to one sample (see the module docstring)."""
-    conv, task = entry.conversation, entry.task
+    conv, task, instruction = entry.conversation, entry.task, None
+    if task == STREAM_TASK and "prompt" in entry.meta:
+        conv, instruction = stream_turns(entry, rng, stream_captions, opts)
     has_v, has_a = entry.visual is not None, entry.audio is not None
     base = Plan(entry, entry.visual, entry.image is not None, entry.audio,
-                (float(has_v), float(has_a)), conv, task)
+                (float(has_v), float(has_a)), conv, task, instruction)
     if not opts.enabled or not has_v or not audio_pool:
         return base
     if has_a:

@@ -87,6 +87,7 @@ class TrainConfig:
     mismatch_prob: float = 0.5
     video_combine_prob: float = 0.2
     image_combine_prob: float = 0.5
+    context_noise_prob: float = 0.0  # streamed windows: the previous caption swapped (training/pairing.py)
     cache_audio_features: bool = False  # frozen Whisper output per audio file
     cache_visual_features: bool = False  # frozen visual encoders only
     feature_cache_dir: str | None = None  # None = in memory only
@@ -261,7 +262,7 @@ class FinetuneRecipe:
     def _setup_data(self) -> None:
         tc = self.tc
         pairing = PairingOptions(tc.pairing, tc.av_match_prob, tc.mismatch_prob, tc.video_combine_prob,
-                                 tc.image_combine_prob)
+                                 tc.image_combine_prob, tc.context_noise_prob)
         opts = DataOptions(tc.skip_bad, tc.validate_media, tc.min_audio_seconds, pairing, tuple(tc.tasks))
         self.train_set = ManifestDataset(tc.train_manifest, self.cfg, opts, seed=tc.seed)
         self.collator = Collator(self.cfg, self.inner.tokenizer, self.inner.instruction_tokenizer,

@@ -163,7 +163,7 @@ def _recipe_class():
         def _setup_data(self) -> None:
             tc = self.tc
             pairing = PairingOptions(tc.pairing, tc.av_match_prob, tc.mismatch_prob, tc.video_combine_prob,
-                                     tc.image_combine_prob)
+                                     tc.image_combine_prob, tc.context_noise_prob)
             self.train_set = _MEMO_DATASET(tc.train_manifest, self.cfg,
                                            DataOptions(tc.skip_bad, tc.validate_media, tc.min_audio_seconds,
                                                        pairing), seed=tc.seed)

@@ -11,9 +11,10 @@ its own mp4 and one sample (pure functions here, the files in generate.py):
 
     question   stream_prompt(CAPTION_PROMPT, [the window before's reference caption])   (bare for the first)
     answer     tasks.caption of the events with onsets inside the window (NOTHING_NEW when none)
-    meta       the window's own timeline: events shifted to the window's start; objects already on screen
-               at the start appear at t = 0 (they are seen throughout); a sound already playing is left
-               out (its onset lies before the window)
+    meta       prompt and previous, the parts of the question (training rebuilds it, maybe with another
+               context: training/pairing.py), and the window's own timeline: events shifted to the
+               window's start; objects already on screen at the start appear at t = 0 (they are seen
+               throughout); a sound already playing is left out (its onset lies before the window)
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ def window_samples(scene: Scene, videos: list[str]) -> list[dict]:
             "conversation": [{"from": "human", "value": question}, {"from": "gpt", "value": answers[k]}],
             "meta": {"seed": scene.seed, "split": scene.split, "clip": scene.index, "clip_id": scene.clip_id,
                      "window": k, "window_start": round(start, 6), "duration": round(end - start, 6),
+                     "prompt": CAPTION_PROMPT, "previous": answers[k - 1:k],
                      "events": window_events(scene, start, end), "answer_type": "sentence"},
         })
     return rows
