@@ -63,10 +63,6 @@ def demo_cues() -> list:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="issue 12: the demo model's streaming cues 3-5 name an orange triangle (the orange "
-                          "diamond's colour, the yellow triangle's shape), carried on by the caption context, "
-                          "and cue 4 a green square for the green circle (RESULTS 1)")
 def test_every_demo_cue_names_only_objects_on_screen():
     cues = demo_cues()
     checks = check_cues(cues, demo_scene())

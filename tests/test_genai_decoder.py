@@ -175,7 +175,8 @@ def test_demo_model_int8_disagrees_only_at_near_ties(tmp_path):
     (PyTorch's own top-1/top-2 margin below int8's measured logit noise) -- the bundle verify rule's near-tie
     clause, step by step. (Its 0.99 agreement threshold is meant for the 420-step verify set: on this one
     48-step caption a single near-tie flip is 0.979.) The session-5 weights gave a token-identical caption;
-    the session-6 weights leave it once, at a margin of 0.12 % of the logit scale against int8's 4.7 %."""
+    the session-6 weights leave it once, at a margin of 0.12 % of the logit scale against int8's 4.7 %; the
+    session-7 weights once, at step 44, at 0.08 % against 4.6 %."""
     from export.verify import load_clips
     from favor.checkpoint import load_model
 
