@@ -257,10 +257,11 @@ def _print_report(report: dict) -> None:
         t.add_row(r["stage"], r["case"], f"{r['max_abs']:.2e}", f"{r['max_rel']:.2e}", f"{r['tolerance']:.0e}",
                   "yes" if r["ok"] else "[red]NO[/red]")
     console.print(t)
+    own = f"ort-{report.get('bundle_decoder')}"
     for c in report["captions"]:
-        console.print(f"{c['clip']}: identical fp32={c['ort-fp32_identical']} "
-                      f"int8={c.get('ort-int8_identical', '-')} margin={c['min_margin']:.3g} "
-                      f"text={c['text']!r}")
+        legacy = f" int8 stage={c['ort-int8_identical']}" if "ort-int8_identical" in c and own != "ort-int8" else ""
+        console.print(f"{c['clip']}: bundle ({report.get('bundle_decoder')} decoder) identical="
+                      f"{c[own + '_identical']}{legacy} margin={c['min_margin']:.3g} text={c['text']!r}")
     _print_precisions(report.get("decoder_precisions") or {})
 
 

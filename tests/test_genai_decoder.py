@@ -204,6 +204,20 @@ def test_auto_precision_resolves_by_model(model):
     assert genai_decoder.resolve_precision(tiny, "int4") == "int4"
 
 
+def test_bundle_pipeline_is_judged_by_its_decoder_precision():
+    # favor-export verify: an fp32 bundle decoder must reproduce PyTorch's captions bit for bit; an int8 /
+    # int4 one is held to its precision row (agreement, near-tie divergences), never to bit identity.
+    from export.verify import captions_pass
+
+    assert captions_pass([{"ort-fp32_identical": True}], "fp32", {})
+    assert not captions_pass([{"ort-fp32_identical": True}, {"ort-fp32_identical": False}], "fp32", {})
+    rows = {"rows": [{"precision": "int8", "passes": True}, {"precision": "int4", "passes": False}]}
+    flipped = [{"ort-int8_identical": False}]
+    assert captions_pass(flipped, "int8", rows)
+    assert not captions_pass(flipped, "int4", rows)
+    assert not captions_pass(flipped, "int8", {"rows": []})  # not measured: not passed
+
+
 def test_verdict_allows_divergence_only_at_near_ties():
     # A quantised caption may leave the reference only where the reference itself was within the
     # precision's measured logit noise (a near tie); anywhere else it fails, as does low agreement.
