@@ -185,12 +185,14 @@ class Engine:
 
     def ask(self, source: str | os.PathLike | None = None, question: str | None = None, *,
             video: str | os.PathLike | None = None, audio: str | os.PathLike | None = None,
-            image: str | os.PathLike | None = None, max_new_tokens: int = 48) -> str:
+            image: str | os.PathLike | None = None, max_new_tokens: int = 48,
+            instruction: str | None = None) -> str:
         """The answer to ``question`` about the whole clip (up to cfg.timing.max_frames) as one prompt.
 
         ``source``: a video with its own sound. Or separate inputs, as an eval sample has them:
         ``video`` (frames only) or ``image`` (a still), and/or ``audio`` (a recording, or a file's audio
-        track); ``source`` with ``audio`` takes the source's frames with that sound.
+        track); ``source`` with ``audio`` takes the source's frames with that sound. ``instruction``: what
+        the visual encoder is told when it should not be the question (runtime.clip.ask_clip).
         ``ask(image="still.png", audio="question.wav", question="...")``. ValueError (one line) for a
         missing question, unreadable media or an impossible combination (video and image; source and
         video/image)."""
@@ -199,7 +201,7 @@ class Engine:
         if question is None:
             raise ValueError("ask needs a question")
         return ask_clip(self.backend, source, question, video=video, audio=audio, image=image,
-                        max_new_tokens=max_new_tokens)
+                        max_new_tokens=max_new_tokens, instruction=instruction)
 
 
 def load(path: str | os.PathLike | None = None, *, backend: str = "auto", fps: float | None = None,

@@ -94,13 +94,13 @@ def load_clip(path: str | os.PathLike, cfg: FavorConfig) -> ClipMedia:
     return load_media(cfg, source=path)
 
 
-def clip_embeddings(backend, clip: ClipMedia, question: str) -> torch.Tensor:
-    """AV embeddings [A, D] of the whole clip, the question as the visual Q-Former's instruction."""
+def clip_embeddings(backend, clip: ClipMedia, instruction: str) -> torch.Tensor:
+    """AV embeddings [A, D] of the whole clip, ``instruction`` (the question) as the visual Q-Former's."""
     from favor.sync import audio_frames, repeat_image
 
     saved = getattr(backend, "_instruction", None)  # the running stream's instruction, put back below
     try:
-        backend.set_instruction(question)
+        backend.set_instruction(instruction)
         visual = None if clip.pixels is None else backend.encode_frames(clip.pixels)  # [T, Qv, Dv]
         audio = None if clip.mel is None else backend.encode_audio(clip.mel)  # [Ta, Da]
     finally:
@@ -113,9 +113,11 @@ def clip_embeddings(backend, clip: ClipMedia, question: str) -> torch.Tensor:
 
 
 def ask_clip(backend, source: Media, question: str, *, video: Media = None, audio: Media = None,
-             image: Media = None, max_new_tokens: int = 48) -> str:
+             image: Media = None, max_new_tokens: int = 48, instruction: str | None = None) -> str:
     """The answer to ``question`` about the whole clip, one greedy decode. ``source`` is a media file
     with its own sound; ``video`` / ``image`` / ``audio`` name separate inputs (module docstring).
+    ``instruction``: the visual Q-Former's instruction when it is not the question (a streamed window's
+    question carries earlier captions; favor-rt gives the visual encoder the bare prompt).
 
     ValueError (one line) when the media cannot be read, they do not combine, or the question is empty."""
     name = next((os.fspath(p) for p in (source, video, image, audio) if p is not None), "ask")
@@ -125,5 +127,5 @@ def ask_clip(backend, source: Media, question: str, *, video: Media = None, audi
         raise ValueError(f"max_new_tokens ({max_new_tokens}) must be >= 1")
     clip = load_media(backend.cfg, source=source, video=video, audio=audio, image=image)
     with torch.inference_mode():
-        av = clip_embeddings(backend, clip, question)
+        av = clip_embeddings(backend, clip, instruction or question)
         return backend.caption(question, av, max_new_tokens).text

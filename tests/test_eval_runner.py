@@ -230,3 +230,36 @@ def test_memoised_ablation_dataset_gives_each_draw_its_own_scene(tiny_cfg, heldo
     masked = data._decode(dataclasses.replace(plan, modality_mask=(1.0, 0.0)))
     assert first["scene"]["heard"] is True and masked["scene"]["heard"] is False
     assert masked["mel"] is first["mel"]  # the media themselves came from the memo
+
+
+def test_predict_gives_a_streamed_window_its_bare_prompt_as_visual_instruction(tmp_path, tiny_cfg):
+    """A stream_caption question carries the previous caption; the visual encoder is told only the bare
+    prompt, as favor-rt and training tell it (training/pairing.py). Other tasks: the question itself."""
+    from test_data import make_world
+
+    from favor.prompt import CAPTION_PROMPT, stream_prompt
+    from runtime.api import Engine
+    from training.eval.runner import predict
+
+    class SpyEngine(Engine):
+        def __init__(self, cfg):
+            self.cfg, self.calls = cfg, []
+
+        def ask(self, **kwargs) -> str:
+            self.calls.append(kwargs)
+            return "x"
+
+    rows = [json.loads(x) for x in make_world(tmp_path).read_text().splitlines()]
+    clip = rows[0]  # a video with its sound
+    previous = ["A red circle appears."]
+    window = {**clip, "id": "w1", "task": "stream_caption",
+              "conversation": [{"from": "human", "value": stream_prompt(CAPTION_PROMPT, previous)},
+                               {"from": "gpt", "value": "A beep sounds."}],
+              "meta": {"prompt": CAPTION_PROMPT, "previous": previous}}
+    manifest = tmp_path / "windows.jsonl"
+    manifest.write_text(json.dumps(window) + "\n" + json.dumps(clip) + "\n")
+    spy = SpyEngine(tiny_cfg)
+    records = predict(spy, manifest, max_new_tokens=3)
+    assert len(records) == 2
+    told = {c["question"]: c["instruction"] for c in spy.calls}
+    assert told == {stream_prompt(CAPTION_PROMPT, previous): CAPTION_PROMPT, clip["conversation"][0]["value"]: None}
