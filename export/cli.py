@@ -257,11 +257,13 @@ def _print_report(report: dict) -> None:
         t.add_row(r["stage"], r["case"], f"{r['max_abs']:.2e}", f"{r['max_rel']:.2e}", f"{r['tolerance']:.0e}",
                   "yes" if r["ok"] else "[red]NO[/red]")
     console.print(t)
-    own = f"ort-{report.get('bundle_decoder')}"
+    from export.verify import caption_identity
+
     for c in report["captions"]:
-        legacy = f" int8 stage={c['ort-int8_identical']}" if "ort-int8_identical" in c and own != "ort-int8" else ""
-        console.print(f"{c['clip']}: bundle ({report.get('bundle_decoder')} decoder) identical="
-                      f"{c[own + '_identical']}{legacy} margin={c['min_margin']:.3g} text={c['text']!r}")
+        identical, legacy = caption_identity(report, c)
+        stage = "" if legacy == "-" else f" int8 stage={legacy}"
+        console.print(f"{c['clip']}: bundle ({report['bundle_decoder']} decoder) identical={identical}{stage} "
+                      f"margin={c['min_margin']:.3g} text={c['text']!r}")
     _print_precisions(report.get("decoder_precisions") or {})
 
 

@@ -299,6 +299,14 @@ def captions_pass(caps: list[dict], precision: str, precisions: dict) -> bool:
     return row is not None and row["passes"]
 
 
+def caption_identity(report: dict, caption: dict) -> tuple[bool, bool | str]:
+    """One caption row: the bundle's own pipeline identical to PyTorch, and a legacy ``decoder.int8``
+    stage's identity ("-" when the bundle has none)."""
+    own = f"ort-{report['bundle_decoder']}"
+    legacy = caption.get("ort-int8_identical", "-") if own != "ort-int8" else "-"
+    return caption[own + "_identical"], legacy
+
+
 def verify_bundle(model: FavorModel, bundle_path: str | Path, clips: list[Media] | None = None,
                   both_orientations: bool = True, captions: int = 3, max_new_tokens: int = 16,
                   prompt: str = DEFAULT_PROMPT) -> dict:
@@ -333,13 +341,11 @@ def markdown(report: dict) -> str:
         lines.append(f"| {r['stage']} | {r['case']} | {r['max_abs']:.2e} | {r['max_rel']:.2e} | "
                      f"{r['tolerance']:.0e} | {'yes' if r['ok'] else 'NO'} |")
     if report["captions"]:
-        own = f"ort-{report['bundle_decoder']}"
         lines += ["", f"| clip | torch tokens | bundle ({report['bundle_decoder']} decoder) identical | "
                   "ort int8 stage identical | min margin |", "|---|---|---|---|---|"]
         for c in report["captions"]:
-            legacy = c.get("ort-int8_identical", "-") if own != "ort-int8" else "-"
-            lines.append(f"| {c['clip']} | {len(c['torch'])} | {c[own + '_identical']} | {legacy} | "
-                         f"{c['min_margin']:.3g} |")
+            identical, legacy = caption_identity(report, c)
+            lines.append(f"| {c['clip']} | {len(c['torch'])} | {identical} | {legacy} | {c['min_margin']:.3g} |")
     if report.get("decoder_precisions", {}).get("rows"):
         lines += ["", decoder_precisions.markdown(report["decoder_precisions"]["rows"]).rstrip()]
     return "\n".join(lines) + "\n"

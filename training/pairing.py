@@ -83,24 +83,29 @@ def _single_turn(conv: tuple[dict, ...]) -> bool:
     return len(conv) == 2
 
 
-def stream_turns(entry: Entry, rng: np.random.Generator, captions: Sequence[str],
-                 opts: PairingOptions) -> tuple[tuple[dict, ...], str]:
-    """A streamed window's conversation and visual instruction, its context maybe swapped (module docstring).
+def window_prompt(entry: Entry) -> str | None:
+    """A streamed window's bare prompt -- what favor-rt tells the visual encoder -- or None for any other
+    sample (whose question is its instruction)."""
+    return entry.meta.get("prompt") if entry.task == STREAM_TASK else None
+
+
+def stream_turns(entry: Entry, prompt: str, rng: np.random.Generator, captions: Sequence[str],
+                 opts: PairingOptions) -> tuple[dict, ...]:
+    """A streamed window's conversation, its context maybe swapped (module docstring).
 
     ``captions``: the answers of the manifest's streamed windows, where a swapped context comes from."""
-    prompt, previous = entry.meta["prompt"], list(entry.meta.get("previous", ()))
+    previous = list(entry.meta.get("previous", ()))
     if previous and captions and opts.context_noise_prob > 0 and rng.random() < opts.context_noise_prob:
         previous = [captions[int(rng.integers(len(captions)))]]
-    question = {"from": "human", "value": stream_prompt(prompt, previous)}
-    return (question, *entry.conversation[1:]), prompt
+    return ({"from": "human", "value": stream_prompt(prompt, previous)}, *entry.conversation[1:])
 
 
 def pair(entry: Entry, rng: np.random.Generator, audio_pool: Sequence[Entry],
          opts: PairingOptions, stream_captions: Sequence[str] = ()) -> Plan:
     """Apply the release's random audio/visual pairing to one sample (see the module docstring)."""
-    conv, task, instruction = entry.conversation, entry.task, None
-    if task == STREAM_TASK and "prompt" in entry.meta:
-        conv, instruction = stream_turns(entry, rng, stream_captions, opts)
+    conv, task, instruction = entry.conversation, entry.task, window_prompt(entry)
+    if instruction is not None:
+        conv = stream_turns(entry, instruction, rng, stream_captions, opts)
     has_v, has_a = entry.visual is not None, entry.audio is not None
     base = Plan(entry, entry.visual, entry.image is not None, entry.audio,
                 (float(has_v), float(has_a)), conv, task, instruction)

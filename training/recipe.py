@@ -158,6 +158,12 @@ class StepLog:
     skipped: int = 0
 
 
+def pairing_options(tc: TrainConfig) -> PairingOptions:
+    """The train config's pairing knobs (training/pairing.py)."""
+    return PairingOptions(tc.pairing, tc.av_match_prob, tc.mismatch_prob, tc.video_combine_prob,
+                          tc.image_combine_prob, tc.context_noise_prob)
+
+
 class FinetuneRecipe:
     """setup() -> train() -> (evaluate(), save_checkpoint()) -> cleanup().
 
@@ -261,9 +267,8 @@ class FinetuneRecipe:
 
     def _setup_data(self) -> None:
         tc = self.tc
-        pairing = PairingOptions(tc.pairing, tc.av_match_prob, tc.mismatch_prob, tc.video_combine_prob,
-                                 tc.image_combine_prob, tc.context_noise_prob)
-        opts = DataOptions(tc.skip_bad, tc.validate_media, tc.min_audio_seconds, pairing, tuple(tc.tasks))
+        opts = DataOptions(tc.skip_bad, tc.validate_media, tc.min_audio_seconds, pairing_options(tc),
+                           tuple(tc.tasks))
         self.train_set = ManifestDataset(tc.train_manifest, self.cfg, opts, seed=tc.seed)
         self.collator = Collator(self.cfg, self.inner.tokenizer, self.inner.instruction_tokenizer,
                                  tc.max_text_tokens)

@@ -152,8 +152,7 @@ _MEMO_DATASET = None
 def _recipe_class():
     from training.collate import Collator
     from training.data import DataOptions
-    from training.pairing import PairingOptions
-    from training.recipe import FinetuneRecipe
+    from training.recipe import FinetuneRecipe, pairing_options
 
     global _MEMO_DATASET
     if _MEMO_DATASET is None:
@@ -162,11 +161,9 @@ def _recipe_class():
     class AblationRecipe(FinetuneRecipe):
         def _setup_data(self) -> None:
             tc = self.tc
-            pairing = PairingOptions(tc.pairing, tc.av_match_prob, tc.mismatch_prob, tc.video_combine_prob,
-                                     tc.image_combine_prob, tc.context_noise_prob)
             self.train_set = _MEMO_DATASET(tc.train_manifest, self.cfg,
                                            DataOptions(tc.skip_bad, tc.validate_media, tc.min_audio_seconds,
-                                                       pairing), seed=tc.seed)
+                                                       pairing_options(tc)), seed=tc.seed)
             self.collator = Collator(self.cfg, self.inner.tokenizer, self.inner.instruction_tokenizer,
                                      tc.max_text_tokens)
             self.eval_set = None

@@ -128,7 +128,7 @@ def predict(model, manifest: str | Path, *, max_new_tokens: int = MAX_NEW_TOKENS
     """
     from training.collate import first_answer, first_question
     from training.data import DataOptions, ManifestDataset
-    from training.pairing import STREAM_TASK, PairingOptions
+    from training.pairing import PairingOptions, window_prompt
 
     engine = as_engine(model)
     data = ManifestDataset(manifest, engine.cfg, DataOptions(skip_bad=skip_bad, pairing=PairingOptions(enabled=False)))
@@ -140,10 +140,8 @@ def predict(model, manifest: str | Path, *, max_new_tokens: int = MAX_NEW_TOKENS
     for done, e in enumerate(chosen, start=1):
         question, answer = first_question(e.conversation), first_answer(e.conversation)
         try:
-            # a streamed window's visual instruction is its bare prompt, as in favor-rt and training
-            instruction = e.meta.get("prompt") if e.task == STREAM_TASK else None
             pred = engine.ask(question=question, video=e.video, audio=e.audio, image=e.image,
-                              max_new_tokens=max_new_tokens, instruction=instruction)
+                              max_new_tokens=max_new_tokens, instruction=window_prompt(e))  # as served
         except ValueError as err:  # unreadable media (one line naming the file)
             if not skip_bad:
                 raise ValueError(f"{e.where(data.manifest)}: {err} (set skip_bad: true to skip)") from None
