@@ -90,6 +90,29 @@ def tiny_pretrain(tmp_path: Path, **kw) -> PretrainConfig:
     return PretrainConfig(**{**defaults, **kw})
 
 
+def test_pulse_positives_weigh_by_the_pools_imbalance(tmp_path):
+    """pos_weight = (negatives / positives) ** pulse_balance over the pool's cells, and the pulse BCE weighs
+    positives by it: with every logit 0 each cell costs ln 2, a positive cell w ln 2."""
+    from training.vit_pretrain import FramePool
+
+    pc = tiny_pretrain(tmp_path, frame_pool=64, pulse_balance=0.5)
+    pool = FramePool(pc, image_size=28)
+    pos = float(pool.targets["pulse"].sum())
+    assert pos > 0  # 64 frames of 16 scenes: some shape is sounding (else this test checks nothing)
+    neg = pool.targets["pulse"].numel() - pos
+    assert pool.pulse_pos_weight == pytest.approx((neg / pos) ** 0.5)
+    assert FramePool(tiny_pretrain(tmp_path, frame_pool=64, pulse_balance=0.0), 28).pulse_pos_weight == 1.0
+
+    pulse = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])  # 1 positive of 8 cells
+    t = {"colour": torch.zeros(2, 4, dtype=torch.long), "shape": torch.zeros(2, 4, dtype=torch.long), "pulse": pulse}
+    out = {"colour": torch.zeros(2, 4, 3), "shape": torch.zeros(2, 4, 3), "pulse": torch.zeros(2, 4)}
+    for w in (1.0, 5.0):
+        got = probe_losses({"queries": out}, t, pulse_pos_weight=w)["queries_pulse"]
+        assert float(got) == pytest.approx((w * 1 + 7) / 8 * np.log(2), rel=1e-6)
+    with pytest.raises(ValueError, match="pulse_balance"):
+        tiny_pretrain(tmp_path, pulse_balance=1.5)
+
+
 def test_objective_decreases_on_a_tiny_run(tmp_path, tokenizer):
     trainer = VitPretrainer(tiny_pretrain(tmp_path, steps=20), tokenizer=tokenizer)
     trainer.setup()

@@ -210,6 +210,9 @@ def pretrain_vit(
     head_lr: Annotated[float, typer.Option(min=0.0, help="peak learning rate of the linear heads")]
     = PretrainConfig.head_lr,
     seed: Annotated[int, typer.Option(min=0, help="seed of the train-split clips drawn")] = 0,
+    pulse_balance: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="pulse BCE positives weighted by (negatives / positives) ** this")]
+    = PretrainConfig.pulse_balance,
     heldout_manifest: Annotated[Path | None, typer.Option(
         help="a generated heldout split (JSONL): its decoded mp4 frames are scored at the end")] = None,
     heldout_clips: Annotated[int, typer.Option(min=1, help="clips of --heldout-manifest scored")] = 40,
@@ -225,8 +228,8 @@ def pretrain_vit(
     try:
         pc = PretrainConfig(preset=preset, output_dir=str(output_dir), steps=steps, qformer_fraction=qformer_fraction,
                             batch_size=batch_size, frame_pool=frame_pool, lr=lr, head_lr=head_lr, seed=seed,
-                            heldout_manifest=str(heldout_manifest) if heldout_manifest else None,
-                            heldout_clips=heldout_clips)
+                            pulse_balance=pulse_balance, heldout_clips=heldout_clips,
+                            heldout_manifest=str(heldout_manifest) if heldout_manifest else None)
         trainer = VitPretrainer(pc, resume=resume)
         trainer.setup()
         with Progress(TextColumn("[bold]pretrain-vit"), BarColumn(), MofNCompleteColumn(),

@@ -12,6 +12,12 @@ colour, shape, pulse flag and centre, per frame the printed word), in two phases
 
     each readout: CE(colour) + CE(shape) + BCE(pulse) [+ CE(text) + CENTRE_WEIGHT * MSE(centre, occupied)]
 
+A shape pulses only while its sound plays (~0.5-0.8 s of a clip), so pulse labels are rare (1 cell in
+30 of the pool, 1 in 11 occupied ones); unweighted, the BCE is met by predicting "no pulse", and the
+session-7 encoder found a pulse on a decoded frame with recall 0.67. The pulse term's positives are
+weighted by (negatives / positives in the frame pool) ** pulse_balance (0.5: x5.4): AV matching and
+sound source hinge on the pulse reaching the fusion.
+
 Trained end to end from the query readout alone, the query tokens stayed at the empty-cell prior (the
 Q-Former's cross-attention cannot yet pick a cell, so no gradient says what is in one); the two phases
 reach it in minutes (MODEL.md, "visual encoder"). The encoder is then frozen and its features cached by
@@ -92,12 +98,15 @@ class PretrainConfig:
     heldout_frames: int = 256  # rendered frames from the heldout seed space per evaluation
     heldout_manifest: str | None = None  # a generated heldout split: its mp4 frames, decoded, at the end
     heldout_clips: int = 40  # x ~16 frames at 2 FPS
+    pulse_balance: float = 0.5  # pulse BCE pos_weight = (neg / pos in the pool) ** this; 0 = unweighted, 1 = balanced
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "frame_pool", "frames_per_scene", "clip_pool", "heldout_frames",
                      "heldout_clips"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.pulse_balance <= 1.0:
+            raise ValueError(f"pulse_balance must be in [0, 1], got {self.pulse_balance}")
         if not 0.0 <= self.qformer_fraction < 1.0:
             raise ValueError(f"qformer_fraction must be in [0, 1), got {self.qformer_fraction}")
 
@@ -179,23 +188,27 @@ def _cell_outputs(flat: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"colour": colour, "shape": shape, "pulse": pulse[..., 0], "centre": centre}
 
 
-def probe_losses(outs: dict[str, dict[str, torch.Tensor]], t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def probe_losses(outs: dict[str, dict[str, torch.Tensor]], t: dict[str, torch.Tensor],
+                 pulse_pos_weight: float = 1.0) -> dict[str, torch.Tensor]:
     """Per-head losses of every readout given ({"queries": ..., "local": ..., "global": ...}, any subset),
-    each readout's total under its name, and their sum ("loss")."""
+    each readout's total under its name, and their sum ("loss"). ``pulse_pos_weight`` weighs the pulse
+    BCE's positives (FramePool.pulse_pos_weight)."""
     parts: dict[str, torch.Tensor] = {}
     for name, out in outs.items():
-        terms = _losses(out, t)
+        terms = _losses(out, t, pulse_pos_weight)
         parts |= {f"{name}_{k}": v for k, v in terms.items()}
         parts[name] = sum(v * (CENTRE_WEIGHT if k == "centre" else 1.0) for k, v in terms.items())
     parts["loss"] = sum(parts[name] for name in outs)
     return parts
 
 
-def _losses(out: dict[str, torch.Tensor], t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _losses(out: dict[str, torch.Tensor], t: dict[str, torch.Tensor],
+            pulse_pos_weight: float) -> dict[str, torch.Tensor]:
     ce = nn.functional.cross_entropy
+    bce = nn.functional.binary_cross_entropy_with_logits
     parts = {"colour": ce(out["colour"].flatten(0, 1), t["colour"].flatten()),
              "shape": ce(out["shape"].flatten(0, 1), t["shape"].flatten()),
-             "pulse": nn.functional.binary_cross_entropy_with_logits(out["pulse"], t["pulse"])}
+             "pulse": bce(out["pulse"], t["pulse"], pos_weight=out["pulse"].new_tensor(pulse_pos_weight))}
     if "text" in out:
         parts["text"] = ce(out["text"], t["text"])
     if "centre" in out:
@@ -248,6 +261,7 @@ def accuracy(encoder: VisualEncoder, heads: ProbeHeads, batches: list[FrameBatch
         add("colour", colour, every), add("shape", shape, every), add("pair", colour & shape, occ)
         add("pulse", (out["pulse"] > 0) == (t["pulse"] > 0.5), occ)
         add("pulse_recall", out["pulse"] > 0, t["pulse"] > 0.5)
+        add("pulse_precision", t["pulse"] > 0.5, (out["pulse"] > 0) & occ)
         add("text", out["text"].argmax(-1) == t["text"], torch.ones_like(t["text"], dtype=torch.bool))
         add("text_shown", out["text"].argmax(-1) == t["text"], t["text"] != EMPTY)
         err = (out["centre"] - t["centre"]).norm(dim=-1) * frame_width  # [B, CELLS] px
@@ -289,6 +303,10 @@ class FramePool:
         self.targets = {k: torch.cat([b.targets[k] for b in parts]) for k in parts[0].targets}
         self.questions = [q for b in parts for q in b.questions]
         self.image: torch.Tensor | None = None  # the frozen ViT's tokens [N, Np+1, Dvit], Q-Former phase
+        positives = float(self.targets["pulse"].sum())
+        negatives = self.targets["pulse"].numel() - positives
+        # a pool with no pulse at all (tiny test pools) leaves the term unweighted
+        self.pulse_pos_weight = (negatives / positives) ** pc.pulse_balance if positives else 1.0
 
     def indices(self, pc: PretrainConfig, step: int) -> torch.Tensor:
         """Batch ``step``'s frames: a function of (seed, step) alone, so resume needs no data state."""
@@ -416,14 +434,15 @@ class VitPretrainer:
         if self.step < vit_phase_steps(self.pc):
             self.encoder.vision_model.train()
             patches = self.encoder.vision_model(pixel_values=batch.pixels).last_hidden_state[:, 1:]
-            parts = probe_losses(self.heads.patches(patches), batch.targets)
+            parts = probe_losses(self.heads.patches(patches), batch.targets, self.pool.pulse_pos_weight)
         else:
             if self.pool.image is None:
                 self.encoder.vision_model.requires_grad_(False)
                 self.pool.cache_image(self.encoder)
             self.encoder.qformer.train()
             queries = self.encoder.read(self.pool.image[idx], *instructions(batch, self.tokenizer, self.encoder))
-            parts = probe_losses({"queries": self.heads.queries(queries)}, batch.targets)
+            parts = probe_losses({"queries": self.heads.queries(queries)}, batch.targets,
+                                 self.pool.pulse_pos_weight)
         self.optimizer.zero_grad(set_to_none=True)  # AdamW skips the other phase's weights (no gradient)
         parts["loss"].backward()
         if self.pc.max_grad_norm:
@@ -507,7 +526,7 @@ def describe(report: dict) -> str:
     """One line per evaluation set: the per-head accuracies."""
     lines = []
     for name, acc in report.items():
-        parts = [f"{k} {acc[k]:.3f}" for k in ("colour", "shape", "pair", "pulse", "pulse_recall", "text",
-                                             "text_shown") if k in acc]
+        parts = [f"{k} {acc[k]:.3f}" for k in ("colour", "shape", "pair", "pulse", "pulse_recall",
+                                             "pulse_precision", "text", "text_shown") if k in acc]
         lines.append(f"{name} ({acc['frames']} frames): " + ", ".join(parts) + f", centre {acc['centre_px']:.1f} px")
     return "\n".join(lines)
