@@ -9,6 +9,7 @@ never silenced: only library loggers, library warnings and foreign progress bars
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -39,6 +40,12 @@ def quiet_libraries(verbose: bool = False) -> None:
     warnings.filterwarnings("ignore", module=_LIBRARY_MODULES)
     for name in LIBRARY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    if "tqdm" in sys.modules:  # tqdm reads TQDM_DISABLE once, when it is imported (a CLI's own imports
+        # may have pulled it in: favor-train's config classes import transformers); transformers' GGUF
+        # conversion bar uses plain tqdm, which no transformers switch reaches. A caller's disable= wins.
+        from tqdm import std
+
+        std.tqdm.__init__ = functools.partialmethod(std.tqdm.__init__, disable=True)
     if "transformers" in sys.modules:  # already imported (tests, an earlier command): its own knobs
         import transformers.utils.logging as tlog
 

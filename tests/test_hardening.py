@@ -488,6 +488,21 @@ def test_default_run_is_quiet(tiny_ckpt, clip):
     assert len(lines) == 2 and lines[0].startswith("favor-rt: ") and " captions over " in lines[1], p.stderr
 
 
+def test_quiet_silences_a_tqdm_imported_before_it():
+    """favor-train imports transformers (and so tqdm) before its callback quiets the libraries; tqdm reads
+    TQDM_DISABLE only at import, so the GGUF conversion bar showed. Quieted, a bar writes nothing."""
+    code = ("import sys, tqdm.auto; from favor.quiet import quiet_libraries; quiet_libraries(); "
+            "[None for _ in tqdm.auto.tqdm(range(3), desc='bar', file=sys.stderr)]")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TQDM")}
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)},
+                       capture_output=True, text=True, timeout=HANG_S)
+    assert p.returncode == 0 and p.stderr == "", p.stderr
+    verbose = code.replace("quiet_libraries()", "quiet_libraries(verbose=True)")
+    p = subprocess.run([sys.executable, "-c", verbose], cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)},
+                       capture_output=True, text=True, timeout=HANG_S)
+    assert "bar" in p.stderr  # -v: the library's own bar
+
+
 def _apps():
     from export.cli import app as export_app
     from training.cli import app as train_app
