@@ -96,12 +96,12 @@ def test_pulse_positives_weigh_by_the_pools_imbalance(tmp_path):
     from training.vit_pretrain import FramePool
 
     pc = tiny_pretrain(tmp_path, frame_pool=64, pulse_balance=0.5)
-    pool = FramePool(pc, image_size=28)
+    pool = FramePool(pc, image_size=28, video_fps=2.0)
     pos = float(pool.targets["pulse"].sum())
     assert pos > 0  # 64 frames of 16 scenes: some shape is sounding (else this test checks nothing)
     neg = pool.targets["pulse"].numel() - pos
     assert pool.pulse_pos_weight == pytest.approx((neg / pos) ** 0.5)
-    assert FramePool(tiny_pretrain(tmp_path, frame_pool=64, pulse_balance=0.0), 28).pulse_pos_weight == 1.0
+    assert FramePool(tiny_pretrain(tmp_path, frame_pool=64, pulse_balance=0.0), 28, 2.0).pulse_pos_weight == 1.0
 
     pulse = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])  # 1 positive of 8 cells
     t = {"colour": torch.zeros(2, 4, dtype=torch.long), "shape": torch.zeros(2, 4, dtype=torch.long), "pulse": pulse}
@@ -111,6 +111,25 @@ def test_pulse_positives_weigh_by_the_pools_imbalance(tmp_path):
         assert float(got) == pytest.approx((w * 1 + 7) / 8 * np.log(2), rel=1e-6)
     with pytest.raises(ValueError, match="pulse_balance"):
         tiny_pretrain(tmp_path, pulse_balance=1.5)
+
+
+def test_decoded_train_clips_join_the_pool_and_other_splits_are_refused(tmp_path):
+    """train_manifest: every decoded frame of the split's clips joins the rendered pool, labelled from its
+    scene; a heldout split is refused (its clips must never train the encoder)."""
+    from training.synth.generate import generate
+    from training.vit_data import decoded_batches
+    from training.vit_pretrain import FramePool
+
+    train = generate(tmp_path / "synth", 2, 0, split="train")
+    decoded = decoded_batches(train, 28, 2.0, max_clips=2, batch_size=4)
+    n_decoded = sum(len(b.questions) for b in decoded)
+    assert n_decoded >= 2 * 6  # two clips of >= 3 s at 2 FPS
+    pool = FramePool(tiny_pretrain(tmp_path, frame_pool=8, train_manifest=str(train), train_clips=2), 28, 2.0)
+    assert len(pool.questions) == 8 + n_decoded
+    assert torch.equal(pool.targets["colour"][8:], torch.cat([b.targets["colour"] for b in decoded]))
+    heldout = generate(tmp_path / "synth", 1, 0, split="heldout")
+    with pytest.raises(ValueError, match="another split"):
+        FramePool(tiny_pretrain(tmp_path, frame_pool=8, train_manifest=str(heldout)), 28, 2.0)
 
 
 def test_objective_decreases_on_a_tiny_run(tmp_path, tokenizer):

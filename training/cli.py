@@ -216,6 +216,10 @@ def pretrain_vit(
     heldout_manifest: Annotated[Path | None, typer.Option(
         help="a generated heldout split (JSONL): its decoded mp4 frames are scored at the end")] = None,
     heldout_clips: Annotated[int, typer.Option(min=1, help="clips of --heldout-manifest scored")] = 40,
+    train_manifest: Annotated[Path | None, typer.Option(
+        help="a generated train split (JSONL): its decoded mp4 frames join the rendered pool")] = None,
+    train_clips: Annotated[int, typer.Option(min=1, help="clips of --train-manifest decoded")]
+    = PretrainConfig.train_clips,
     resume: Annotated[bool, typer.Option("--resume", help="continue from the newest step_* in output_dir")]
     = False,
 ) -> None:
@@ -228,8 +232,9 @@ def pretrain_vit(
     try:
         pc = PretrainConfig(preset=preset, output_dir=str(output_dir), steps=steps, qformer_fraction=qformer_fraction,
                             batch_size=batch_size, frame_pool=frame_pool, lr=lr, head_lr=head_lr, seed=seed,
-                            pulse_balance=pulse_balance, heldout_clips=heldout_clips,
-                            heldout_manifest=str(heldout_manifest) if heldout_manifest else None)
+                            pulse_balance=pulse_balance, heldout_clips=heldout_clips, train_clips=train_clips,
+                            heldout_manifest=str(heldout_manifest) if heldout_manifest else None,
+                            train_manifest=str(train_manifest) if train_manifest else None)
         trainer = VitPretrainer(pc, resume=resume)
         trainer.setup()
         with Progress(TextColumn("[bold]pretrain-vit"), BarColumn(), MofNCompleteColumn(),

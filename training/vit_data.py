@@ -84,10 +84,11 @@ def rendered_batch(rng: np.random.Generator, size: int, *, split: str, seed: int
 
 
 def decoded_batches(manifest: str | Path, image_size: int, video_fps: float, max_clips: int,
-                    batch_size: int) -> list[FrameBatch]:
+                    batch_size: int, split: str | None = None) -> list[FrameBatch]:
     """Frames of a generated split's mp4 clips decoded exactly as the recipe decodes them (favor.media at
     the model's fps), labelled from the scenes regenerated from the manifest's (seed, split, clip); each
-    clip's instruction is its own av_caption question. The end-to-end check of the pretrained encoder."""
+    clip's instruction is its own av_caption question. The end-to-end check of the pretrained encoder, and
+    (``split="train"``, which every row must be from) training frames with the codec's real artefacts."""
     manifest = Path(manifest)
     opts_file = manifest.with_suffix(".json")  # generate() records the scene options beside the manifest
     options = (SceneOptions(**json.loads(opts_file.read_text())["scene_options"]) if opts_file.is_file()
@@ -96,6 +97,8 @@ def decoded_batches(manifest: str | Path, image_size: int, video_fps: float, max
     rows = [r for r in rows if r["task"] == "av_caption"][:max_clips]
     if not rows:
         raise ValueError(f"{manifest}: no av_caption rows to evaluate on")
+    if split is not None and any(r["meta"]["split"] != split for r in rows):
+        raise ValueError(f"{manifest}: holds clips of another split than {split!r}")
     frames, labels, questions = [], [], []
     for r in rows:
         m = r["meta"]
