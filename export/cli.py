@@ -343,9 +343,10 @@ def info_cmd(bundle: Path = typer.Argument(..., help="bundle directory")) -> Non
         m = load_manifest(bundle)
     except ValueError as err:
         _fail(str(err))
+    # soft_wrap: a long bundle path must not break "precision fp32" across lines (the terminal wraps)
     console.print(f"[bold]{bundle}[/bold]: FAVOR {m['model_version']}, preset {m['config']['preset']}, "
                   f"precision {m['precision']}, attention {m['attention']}, opset {m['opset']}, "
-                  f"verified {m.get('verified', 'no')}")
+                  f"verified {m.get('verified', 'no')}", soft_wrap=True)
     t = Table("stage", "files", "inputs", "outputs", "export s")
     for name, s in m["stages"].items():
         size = sum((bundle / f).stat().st_size for f in s["files"]) / 1e6
@@ -354,9 +355,9 @@ def info_cmd(bundle: Path = typer.Argument(..., help="bundle directory")) -> Non
                   + (" ..." if len(s["inputs"]) > 4 else ""),
                   ", ".join(o["name"] for o in s["outputs"][:2]), str(s["export_seconds"]))
     console.print(t)
-    console.print("dynamic axes: " + json.dumps(m["dynamic_axes"]))
-    console.print("targets: " + json.dumps(m["targets"]))
-    console.print("toolchain: " + json.dumps({k: v for k, v in m["toolchain"].items() if v}))
+    console.print("dynamic axes: " + json.dumps(m["dynamic_axes"]), soft_wrap=True)
+    console.print("targets: " + json.dumps(m["targets"]), soft_wrap=True)
+    console.print("toolchain: " + json.dumps({k: v for k, v in m["toolchain"].items() if v}), soft_wrap=True)
 
 
 def main() -> None:

@@ -196,10 +196,18 @@ def test_missing_base_model_is_one_line_error(exported, tmp_path):
     assert "llm base model /nonexistent/vicuna-13b not found" in res.output
 
 
-def test_info_prints_stages(exported):
+def test_info_prints_stages(exported, tmp_path):
     res = runner.invoke(app, ["info", str(exported["out"])])
     assert res.exit_code == 0, res.output
     assert "decoder" in res.output and "precision fp32" in res.output and "preset tiny" in res.output
+    # a bundle path of any length keeps the summary on one line (it broke "precision fp32" at 80 columns)
+    for pad in range(1, 12):
+        deep = tmp_path / ("d" * pad) / "bundle"
+        shutil.copytree(exported["out"], deep)
+        res = runner.invoke(app, ["info", str(deep)])
+        first = res.output.splitlines()[0]
+        assert res.exit_code == 0 and "precision fp32" in first and " verified " in first, res.output
+        shutil.rmtree(deep.parent)
 
 
 def test_bad_options_rejected(exported, tmp_path):
