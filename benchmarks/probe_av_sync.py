@@ -6,7 +6,8 @@ read it from one yes/no token. This separates the two: for each clip, the Q-Form
 its own audio and for the next clip's audio (the synthetic world draws sounds independently of the
 picture, except that a shape pulses while its sound plays), pooled over queries, then mean and max over
 windows; a logistic regression fit on train clips, scored on held-out clips. Chance is 0.5; a probe near
-chance means the information is not there for the LLM to read.
+chance means the information is not there for the LLM to read. A model trained with the synchrony
+objective (favor/synchrony.py) also has its own head judge the held-out pairs, nothing fit.
 
     python benchmarks/probe_av_sync.py MODEL [MODEL ...] --train data/synth/train.jsonl \
         --heldout data/synth/heldout.jsonl --train-clips 300 --heldout-clips 100
@@ -68,6 +69,34 @@ def features(model, enc: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch
     return torch.stack(x), torch.tensor(y)
 
 
+@torch.no_grad()
+def head_logit(model, visual: torch.Tensor, audio: torch.Tensor) -> float:
+    """The synchrony head's logit (favor/synchrony.py) for one (picture, soundtrack) pair."""
+    av = model.fuse(visual[None], audio[None])
+    B, W, Nq = av.queries.shape[:3]
+    return float(model.sync_head(av.embeds.view(B, W, Nq, -1), av.window_mask)[0])
+
+
+def rotated(audio: torch.Tensor, tokens_per_frame: float) -> torch.Tensor:
+    """A soundtrack's features [Ta, Da] rolled by half its whole frames: same sounds, wrong moments (and
+    Whisper's encoded positions rolled with them; favor/synchrony.py says why that matters)."""
+    frames = int(audio.shape[0] // tokens_per_frame)
+    return torch.roll(audio, round(frames // 2 * tokens_per_frame), dims=0)
+
+
+def head_accuracy(model, enc: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+    """A model trained with the synchrony objective judges pairs itself, nothing fit: accuracy on own
+    soundtrack vs the next clip's (AV matching's negative) and vs its own rotated in time, each over
+    2 x clips rows."""
+    per_frame = model.cfg.timing.audio_tokens_per_frame
+    other = moved = 0
+    for i, (visual, audio) in enumerate(enc):
+        own = head_logit(model, visual, audio) > 0
+        other += own + (head_logit(model, visual, enc[(i + 1) % len(enc)][1]) <= 0)
+        moved += own + (head_logit(model, visual, rotated(audio, per_frame)) <= 0)
+    return {"other_clip": other / (2 * len(enc)), "rotated": moved / (2 * len(enc)), "rows": 2 * len(enc)}
+
+
 def probe(train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
           weight_decay: float) -> dict:
     """Logistic regression on standardised features (fit on train only): train / held-out accuracy."""
@@ -105,11 +134,17 @@ def main(models: Annotated[list[Path], typer.Argument(help="FAVOR checkpoints")]
     for path in models:
         model = load_model(path)
         tr = features(model, encoded(model, clips(train, train_clips)))
-        te = features(model, encoded(model, clips(heldout, heldout_clips)))
+        held = encoded(model, clips(heldout, heldout_clips))
+        te = features(model, held)
         results[str(path)] = [probe(tr, te, wd) for wd in PROBE_WEIGHT_DECAYS]
         for r in results[str(path)]:
             typer.echo(f"{path}: L2 {r['weight_decay']:g}: train {r['train']:.3f}, held-out {r['heldout']:.3f} "
                        f"({r['train_rows']} / {r['heldout_rows']} pairs)")
+        if model.sync_head is not None:
+            h = head_accuracy(model, held)
+            results[str(path)].append({"sync_head": h})
+            typer.echo(f"{path}: synchrony head, held-out: own vs next clip's {h['other_clip']:.3f}, own vs "
+                       f"rotated {h['rotated']:.3f} ({h['rows']} rows)")
     if out is not None:
         out.write_text(json.dumps(results, indent=1))
 

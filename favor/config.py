@@ -196,6 +196,9 @@ class FavorConfig:
     # Demo only (the release has none): weight of favor/alignment.py's objective, which points each
     # window's AV tokens at the LLM's embeddings of the words it shows or sounds; 0 = off.
     word_alignment_weight: float = 0.0
+    # Demo only: weight of favor/synchrony.py's objective (own soundtrack vs the same rotated in time, told
+    # apart from the fused tokens by a training head); 0 = off, and no head is built.
+    sync_loss_weight: float = 0.0
     trainable_visual: bool = False  # demo preset only: its small ViT is trained (no weights offline)
     # The visual encoder is frozen but has no base-model file (the demo's ViT, pretrained on the synthetic
     # world by training/vit_pretrain.py): every checkpoint carries its weights, as trainable_visual does.
@@ -323,7 +326,7 @@ FIELD_RANGES: dict[str, dict[str, tuple[float, float]]] = {
                   "max_positions": _TOKENS, "bos_token_id": (0, MAX_TOKENS), "eos_token_id": (0, MAX_TOKENS),
                   "lora_r": (1, MAX_WIDTH), "lora_alpha": (1e-6, 1e6), "lora_dropout": _PROBABILITY},
     "FavorConfig": {"audio_proj_dim": _WIDTH, "diversity_loss_weight": (0.0, 1e6),
-                    "word_alignment_weight": (0.0, 1e6)},
+                    "word_alignment_weight": (0.0, 1e6), "sync_loss_weight": (0.0, 1e6)},
 }
 _OPEN_BELOW = {"video_fps", "vit_ln_eps", "ln_eps", "rms_eps"}  # must be > their lower bound
 # Widths that attention splits into heads: (section, width, heads); the fused width is checked apart.
@@ -356,7 +359,8 @@ def validate(cfg: FavorConfig) -> None:
         check_fields(type(section), dataclasses.asdict(section))
     check_fields(FavorConfig, {"audio_proj_dim": cfg.audio_proj_dim,
                                "diversity_loss_weight": cfg.diversity_loss_weight,
-                               "word_alignment_weight": cfg.word_alignment_weight})
+                               "word_alignment_weight": cfg.word_alignment_weight,
+                               "sync_loss_weight": cfg.sync_loss_weight})
     if cfg.embedded_visual and (cfg.trainable_visual or cfg.visual.pretrained):
         raise ValueError("embedded_visual is for a frozen visual encoder with no base-model file: it excludes "
                          "trainable_visual and visual.pretrained")

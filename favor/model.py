@@ -24,6 +24,7 @@ from favor.llm import LLM
 from favor.projector import Projector
 from favor.prompt import PromptIds
 from favor.qformer import CausalQFormer
+from favor.synchrony import SyncHead, partners, synchrony_loss
 
 
 @dataclass
@@ -74,6 +75,8 @@ class FavorModel(nn.Module):
         self.llm = llm
         self.tokenizer = tokenizer  # LLM tokenizer (text <-> ids); not a module, not saved
         self._instruction_tokenizer = instruction_tokenizer
+        # demo-only training head of favor/synchrony.py's objective; absent when the config does not train it
+        self.sync_head = SyncHead(cfg.llm.hidden) if cfg.sync_loss_weight > 0 else None
         self.configure_trainable()
 
     @property
@@ -90,8 +93,9 @@ class FavorModel(nn.Module):
         """Release: Q-Former, queries, norms, position embedding, projections and LoRA train."""
         for p in self.parameters():
             p.requires_grad_(False)
-        for m in (self.audio_proj, self.qformer, self.projector):
-            m.requires_grad_(True)
+        for m in (self.audio_proj, self.qformer, self.projector, self.sync_head):
+            if m is not None:
+                m.requires_grad_(True)
         for name, p in self.llm.named_parameters():
             if "lora_" in name:
                 p.requires_grad_(True)
@@ -179,6 +183,15 @@ class FavorModel(nn.Module):
         Keyword-only (nine optional inputs are easy to pass in the wrong order); from a collated batch
         use ``encode_av(**av_inputs(batch))``.
         """
+        visual, audio = self.encode_media(mel, pixels, instruction_ids, instruction_mask, is_image)
+        return self.fuse(visual, audio, modality_mask, frame_lengths,
+                         visual_lengths=visual_lengths, audio_lengths=audio_lengths)
+
+    def encode_media(self, mel: torch.Tensor | None, pixels: torch.Tensor | None,
+                     instruction_ids: torch.Tensor | None, instruction_mask: torch.Tensor | None,
+                     is_image: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The two encoders: visual tokens [B, T, Qv, Dv] (an image with audio repeated over the audio's
+        frames) and projected audio tokens [B, Ta, Da]; None for an absent modality."""
         audio = self.encode_audio(mel) if mel is not None else None
         visual = None
         if pixels is not None:
@@ -187,13 +200,16 @@ class FavorModel(nn.Module):
             visual = self.encode_visual(pixels, instruction_ids, instruction_mask)
             if is_image and audio is not None:
                 visual = sync.repeat_image(visual, sync.audio_frames(audio.shape[1], self.cfg))
-        return self.fuse(visual, audio, modality_mask, frame_lengths,
-                         visual_lengths=visual_lengths, audio_lengths=audio_lengths)
+        return visual, audio
 
     # -- training ---------------------------------------------------------------------------------
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        """loss = CE + lambda x diversity. batch: media tensors (see encode_av) + ``prompts``."""
-        av = self.encode_av(**av_inputs(batch))
+        """loss = CE + lambda x diversity (+ the demo's word-alignment and synchrony terms when the config
+        weighs them). batch: media tensors (see encode_av) + ``prompts``."""
+        visual, audio = self.encode_media(batch.get("mel"), batch.get("pixels"), batch.get("instruction_ids"),
+                                          batch.get("instruction_mask"), batch.get("is_image", False))
+        av = self.fuse(visual, audio, batch.get("modality_mask"), batch.get("frame_lengths"),
+                       visual_lengths=batch.get("visual_lengths"), audio_lengths=batch.get("audio_lengths"))
         prompts: list[PromptIds] = batch["prompts"]
         ce = self.llm(self.llm.splice(prompts, av.embeds, av.mask))
         div = diversity_loss(av.queries, av.window_mask)
@@ -205,4 +221,27 @@ class FavorModel(nn.Module):
             table = self.llm.embed(batch["alignment_ids"])  # [K, D] the world words' input embeddings
             align = word_alignment_loss(tokens, av.window_mask, table, batch["window_words"])
             loss = loss + self.cfg.word_alignment_weight * align
-        return {"loss": loss, "ce": ce.detach(), "diversity": div.detach(), "alignment": align.detach()}
+        synchrony = ce.new_zeros(())
+        if self.sync_head is not None and batch.get("own_soundtrack") is not None and visual is not None \
+                and audio is not None:
+            synchrony = self._synchrony_loss(visual, audio, batch)
+            loss = loss + self.cfg.sync_loss_weight * synchrony
+        return {"loss": loss, "ce": ce.detach(), "diversity": div.detach(), "alignment": align.detach(),
+                "synchrony": synchrony.detach()}
+
+    def _synchrony_loss(self, visual: torch.Tensor, audio: torch.Tensor, batch: dict) -> torch.Tensor:
+        """favor/synchrony.py: the rows playing their own soundtrack, fused with it and with another row's
+        (one Q-Former pass over both, so padding treats them alike); 0 when no row has a partner."""
+        pairs = partners(batch["own_soundtrack"].tolist(), batch.get("audio_keys") or [None] * audio.shape[0])
+        if not pairs:
+            return audio.new_zeros(())
+        rows, others = (torch.tensor(ix, device=audio.device) for ix in zip(*pairs, strict=True))
+        lengths = batch["audio_lengths"].to(audio.device)
+        v = visual[rows]
+        lv = batch["visual_lengths"].to(audio.device)[rows] if batch.get("visual_lengths") is not None else None
+        both = self.fuse(torch.cat([v, v]), torch.cat([audio[rows], audio[others]]),
+                         visual_lengths=None if lv is None else torch.cat([lv, lv]),
+                         audio_lengths=torch.cat([lengths[rows], lengths[others]]))
+        B, W, Nq = both.queries.shape[:3]
+        logits = self.sync_head(both.embeds.view(B, W, Nq, -1), both.window_mask)  # [2n]
+        return synchrony_loss(logits[: len(pairs)], logits[len(pairs):])

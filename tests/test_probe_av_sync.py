@@ -35,3 +35,20 @@ def test_every_picture_gets_its_own_soundtrack_and_the_next_ones():
     # mean then window max of (picture k, audio 10 j): the max is the audio's unless it is 0
     assert x[:, 4:].amax(1).tolist() == [0.0, 10.0, 10.0, 20.0, 20.0, 2.0]
     assert x[:, :4].amax(1).tolist() == [0.0, 5.0, 5.5, 10.5, 11.0, 1.0]
+
+
+def test_head_accuracy_scores_other_clip_and_rotated_negatives(monkeypatch):
+    import types
+
+    import benchmarks.probe_av_sync as probe_mod
+
+    timing = types.SimpleNamespace(audio_tokens_per_frame=25.0, video_fps=2.0)
+    model = types.SimpleNamespace(cfg=types.SimpleNamespace(timing=timing))
+    # clip i: picture [i], soundtrack 8 frames of distinct values (a rotation changes it)
+    enc = [(torch.tensor([float(i)]), torch.arange(200.0)[:, None] + 1000 * i) for i in range(4)]
+    own = {i: a for i, (_, a) in enumerate(enc)}
+    judge = lambda m, v, a: 1.0 if torch.equal(a, own[int(v[0])]) else -1.0  # noqa: E731
+    monkeypatch.setattr(probe_mod, "head_logit", judge)
+    assert probe_mod.head_accuracy(model, enc) == {"other_clip": 1.0, "rotated": 1.0, "rows": 8}
+    monkeypatch.setattr(probe_mod, "head_logit", lambda m, v, a: 1.0)  # says "in time" to everything
+    assert probe_mod.head_accuracy(model, enc) == {"other_clip": 0.5, "rotated": 0.5, "rows": 8}

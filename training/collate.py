@@ -75,6 +75,7 @@ class Collator:
         batch.update({
             "instruction_ids": ids, "instruction_mask": mask,  # [B, Li]
             "modality_mask": torch.stack([it["modality_mask"] for it in kept]),  # [B, 2]
+            "own_soundtrack": torch.tensor([bool(it.get("own_soundtrack")) for it in kept]),  # [B]
             "audio_lengths": audio_lengths, "mel_lengths": mel_lengths,
             "prompts": [conversation_ids(self.tokenizer, list(it["conversation"]), cfg.llm.eos_token_id,
                                          self.max_text_tokens) for it in kept],

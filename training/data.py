@@ -23,7 +23,7 @@ from favor import media
 from favor.clip_media import MIN_AUDIO_SECONDS, decode_clip
 from favor.config import FavorConfig
 from training.manifest import check_media, parse_manifest
-from training.pairing import STREAM_TASK, PairingOptions, Plan, pair
+from training.pairing import STREAM_TASK, PairingOptions, Plan, own_soundtrack, pair
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ class ManifestDataset(torch.utils.data.Dataset):
             "id": plan.entry.id,
             "line": plan.entry.line, "audio_key": self._file_key(plan.audio, "audio"),
             "visual_key": self._file_key(plan.visual, "image" if plan.is_image else "video"),
-            "scene": scene_of(plan),
+            "scene": scene_of(plan), "own_soundtrack": own_soundtrack(plan),
         }
 
     def _file_key(self, path: Path | None, kind: str) -> str | None:

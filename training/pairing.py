@@ -100,6 +100,16 @@ def stream_turns(entry: Entry, prompt: str, rng: np.random.Generator, captions: 
     return ({"from": "human", "value": stream_prompt(prompt, previous)}, *entry.conversation[1:])
 
 
+def own_soundtrack(plan: Plan) -> bool:
+    """Picture and soundtrack of one recording, both shown: a video entry whose own audio pairing kept (an
+    av_matching row answered "no" carries another clip's). favor/synchrony.py trains on these rows."""
+    e = plan.entry
+    if plan.is_image or plan.modality_mask != (1.0, 1.0) or e.video is None or plan.visual != e.video \
+            or plan.audio != e.audio:
+        return False
+    return plan.task != MATCH_TASK or plan.conversation[1]["value"].strip().lower().startswith("yes")
+
+
 def pair(entry: Entry, rng: np.random.Generator, audio_pool: Sequence[Entry],
          opts: PairingOptions, stream_captions: Sequence[str] = ()) -> Plan:
     """Apply the release's random audio/visual pairing to one sample (see the module docstring)."""

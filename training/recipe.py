@@ -152,6 +152,7 @@ class StepLog:
     ce: float
     diversity: float
     alignment: float  # favor/alignment.py's loss (0 when the config does not train it)
+    synchrony: float  # favor/synchrony.py's loss, micro-batch mean (0 for one without an own-soundtrack row)
     lr: float
     samples_per_s: float  # global samples / wall time of the step, data loading included
     samples: int = 0
@@ -323,7 +324,7 @@ class FinetuneRecipe:
         t0 = time.perf_counter()
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        sums = torch.zeros(5)  # loss, ce, diversity, alignment, micro-batches used
+        sums = torch.zeros(6)  # loss, ce, diversity, alignment, synchrony, micro-batches used
         samples = skipped = 0
         for i, batch in enumerate(batches):
             skipped += batch["num_skipped"]
@@ -339,7 +340,7 @@ class FinetuneRecipe:
                 out = self.model(batch)
                 (out["loss"] / len(batches)).backward()
             sums += torch.tensor([out["loss"].item(), out["ce"].item(), out["diversity"].item(),
-                                  out["alignment"].item(), 1.0])
+                                  out["alignment"].item(), out["synchrony"].item(), 1.0])
             samples += batch["size"]
         if tc.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, tc.max_grad_norm)
@@ -350,11 +351,11 @@ class FinetuneRecipe:
         self.step += 1
         self.position += tc.grad_accum * self.info.world_size * tc.batch_size
         totals = D.all_reduce_sum(torch.cat([sums, torch.tensor([float(samples), float(skipped)])]))
-        n = max(totals[4].item(), 1.0)
-        self.skipped += int(totals[6].item())
+        n = max(totals[5].item(), 1.0)
+        self.skipped += int(totals[7].item())
         dt = time.perf_counter() - t0
-        return StepLog(self.step, *(totals[:4] / n).tolist(), lr, totals[5].item() / dt, int(totals[5].item()),
-                       int(totals[6].item()))
+        return StepLog(self.step, *(totals[:5] / n).tolist(), lr, totals[6].item() / dt, int(totals[6].item()),
+                       int(totals[7].item()))
 
     # -- train ------------------------------------------------------------------------------------
     def train(self) -> list[StepLog]:
