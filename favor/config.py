@@ -196,8 +196,8 @@ class FavorConfig:
     # Demo only (the release has none): weight of favor/alignment.py's objective, which points each
     # window's AV tokens at the LLM's embeddings of the words it shows or sounds; 0 = off.
     word_alignment_weight: float = 0.0
-    # Demo only: weight of favor/synchrony.py's objective (own soundtrack vs the same rotated in time, told
-    # apart from the fused tokens by a training head); 0 = off, and no head is built.
+    # Demo only: weight of favor/synchrony.py's objective (own soundtrack vs another recording's from the
+    # batch, told apart from the fused tokens by a training head); 0 = off, and no head is built.
     sync_loss_weight: float = 0.0
     trainable_visual: bool = False  # demo preset only: its small ViT is trained (no weights offline)
     # The visual encoder is frozen but has no base-model file (the demo's ViT, pretrained on the synthetic

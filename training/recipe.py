@@ -152,7 +152,7 @@ class StepLog:
     ce: float
     diversity: float
     alignment: float  # favor/alignment.py's loss (0 when the config does not train it)
-    synchrony: float  # favor/synchrony.py's loss, micro-batch mean (0 for one without an own-soundtrack row)
+    synchrony: float  # favor/synchrony.py's loss, micro-batch mean (0 for one with no own-soundtrack pair)
     lr: float
     samples_per_s: float  # global samples / wall time of the step, data loading included
     samples: int = 0
