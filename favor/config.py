@@ -183,6 +183,10 @@ class LLMConfig:
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
+# FavorConfig fields that weigh training objectives against the LM loss (FavorModel.forward).
+LOSS_WEIGHTS = ("diversity_loss_weight", "word_alignment_weight", "sync_loss_weight")
+
+
 @dataclass
 class FavorConfig:
     preset: str = "custom"
@@ -245,6 +249,11 @@ class FavorConfig:
         d = dataclasses.asdict(self)
         d["format_version"] = FORMAT_VERSION
         return d
+
+    def model_dict(self) -> dict[str, Any]:
+        """to_dict() without the loss-term weights: what a trained model computes does not depend on them,
+        so a curriculum stage (train.init_from) may continue another's weights with different ones."""
+        return {k: v for k, v in self.to_dict().items() if k not in LOSS_WEIGHTS}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FavorConfig:

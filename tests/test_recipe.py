@@ -319,6 +319,48 @@ def test_init_from_starts_at_a_previous_runs_weights(tmp_path, tokenizer):
         FinetuneRecipe(other, tc, tokenizer=tokenizer, pretrained=False).setup()
 
 
+def _stage(cfg, tc, tokenizer):
+    """A recipe set up as far as its weights: with no manifest, setup() stops right after loading them."""
+    recipe = FinetuneRecipe(cfg, tc, tokenizer=tokenizer, pretrained=False)
+    with pytest.raises((FileNotFoundError, ValueError), match="unused.jsonl"):
+        recipe.setup()
+    return recipe
+
+
+def test_init_from_may_change_only_the_loss_term_weights(tmp_path, tokenizer):
+    """A stage may start or stop the synchrony objective (or reweigh any loss term) on a previous stage's
+    weights: a head it adds starts fresh, one it drops is left behind, every other weight carries over."""
+    from favor.checkpoint import checkpoint_from_model, save_checkpoint
+    from favor.config import get_config
+
+    plain, synced = get_config("tiny"), get_config("tiny", sync_loss_weight=0.5, word_alignment_weight=0.25)
+    source = build_model(plain, pretrained=False, tokenizer=tokenizer)
+    for p in source.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.3)
+    ckpt = save_checkpoint(checkpoint_from_model(source), tmp_path / "stage1.safetensors")
+    _, tc = load_configs(TINY, [f"train.init_from={ckpt}", f"train.output_dir={tmp_path / 'run'}",
+                                "train.train_manifest=unused.jsonl"])
+    started = _stage(synced, tc, tokenizer).inner
+    params = dict(started.named_parameters())
+    for name, p in source.trainable_state_dict().items():
+        assert torch.equal(params[name], p), name
+    head = started.sync_head.proj.weight
+    assert head.requires_grad and torch.isfinite(head).all() and head.abs().sum() > 0  # initialised, trainable
+
+    with torch.no_grad():
+        head.fill_(0.125)
+    ckpt2 = save_checkpoint(checkpoint_from_model(started), tmp_path / "stage2.safetensors")
+    _, tc2 = load_configs(TINY, [f"train.init_from={ckpt2}", f"train.output_dir={tmp_path / 'run2'}",
+                                 "train.train_manifest=unused.jsonl"])
+    kept = _stage(synced, tc2, tokenizer).inner
+    assert torch.equal(kept.sync_head.proj.weight, head)  # a head both stages have carries over
+    stopped = _stage(plain, tc2, tokenizer).inner
+    assert stopped.sync_head is None
+    for name, p in source.trainable_state_dict().items():
+        assert torch.equal(dict(stopped.named_parameters())[name], p), name
+
+
 def test_lr_scale_gives_prefixed_modules_their_own_peak_lr(tiny_cfg, tokenizer):
     """train.lr_scale: parameters under a prefix get lr x scale, decay stays matrices-only, every
     trainable parameter is in exactly one group, and the logged lr is the schedule's base lr."""

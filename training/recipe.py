@@ -205,11 +205,7 @@ class FinetuneRecipe:
         if tc.init_visual_from and resume_dir is None:  # a resumed run's checkpoint carries the encoder
             self._init_visual(model)
         if tc.init_from and resume_dir is None:  # a resumed run already holds weights past init_from
-            init = load_checkpoint(tc.init_from)
-            if init.config.to_dict() != self.cfg.to_dict():
-                raise ValueError(f"{tc.init_from}: its model config differs from this run's (same preset and "
-                                 "overrides are required to continue from it)")
-            apply_weights(model, init.weights, tc.init_from)
+            self._init_from(model, tc.init_from)
         if resume_dir is not None:
             ckpt = load_checkpoint(resume_dir / WEIGHTS_FILE)
             apply_weights(model, ckpt.weights, str(resume_dir / WEIGHTS_FILE))
@@ -238,6 +234,18 @@ class FinetuneRecipe:
         if path.is_file():
             keep = [x for x in path.read_text().splitlines() if x and json.loads(x).get("step", 0) <= step]
             path.write_text("".join(x + "\n" for x in keep))
+
+    def _init_from(self, model, source: str) -> None:
+        """Start at a previous stage's weights. The stages may weigh the training objectives differently
+        (favor.config.LOSS_WEIGHTS); all else must match. The synchrony head exists only while its weight
+        is > 0: one this stage adds starts at its fresh initialisation, one it drops is left behind."""
+        init = load_checkpoint(source)
+        if init.config.model_dict() != self.cfg.model_dict():
+            raise ValueError(f"{source}: its model config differs from this run's (same preset and overrides "
+                             "are required to continue from it; only the loss-term weights may change)")
+        head = {f"sync_head.{k}": v for k, v in model.sync_head.state_dict().items()} if model.sync_head else {}
+        weights = {k: v for k, v in init.weights.items() if not k.startswith("sync_head.") or head}
+        apply_weights(model, {**head, **weights}, source)
 
     def _init_visual(self, model) -> None:
         from training.vit_pretrain import load_encoder
