@@ -88,6 +88,23 @@ def test_missing_base_model_is_a_one_line_error():
     assert "\n" not in str(e.value)
 
 
+def test_cli_setup_error_is_one_line_and_exit_2(world, tmp_path, tokenizer):
+    """What a user gets wrong surfaces in setup (here: a visual encoder file that is not there)."""
+    from typer.testing import CliRunner
+
+    tok_dir = tmp_path / "tok"
+    tokenizer.save_pretrained(tok_dir)
+    train, heldout = world
+    missing = tmp_path / "nope" / "vit.safetensors"
+    result = CliRunner().invoke(app, ["--config", str(TINY), f"train.train_manifest={train}",
+                                      f"train.output_dir={tmp_path / 'out'}", f"train.tokenizer={tok_dir}",
+                                      "model.embedded_visual=true", f"train.init_visual_from={missing}"])
+    assert result.exit_code == 2
+    assert result.output.strip() == f"error: {missing}: pretrained visual encoder not found " \
+                                     "(favor-train pretrain-vit writes it)"
+    assert not (tmp_path / "out" / "final.safetensors").exists()
+
+
 def test_warmup_cosine_schedule():
     lrs = [warmup_cosine(s, warmup=2, total=10, min_ratio=0.1) for s in range(12)]
     assert lrs[0] == 0.5 and lrs[1] == 1.0 and lrs[2] == 1.0

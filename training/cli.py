@@ -155,7 +155,11 @@ def train(
         typer.echo(json.dumps({"model": cfg.to_dict(), "train": dataclasses.asdict(tc)}, indent=2))
         return
     recipe = FinetuneRecipe(cfg, tc, resume=resume_from or resume or None)
-    recipe.setup()
+    try:  # what a user gets wrong shows up here: a missing file, a stage that cannot continue another
+        recipe.setup()
+    except (ValueError, FileNotFoundError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
     history = recipe.train()
     recipe.cleanup()  # success only (training.distributed.cleanup says why)
     if recipe.info.is_main and history:
