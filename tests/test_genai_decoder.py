@@ -170,28 +170,32 @@ def test_unsupported_model_names_why():
 
 @pytest.mark.slow
 def test_demo_model_int8_disagrees_only_at_near_ties(tmp_path):
-    """The trained demo model on the committed demo clip, weight-only int8 vs PyTorch: every teacher-forced
-    top-1 disagreement is where a greedy caption first leaves PyTorch's, and each such step is a near tie
-    (PyTorch's own top-1/top-2 margin below int8's measured logit noise) -- the bundle verify rule's near-tie
-    clause, step by step. (Its 0.99 agreement threshold is meant for the 420-step verify set: on this one
-    48-step caption a single near-tie flip is 0.979.) The session-5 weights gave a token-identical caption;
-    the session-6 weights leave it once, at a margin of 0.12 % of the logit scale against int8's 4.7 %; the
-    session-7 weights once, at step 44, at 0.08 % against 4.6 %."""
+    """The trained demo model on the committed demo clip, weight-only int8 vs PyTorch, teacher-forced on
+    PyTorch's greedy caption: at every step where int8's top-1 differs, PyTorch's own top-1/top-2 margin is
+    below int8's measured logit noise -- the bundle verify rule's near-tie clause, applied step by step
+    rather than only where the greedy captions first part. (Its 0.99 agreement threshold is meant for the
+    420-step verify set, not one 48-step caption.) History on this clip: session-5 weights token-identical;
+    session 6 and 7 one near-tie flip each (0.12 % / 0.08 % of the logit scale against int8's 4.7 % / 4.6 %);
+    the session-12 weights three flips, the first at 0.05 % against 4.9 %."""
     from export.verify import load_clips
     from favor.checkpoint import load_model
 
     assets = Path(__file__).resolve().parents[1] / "favor" / "assets" / "demo"
     demo = load_model(assets / "favor-demo.safetensors").eval()
     media = load_clips([assets / "demo_clip.mp4"], demo, demo.cfg.timing.max_frames)
-    prompts = decoder_precisions.clip_prompts(demo, media, "Describe what you see and hear in this video.")
-    eos = demo.cfg.llm.eos_token_id
-    refs = [decoder_precisions.reference(demo.llm.model, p, 48, eos) for p in prompts]
+    (prompt,) = decoder_precisions.clip_prompts(demo, media, "Describe what you see and hear in this video.")
+    tokens, ref_logits = decoder_precisions.reference(demo.llm.model, prompt, 48, demo.cfg.llm.eos_token_id)
     genai_decoder.export_decoder(demo, tmp_path, "int8")
-    emb = _embedding(demo)
-    inf = GenaiInference(decoder_session(tmp_path / genai_decoder.GRAPH), emb, demo.cfg)
-    row = decoder_precisions.measure(inf, "int8", prompts, refs, 48, eos)
-    disagreements = round((1 - row.top1_agreement) * row.steps)
-    assert disagreements <= row.captions - row.captions_identical and row.near_tie_divergences, row
+    inf = GenaiInference(decoder_session(tmp_path / genai_decoder.GRAPH), _embedding(demo), demo.cfg)
+    errs, agree = decoder_precisions.teacher_forced(inf, prompt, tokens, ref_logits)
+    noise = max(errs)
+    assert 0 < noise < 0.1  # int8 perturbs the logits, by a few percent of their scale
+    flips = [step for step, ok in enumerate(agree) if not ok]
+    assert len(flips) <= 0.1 * len(agree), flips  # mostly agreeing: one caption, not the verify set
+    for step in flips:
+        top2 = ref_logits[step].float().topk(2, dim=-1).values[0]
+        margin = float((top2[0] - top2[1]) / ref_logits[step].float().abs().max())
+        assert margin <= noise, (step, margin, noise)  # a near tie: int8's noise may pick either token
 
 
 def test_auto_precision_resolves_by_model(model):
