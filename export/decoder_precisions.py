@@ -101,6 +101,13 @@ def teacher_forced(inf: Inference, prompt: Prompt, tokens: list[int], ref_logits
     return errs, agree
 
 
+def relative_margin(ref: torch.Tensor) -> float:
+    """PyTorch's top-1 minus top-2 logit at one step, over its logit scale: below a precision's relative
+    logit noise the reference token is itself a coin toss at that precision (a near tie)."""
+    top2 = ref.float().topk(2, dim=-1).values[0]
+    return float((top2[0] - top2[1]) / ref.float().abs().max().clamp_min(1e-30))
+
+
 @torch.no_grad()
 def reference(llm: torch.nn.Module, prompt: Prompt, max_new_tokens: int, eos: int
               ) -> tuple[list[int], list[torch.Tensor]]:
@@ -135,7 +142,7 @@ def measure(inf: Inference, precision: str, prompts: list[Prompt], refs: list[tu
             ref = ref_logits[min(step, len(ref_logits) - 1)].float()
             top2 = ref.topk(2, dim=-1).values[0]
             row.divergence_margin[p.name] = float(top2[0] - top2[1])
-            row.divergence_margin_rel[p.name] = float((top2[0] - top2[1]) / ref.abs().max().clamp_min(1e-30))
+            row.divergence_margin_rel[p.name] = relative_margin(ref)
     row.steps = len(agree)
     row.max_rel_logit_err = max(errs, default=0.0)
     row.mean_rel_logit_err = sum(errs) / max(len(errs), 1)
