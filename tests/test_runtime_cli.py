@@ -5,6 +5,7 @@ leaves a valid SRT holding every caption printed."""
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -84,7 +85,8 @@ def test_lavfi_source_stands_in_for_a_live_camera(tiny_ckpt, tmp_path):
 
 @pytest.mark.parametrize("make, message", [
     (lambda p: p, "no such file"),
-    (lambda p: (p.write_bytes(os.urandom(4096)), p)[1], "cannot open"),
+    # seeded noise: os.urandom's bytes now and then probe as a subtitle-only stream (another, also clear error)
+    (lambda p: (p.write_bytes(random.Random(0).randbytes(4096)), p)[1], "cannot open"),
     (lambda p: (p.write_text("just some words\n" * 50), p)[1], "cannot open"),
 ])
 def test_unusable_inputs_fail_with_one_clear_line(tiny_ckpt, tmp_path, make, message):
