@@ -138,7 +138,8 @@ def test_a_tiny_fusion_learns_to_tell_another_soundtrack(sync_cfg, tokenizer):
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     losses = []
     for _ in range(30):
-        model.encode_media = lambda *args, f=features(): f  # noqa: E731 (this step's clips)
+        step_features = features()  # this step's clips
+        model.encode_media = lambda *args, f=step_features: f  # noqa: E731
         out = model(batch)
         opt.zero_grad()
         out["loss"].backward()  # CE joins in; the synchrony part is what is checked

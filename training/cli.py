@@ -4,6 +4,7 @@
     favor-train --config training/configs/demo.yaml --resume
     torchrun --nproc_per_node 2 -m training --config training/configs/tiny.yaml train.distributed=ddp
     favor-train synth data/synth --num-clips 200 --seed 0
+    favor-train synth-dense data/synth --split train
     favor-train pack runs/demo/final.safetensors favor/assets/demo/favor-demo.safetensors --dtype float16
     favor-train pretrain-vit --output-dir runs/demo_vit --heldout-manifest data/synth/heldout.jsonl
 
@@ -197,6 +198,21 @@ def synth(
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None
     typer.echo(str(manifest))
+
+
+@app.command("synth-dense")
+def synth_dense(
+    out_dir: Annotated[Path, typer.Argument(help="directory of a generated split (favor-train synth)")],
+    split: Annotated[str, typer.Option(help="train | heldout")] = "train",
+) -> None:
+    """More questions on a split's clips, nothing rendered: every temporal template once and the other
+    av_matching answer per clip (training.synth.dense), written to OUT_DIR/<split>_dense.jsonl."""
+    from training.synth.dense import write_dense
+
+    try:
+        typer.echo(str(write_dense(out_dir, split)))
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
 
 
 @app.command("pretrain-vit")

@@ -209,6 +209,7 @@ class Scene:
 # (which depends on the run's clip count) never changes the other samples.
 STREAM_SCENE, STREAM_TASKS, STREAM_PARTNER = 0, 1, 2
 STREAM_LONG_SCENE = 3  # the long scenes cut into streamed windows (windows.py): no clip shares one
+STREAM_DENSE = 4  # extra questions on written clips (dense.py), independent of the split's own draws
 
 
 def clip_seed_key(seed: int, split: str, index: int) -> tuple[int, int, int]:

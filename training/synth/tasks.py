@@ -206,6 +206,24 @@ def _pick(rng: np.random.Generator, options: dict[str, list[tuple[str, str]]]) -
     return template, question, answer
 
 
+def make_sample(scene: Scene, task: str, question: str, answer: str, answer_type: str, /, *,
+                id_suffix: str = "", video: str | None = None, audio: str | None = None, image: str | None = None,
+                **meta) -> dict:
+    """One manifest row: a one-turn conversation about ``scene``; ``meta`` adds task fields to the scene's."""
+    assert answer, (task, scene.clip_id)
+    base_meta = {"seed": scene.seed, "split": scene.split, "clip": scene.index, "clip_id": scene.clip_id,
+                 "duration": scene.duration, "events": scene.event_list()}
+    return {"id": f"{scene.clip_id}-{task}{id_suffix}", "task": task, "video": video, "audio": audio,
+            "image": image,
+            "conversation": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}],
+            "meta": {**base_meta, "answer_type": answer_type, **meta}}
+
+
+def pick_prompt(rng: np.random.Generator, task: str, **fields) -> str:
+    options = PROMPTS[task]
+    return options[int(rng.integers(len(options)))].format(**fields)
+
+
 def choose_partner(scene: Scene, rng: np.random.Generator, num_clips: int,
                    scene_of: Callable[[int], Scene]) -> int | None:
     """Another clip of the same run whose soundtrack differs in content, for a swapped-audio negative."""
@@ -224,19 +242,11 @@ def build_samples(scene: Scene, rng: np.random.Generator, paths: ClipPaths,
     ``partner`` is (clip index, manifest-relative mp4) of another clip whose audio makes a negative for
     av_matching; with None (a one-clip run) the matching sample is a positive.
     """
-    base_meta = {"seed": scene.seed, "split": scene.split, "clip": scene.index, "clip_id": scene.clip_id,
-                 "duration": scene.duration, "events": scene.event_list()}
-
-    def sample(task: str, question: str, answer: str, answer_type: str, /, *, video: str | None = None,
-               audio: str | None = None, image: str | None = None, **meta) -> dict:
-        assert answer, (task, scene.clip_id)
-        return {"id": f"{scene.clip_id}-{task}", "task": task, "video": video, "audio": audio, "image": image,
-                "conversation": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}],
-                "meta": {**base_meta, "answer_type": answer_type, **meta}}
+    def sample(task: str, question: str, answer: str, answer_type: str, /, **fields) -> dict:
+        return make_sample(scene, task, question, answer, answer_type, **fields)
 
     def prompt(task: str, **fields) -> str:
-        options = PROMPTS[task]
-        return options[int(rng.integers(len(options)))].format(**fields)
+        return pick_prompt(rng, task, **fields)
 
     v = paths.video
     out = [
