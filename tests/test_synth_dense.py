@@ -71,7 +71,7 @@ def test_matching_gets_the_other_answer_with_a_different_soundtrack(split):
                 assert audio_signature(other) != audio_signature(make_scene(SEED, "train", clip, options))
 
 
-def test_rewriting_gives_the_same_bytes(split, tmp_path):
+def test_rewriting_gives_the_same_bytes(split):
     first = (split / "train_dense.jsonl").read_bytes()
     assert write_dense(split).read_bytes() == first
     assert len(first.splitlines()) > NUM_CLIPS  # at least the matching row of each clip and some templates
@@ -82,4 +82,3 @@ def test_cli_names_a_directory_without_a_split(tmp_path):
                          capture_output=True, text=True)
     assert run.returncode == 2
     assert "no generated train split" in run.stderr and str(tmp_path) in run.stderr.replace("\n", "")
-

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .generate import GENERATE_SPLITS, clip_paths, scene_options
+from .generate import GENERATE_SPLITS, clip_partner, scene_options
 from .manifest import load_manifest, write_manifest
-from .scene import STREAM_DENSE, STREAM_PARTNER, Scene, clip_rng, make_scene
-from .tasks import choose_partner, make_sample, pick_prompt, temporal_questions
+from .scene import STREAM_DENSE, Scene, clip_rng, make_scene
+from .tasks import make_sample, pick_prompt, temporal_questions
 
 
 def dense_samples(scene: Scene, written: dict[str, dict], partner_video: str | None,
@@ -68,8 +68,8 @@ def write_dense(out_dir: Path | str, split: str = "train") -> Path:
     rows = []
     for index, written in sorted(by_clip.items()):
         scene = make_scene(seed, split, index, options)
-        j = choose_partner(scene, clip_rng(seed, split, index, STREAM_PARTNER), num_clips,
-                           lambda i: make_scene(seed, split, i, options))
-        partner = None if j is None else clip_paths(split, j).video
-        rows.extend(dense_samples(scene, written, partner, clip_rng(seed, split, index, STREAM_DENSE)))
+        # the split's own negative already names its partner; only a positive needs one found
+        partner = clip_partner(scene, num_clips, options) if written["av_matching"]["meta"]["matched"] else None
+        video = None if partner is None else partner[1]
+        rows.extend(dense_samples(scene, written, video, clip_rng(seed, split, index, STREAM_DENSE)))
     return write_manifest(out / f"{split}_dense.jsonl", rows)

@@ -69,15 +69,19 @@ class ClipJob:
     speech_cache: str | None
 
 
+def clip_partner(scene: Scene, num_clips: int, options: SceneOptions) -> tuple[int, str] | None:
+    """(clip index, manifest-relative mp4) of the clip whose audio makes ``scene``'s av_matching negative."""
+    rng = clip_rng(scene.seed, scene.split, scene.index, STREAM_PARTNER)
+    j = choose_partner(scene, rng, num_clips, lambda i: make_scene(scene.seed, scene.split, i, options))
+    return None if j is None else (j, clip_paths(scene.split, j).video)
+
+
 def make_clip(job: ClipJob) -> list[dict]:
     """Render, write and describe one clip; returns its manifest rows."""
     out = Path(job.out_dir)
     scene = make_scene(job.seed, job.split, job.index, job.options)
     paths = clip_paths(job.split, job.index)
-    partner_rng = clip_rng(job.seed, job.split, job.index, STREAM_PARTNER)
-    j = choose_partner(scene, partner_rng, job.num_clips,
-                       lambda i: make_scene(job.seed, job.split, i, job.options))
-    partner = None if j is None else (j, clip_paths(job.split, j).video)
+    partner = clip_partner(scene, job.num_clips, job.options)
     samples, spoken = build_samples(scene, clip_rng(job.seed, job.split, job.index, STREAM_TASKS), paths, partner)
 
     bank = _bank(job.speech_cache)
