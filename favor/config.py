@@ -183,8 +183,9 @@ class LLMConfig:
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
-# FavorConfig fields that weigh training objectives against the LM loss (FavorModel.forward).
-LOSS_WEIGHTS = ("diversity_loss_weight", "word_alignment_weight", "sync_loss_weight")
+# FavorConfig fields that weigh training objectives (against the LM loss, or its samples against each
+# other; FavorModel.forward).
+LOSS_WEIGHTS = ("diversity_loss_weight", "word_alignment_weight", "sync_loss_weight", "ce_per_sample")
 
 
 @dataclass
@@ -203,6 +204,9 @@ class FavorConfig:
     # Demo only: weight of favor/synchrony.py's objective (own soundtrack vs another recording's from the
     # batch, told apart from the fused tokens by a training head); 0 = off, and no head is built.
     sync_loss_weight: float = 0.0
+    # Demo only: the LM loss as the mean of each sample's token mean instead of the mean over the batch's
+    # tokens (the release's), so a QA sample's 2-5 answer tokens are not outweighed 10-30x by a caption's.
+    ce_per_sample: bool = False
     trainable_visual: bool = False  # demo preset only: its small ViT is trained (no weights offline)
     # The visual encoder is frozen but has no base-model file (the demo's ViT, pretrained on the synthetic
     # world by training/vit_pretrain.py): every checkpoint carries its weights, as trainable_visual does.
@@ -369,7 +373,7 @@ def validate(cfg: FavorConfig) -> None:
     check_fields(FavorConfig, {"audio_proj_dim": cfg.audio_proj_dim,
                                "diversity_loss_weight": cfg.diversity_loss_weight,
                                "word_alignment_weight": cfg.word_alignment_weight,
-                               "sync_loss_weight": cfg.sync_loss_weight})
+                               "sync_loss_weight": cfg.sync_loss_weight, "ce_per_sample": cfg.ce_per_sample})
     if cfg.embedded_visual and (cfg.trainable_visual or cfg.visual.pretrained):
         raise ValueError("embedded_visual is for a frozen visual encoder with no base-model file: it excludes "
                          "trainable_visual and visual.pretrained")

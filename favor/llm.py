@@ -120,16 +120,23 @@ class LLM(nn.Module):
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift RoPE
         return Spliced(embeds, mask, lab, position_ids)
 
-    def forward(self, s: Spliced) -> torch.Tensor:
-        """Mean token cross-entropy over answer tokens.
+    def forward(self, s: Spliced, per_sample: bool = False) -> torch.Tensor:
+        """Cross-entropy over answer tokens: the mean over the batch's tokens, or with ``per_sample`` the
+        mean over rows of each row's token mean (a 2-token answer then weighs as much as a 60-token caption).
 
         The LM head runs only where a label is predicted (the position before each answer token):
         prompt and AV positions are ~2/3 of a training row, and their [L, V] logits (V = 49,152 for
-        SmolLM2) cost head FLOPs and fp32 memory traffic for nothing. Same loss as HF's
-        ``labels=`` path (mean over shifted, non-IGNORE targets); tests/test_model.py checks it."""
+        SmolLM2) cost head FLOPs and fp32 memory traffic for nothing. The token mean is HF's
+        ``labels=`` loss (mean over shifted, non-IGNORE targets); tests/test_model.py checks both."""
         hidden = self.base.model(inputs_embeds=s.embeds, attention_mask=s.attention_mask,
                                  position_ids=s.position_ids, use_cache=False).last_hidden_state  # [B, L, D]
         targets = s.labels[:, 1:]  # [B, L-1]: position t predicts token t+1
         keep = targets != IGNORE
         logits = self.base.lm_head(hidden[:, :-1][keep])  # [K, V], K answer tokens in the batch
-        return F.cross_entropy(logits.float(), targets[keep])
+        if not per_sample:
+            return F.cross_entropy(logits.float(), targets[keep])
+        token_ce = F.cross_entropy(logits.float(), targets[keep], reduction="none")  # [K]
+        rows = keep.nonzero()[:, 0]  # [K] the row of each answer token (row-major, as the mask indexes)
+        counts = keep.sum(1)  # [B] answer tokens per row
+        row_ce = token_ce.new_zeros(len(counts)).index_add_(0, rows, token_ce) / counts.clamp(min=1)
+        return row_ce[counts > 0].mean()

@@ -211,7 +211,7 @@ class FavorModel(nn.Module):
         av = self.fuse(visual, audio, batch.get("modality_mask"), batch.get("frame_lengths"),
                        visual_lengths=batch.get("visual_lengths"), audio_lengths=batch.get("audio_lengths"))
         prompts: list[PromptIds] = batch["prompts"]
-        ce = self.llm(self.llm.splice(prompts, av.embeds, av.mask))
+        ce = self.llm(self.llm.splice(prompts, av.embeds, av.mask), per_sample=self.cfg.ce_per_sample)
         div = diversity_loss(av.queries, av.window_mask)
         loss = ce + self.cfg.diversity_loss_weight * div
         align = ce.new_zeros(())

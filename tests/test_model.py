@@ -1,5 +1,6 @@
 """FavorModel on the tiny preset: losses, gradients, LoRA, encode_av + generate, parameter counts."""
 
+import dataclasses
 import math
 
 import pytest
@@ -196,3 +197,29 @@ def test_answer_only_head_equals_hf_labels_loss(tiny_model, tokenizer):
                     labels=s.labels, use_cache=False).loss
     assert (s.labels != IGNORE).sum() > 4  # both rows have answer tokens
     torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_per_sample_loss_is_the_mean_of_each_rows_hf_loss(tiny_model, tokenizer):
+    """ce_per_sample: a short answer weighs as much as a long one. The loss must equal the mean of HF's
+    ``labels=`` loss computed on each row alone (a row with no answer token does not count), and differ
+    from the token mean when the rows' answers differ in length and loss. fp32 both sides; 1e-6 relative
+    covers summation order."""
+    torch.manual_seed(5)
+    llm = tiny_model.llm
+    D = tiny_model.cfg.llm.hidden
+    eos = tiny_model.cfg.llm.eos_token_id
+    turns = [("what is seen?", "red"), ("words?", "four three yellow now seven two nine"), ("first?", "")]
+    prompts = [conversation_ids(tokenizer, [{"from": "human", "value": q}, {"from": "gpt", "value": a}], eos, 64)
+               for q, a in turns]
+    prompts[2] = dataclasses.replace(prompts[2], labels=[IGNORE] * len(prompts[2].labels))  # no answer token
+    av = torch.randn(3, 4, D)
+    s = llm.splice(prompts, av, torch.ones(3, 4, dtype=torch.long))
+    rows = []
+    for b in range(2):
+        one = llm.splice(prompts[b:b + 1], av[b:b + 1], torch.ones(1, 4, dtype=torch.long))
+        rows.append(llm.model(inputs_embeds=one.embeds, attention_mask=one.attention_mask,
+                              position_ids=one.position_ids, labels=one.labels, use_cache=False).loss)
+    counts = (s.labels[:, 1:] != IGNORE).sum(1)
+    assert counts[0] < counts[1] and counts[2] == 0
+    torch.testing.assert_close(llm(s, per_sample=True), torch.stack(rows).mean(), rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(llm(s, per_sample=True), llm(s), rtol=1e-3)

@@ -70,7 +70,9 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     max_grad_norm: float = 1.0  # 0 disables clipping
     seed: int = 0
-    bf16: bool = False  # bf16 autocast (CPU AMX / CUDA); master weights and optimiser stay fp32
+    # bf16 autocast (master weights and optimiser stay fp32): true, false, or "auto" = on where the device
+    # multiplies bf16 in hardware (native_bf16), since elsewhere autocast emulates it and runs slower than fp32.
+    bf16: bool | str = False
     eval_every: int = 0  # steps; 0 = only at the end when an eval manifest is given
     eval_batches: int = 8
     eval_generate: int = 4  # samples decoded greedily per evaluation for exact match
@@ -111,8 +113,28 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if not isinstance(self.bf16, bool) and self.bf16 != "auto":
+            raise ValueError(f"train.bf16 must be true, false or auto, got {self.bf16!r}")
         if self.distributed not in D.STRATEGIES:
             raise ValueError(f"train.distributed must be one of {D.STRATEGIES}, got {self.distributed!r}")
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Does ``device`` multiply bf16 in hardware? CUDA from compute capability 8.0; a CPU with avx512_bf16
+    (vdpbf16ps) or AMX tiles. An AVX2-only CPU (AMD Zen 3, many laptops) has neither, and there a demo
+    training step under bf16 autocast ran >10x slower than in fp32 (benchmarks/RESULTS.md 1k)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    # torch's own CPU feature probes (cpuinfo-based; private names, so looked up defensively)
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def use_bf16(setting: bool | str, device: torch.device) -> bool:
+    """train.bf16 resolved for ``device``: true / false as given, "auto" by native_bf16."""
+    return native_bf16(device) if setting == "auto" else bool(setting)
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -187,6 +209,7 @@ class FinetuneRecipe:
     def setup(self) -> None:
         tc = self.tc
         self.info = D.init_distributed()
+        self.bf16 = use_bf16(train.bf16, self.info.device)  # autocast, resolved once for this device
         self.strategy = tc.distributed if self.info.enabled else "none"
         if not tc.train_manifest:
             raise ValueError("train.train_manifest is required (a JSONL manifest path)")
@@ -324,7 +347,7 @@ class FinetuneRecipe:
             yield
 
     def _autocast(self):
-        return torch.autocast(self.info.device.type, dtype=torch.bfloat16, enabled=self.tc.bf16)
+        return torch.autocast(self.info.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     def train_step(self, batches: list[dict]) -> StepLog:
         """One optimiser step over ``grad_accum`` micro-batches."""
