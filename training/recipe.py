@@ -209,7 +209,7 @@ class FinetuneRecipe:
     def setup(self) -> None:
         tc = self.tc
         self.info = D.init_distributed()
-        self.bf16 = use_bf16(train.bf16, self.info.device)  # autocast, resolved once for this device
+        self.bf16 = use_bf16(tc.bf16, self.info.device)  # autocast, resolved once for this device
         self.strategy = tc.distributed if self.info.enabled else "none"
         if not tc.train_manifest:
             raise ValueError("train.train_manifest is required (a JSONL manifest path)")
