@@ -259,6 +259,14 @@ class FavorConfig:
         so a curriculum stage (train.init_from) may continue another's weights with different ones."""
         return {k: v for k, v in self.to_dict().items() if k not in LOSS_WEIGHTS}
 
+    def weights_dict(self) -> dict[str, Any]:
+        """model_dict() without the window length (timing.frames_per_window): no weight's shape depends on
+        it (the causal Q-Former's position table only has to cover F x S tokens, checked at construction),
+        so a stage may continue another's weights with shorter or longer windows (benchmarks/RESULTS.md 1k)."""
+        d = self.model_dict()
+        d["timing"] = {k: v for k, v in d["timing"].items() if k != "frames_per_window"}
+        return d
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FavorConfig:
         if not isinstance(d, dict):

@@ -121,8 +121,8 @@ class TrainConfig:
 
 def native_bf16(device: torch.device) -> bool:
     """Does ``device`` multiply bf16 in hardware? CUDA from compute capability 8.0; a CPU with avx512_bf16
-    (vdpbf16ps) or AMX tiles. An AVX2-only CPU (AMD Zen 3, many laptops) has neither, and there a demo
-    training step under bf16 autocast ran >10x slower than in fp32 (benchmarks/RESULTS.md 1k)."""
+    (vdpbf16ps) or AMX tiles. An AVX2-only CPU (AMD Zen 3, many laptops) has neither, and there the demo
+    LLM's MLP block trains 17x slower under bf16 autocast than in fp32 (benchmarks/bench_autocast.py, RESULTS 1k)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type != "cpu":
@@ -260,12 +260,14 @@ class FinetuneRecipe:
 
     def _init_from(self, model, source: str) -> None:
         """Start at a previous stage's weights. The stages may weigh the training objectives differently
-        (favor.config.LOSS_WEIGHTS); all else must match. The synchrony head exists only while its weight
-        is > 0: one this stage adds starts at its fresh initialisation, one it drops is left behind."""
+        (favor.config.LOSS_WEIGHTS) and cut windows of another length (FavorConfig.weights_dict); all else
+        must match. The synchrony head exists only while its weight is > 0: one this stage adds starts at its
+        fresh initialisation, one it drops is left behind."""
         init = load_checkpoint(source)
-        if init.config.model_dict() != self.cfg.model_dict():
+        if init.config.weights_dict() != self.cfg.weights_dict():
             raise ValueError(f"{source}: its model config differs from this run's (same preset and overrides "
-                             "are required to continue from it; only the loss-term weights may change)")
+                             "are required to continue from it; only the loss-term weights and the window "
+                             "length may change)")
         head = {f"sync_head.{k}": v for k, v in model.sync_head.state_dict().items()} if model.sync_head else {}
         weights = {k: v for k, v in init.weights.items() if not k.startswith("sync_head.") or head}
         apply_weights(model, {**head, **weights}, source)
