@@ -14,7 +14,6 @@ file's temporal-QA accuracy into the two cases, per template, and by the seconds
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import defaultdict
@@ -25,6 +24,7 @@ import typer
 
 from favor.config import get_config
 from training.eval.metrics import qa_correct
+from training.manifest import read_jsonl
 
 VISUAL = ("appear", "text")
 # Seconds between the two deciding events, bucketed: under one model frame pair, about two, more.
@@ -98,15 +98,8 @@ def main(
     preset: Annotated[str, typer.Option(help="config preset whose window length applies")] = "demo",
 ) -> None:
     window_seconds = get_config(preset).timing.window_seconds
-    rows = {}
-    for line in manifest.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            rows[row["id"]] = row
-    tables = []
-    for path in predictions:
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        tables.append(breakdown(records, rows, window_seconds))
+    rows = {row["id"]: row for _, row in read_jsonl(manifest)}
+    tables = [breakdown([r for _, r in read_jsonl(path)], rows, window_seconds) for path in predictions]
     print(f"temporal QA by deciding events ({window_seconds:g}-s windows, preset {preset}); correct / n (%)")
     print("| grouping | group | " + " | ".join(p.parent.name for p in predictions) + " |")
     print("| --- | --- |" + " ---: |" * len(predictions))
