@@ -26,16 +26,14 @@ from training.recipe import native_bf16
 TOKENS = 4 * 256  # one demo micro-batch: 4 samples x ~256 positions (AV tokens + prompt + answer)
 
 
-class GatedMLP(nn.Module):
-    """The LLaMA / SmolLM2 MLP: down(silu(gate(x)) * up(x))."""
+def llm_mlp(hidden: int, ffn: int) -> nn.Module:
+    """The LLaMA / SmolLM2 MLP block as transformers builds it: down(silu(gate(x)) * up(x))."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
 
-    def __init__(self, hidden: int, ffn: int) -> None:
-        super().__init__()
-        self.gate, self.up = nn.Linear(hidden, ffn, bias=False), nn.Linear(hidden, ffn, bias=False)
-        self.down = nn.Linear(ffn, hidden, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(nn.functional.silu(self.gate(x)) * self.up(x))
+    # one head: the config checks heads divide the width, and the MLP never reads them
+    return LlamaMLP(LlamaConfig(hidden_size=hidden, intermediate_size=ffn, hidden_act="silu",
+                                num_attention_heads=1, num_key_value_heads=1))
 
 
 def step_seconds(block: nn.Module, x: torch.Tensor, bf16: bool) -> float:
@@ -53,7 +51,7 @@ def main(repeats: Annotated[int, typer.Option(min=1, help="timed steps per mode"
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     llm = get_config("demo").llm
-    block = GatedMLP(llm.hidden, llm.ffn_dim)
+    block = llm_mlp(llm.hidden, llm.ffn_dim)
     x = torch.randn(tokens, llm.hidden, requires_grad=True)
     times: dict[bool, list[float]] = {False: [], True: []}
     load0 = os.getloadavg()[0]

@@ -254,16 +254,12 @@ class FavorConfig:
         d["format_version"] = FORMAT_VERSION
         return d
 
-    def model_dict(self) -> dict[str, Any]:
-        """to_dict() without the loss-term weights: what a trained model computes does not depend on them,
-        so a curriculum stage (train.init_from) may continue another's weights with different ones."""
-        return {k: v for k, v in self.to_dict().items() if k not in LOSS_WEIGHTS}
-
     def weights_dict(self) -> dict[str, Any]:
-        """model_dict() without the window length (timing.frames_per_window): no weight's shape depends on
-        it (the causal Q-Former's position table only has to cover F x S tokens, checked at construction),
-        so a stage may continue another's weights with shorter or longer windows (benchmarks/RESULTS.md 1k)."""
-        d = self.model_dict()
+        """to_dict() without what the weights do not depend on, so a curriculum stage (train.init_from) may
+        continue another's weights with them changed: the loss-term weights, and the window length
+        (timing.frames_per_window; no weight's shape depends on it, and the causal Q-Former's position table
+        only has to cover F x S tokens, checked at construction; benchmarks/RESULTS.md 1k)."""
+        d = {k: v for k, v in self.to_dict().items() if k not in LOSS_WEIGHTS}
         d["timing"] = {k: v for k, v in d["timing"].items() if k != "frames_per_window"}
         return d
 

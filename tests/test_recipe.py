@@ -108,7 +108,7 @@ def test_cli_setup_error_is_one_line_and_exit_2(world, tmp_path, tokenizer):
 
 def test_bf16_auto_follows_the_cpus_bf16_instructions(world, tmp_path):
     """"auto" turns autocast on exactly where /proc/cpuinfo lists a bf16 dot product (avx512_bf16) or AMX
-    tiles: without them autocast emulates bf16 (17x slower than fp32 on Zen 3, RESULTS 1k).
+    tiles: without them autocast emulates bf16 (17-26x slower than fp32 on Zen 3, RESULTS 1k).
     true / false are taken as given."""
     flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").is_file() else set()
     cpu = torch.device("cpu")

@@ -122,7 +122,7 @@ class TrainConfig:
 def native_bf16(device: torch.device) -> bool:
     """Does ``device`` multiply bf16 in hardware? CUDA from compute capability 8.0; a CPU with avx512_bf16
     (vdpbf16ps) or AMX tiles. An AVX2-only CPU (AMD Zen 3, many laptops) has neither, and there the demo
-    LLM's MLP block trains 17x slower under bf16 autocast than in fp32 (benchmarks/bench_autocast.py, RESULTS 1k)."""
+    LLM's MLP block trains 17-26x slower under bf16 autocast than in fp32 (benchmarks/bench_autocast.py, RESULTS 1k)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type != "cpu":
