@@ -57,9 +57,11 @@ def dump_stacks_and_kill(proc: subprocess.Popen) -> tuple[str, str]:
     """A hung run's diagnosis: every rank prints its threads' stacks on SIGUSR1 (training.distributed)."""
     ranks = descendants(proc.pid)
     for pid in ranks:
+        # One rank at a time: faulthandler writes each frame unbuffered to the shared stderr, so ranks
+        # signalled together interleave their stacks mid-line (seen in CI: one "Current thread" survived).
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGUSR1)
-    time.sleep(2)
+        time.sleep(1)
     for pid in (*ranks, proc.pid):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
