@@ -50,6 +50,14 @@ def make_tokenizer(vocab_size: int = 101):
                                    eos_token="</s>", pad_token="</s>")
 
 
+def demo_clip_windows(timing) -> int:
+    """Cues favor-rt gives the committed demo clip: one per window of ``timing`` (the model's config).
+    The 20-s clip is sampled at 0, 0.5, ..., 20.0 s: 41 frames at 2 FPS, so 9 windows of 5 frames."""
+    from training.synth.generate import DEMO_SECONDS
+
+    return timing.num_windows(round(DEMO_SECONDS * timing.video_fps) + 1)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -15,8 +15,11 @@ import av
 import numpy as np
 import pytest
 import torch
+from conftest import demo_clip_windows
 from golden.record_demo_tokens import CONTEXT, MAX_NEW_TOKENS  # tests/ is on sys.path, as for conftest
 
+from favor.checkpoint import load_checkpoint
+from runtime.cli import default_model_path
 from training.eval.grounding import check_cues
 from training.synth.generate import DEMO_SECONDS
 from training.synth.render import render_video
@@ -46,7 +49,7 @@ def test_rebuilt_scene_is_the_committed_clip():
 def demo_cues() -> list:
     """The demo model's captions of the demo clip, as `favor-rt run demo_clip.mp4 --offline --backend torch`."""
     from runtime.backends import make_backend
-    from runtime.cli import DEFAULT_PROMPT, default_model_path
+    from runtime.cli import DEFAULT_PROMPT
     from runtime.scheduler import DeadlineScheduler
     from runtime.sources import MediaSource
     from runtime.stream import StreamingCaptioner
@@ -66,7 +69,7 @@ def demo_cues() -> list:
 def test_every_demo_cue_names_only_objects_on_screen():
     cues = demo_cues()
     checks = check_cues(cues, demo_scene())
-    assert len(checks) == 5  # 20.5 s of stream at 2 FPS in 10-frame (5 s) windows
+    assert len(checks) == demo_clip_windows(load_checkpoint(default_model_path()).config.timing)
     assert any(c.named for c in checks), "no cue names any object: silence is not grounding"
     bad = [f"cue {c.index} [{c.start:.1f}, {c.end:.1f}] s names {', '.join(' '.join(o) for o in c.absent)} "
            f"(not on screen): {c.text!r}" for c in checks if not c.grounded]

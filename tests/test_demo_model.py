@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import demo_clip_windows
 
 from favor.checkpoint import load_checkpoint
 from runtime.backends import make_backend
@@ -43,7 +44,7 @@ def test_demo_model_streaming_equals_offline_on_the_demo_clip():
         return out
 
     offline, live = run(False), run(True)
-    assert len(offline) == len(live) == 5  # 20.5 s at 2 FPS in 10-frame windows
+    assert len(offline) == len(live) == demo_clip_windows(backend.cfg.timing)
     for a, b in zip(offline, live, strict=True):
         assert (a.text, a.start, a.end) == (b.text, b.start, b.end)
         assert torch.equal(a.embeds, b.embeds)
