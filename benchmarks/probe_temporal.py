@@ -96,11 +96,16 @@ def main(
     predictions: Annotated[list[Path], typer.Argument(help="predictions.jsonl files (favor-eval run -o DIR)")],
     manifest: Annotated[Path, typer.Option(help="the manifest they answered (its meta: template, events)")],
     preset: Annotated[str, typer.Option(help="config preset whose window length applies")] = "demo",
+    frames_per_window: Annotated[int | None, typer.Option(
+        min=1, help="the model's window (model.timing.frames_per_window) if not the preset's")] = None,
 ) -> None:
-    window_seconds = get_config(preset).timing.window_seconds
+    timing = get_config(preset).timing
+    frames = frames_per_window or timing.frames_per_window
+    window_seconds = frames / timing.video_fps  # s = frames / FPS
     rows = {row["id"]: row for _, row in read_jsonl(manifest)}
     tables = [breakdown([r for _, r in read_jsonl(path)], rows, window_seconds) for path in predictions]
-    print(f"temporal QA by deciding events ({window_seconds:g}-s windows, preset {preset}); correct / n (%)")
+    print(f"temporal QA by deciding events ({window_seconds:g}-s windows: {frames} frames at {timing.video_fps:g} "
+          f"FPS, preset {preset}); correct / n (%)")
     print("| grouping | group | " + " | ".join(p.parent.name for p in predictions) + " |")
     print("| --- | --- |" + " ---: |" * len(predictions))
     for grouping in ("all", "window", "gap", "template", "template x window"):

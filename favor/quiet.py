@@ -38,6 +38,9 @@ def quiet_libraries(verbose: bool = False) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", module=_LIBRARY_MODULES)
+    # torch's import sets its loggers' levels (torch._logging: "torch" WARNING, children NOTSET), undoing any
+    # set before it: favor-export verify printed torch.onnx's "torchvision is not installed" lines.
+    import torch  # noqa: F401
     for name in LIBRARY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     if "tqdm" in sys.modules:  # tqdm reads TQDM_DISABLE once, when it is imported (a CLI's own imports

@@ -503,6 +503,21 @@ def test_quiet_silences_a_tqdm_imported_before_it():
     assert "bar" in p.stderr  # -v: the library's own bar
 
 
+def test_quiet_outlasts_torchs_own_logging_setup():
+    """torch configures its loggers when imported; a command that quiets the libraries before importing
+    torch (favor-export's callback) still printed torch.onnx's warnings. Quieted first, they stay off."""
+    code = ("from favor.quiet import quiet_libraries; quiet_libraries(); import logging; "
+            "from torch.onnx._internal.exporter import _registration as r; "
+            "logging.getLogger(r.__name__).warning('torchvision is not installed')")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                       capture_output=True, text=True, timeout=HANG_S)
+    assert p.returncode == 0 and "torchvision" not in p.stderr, p.stderr
+    verbose = code.replace("quiet_libraries()", "quiet_libraries(verbose=True)")
+    p = subprocess.run([sys.executable, "-c", verbose], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                       capture_output=True, text=True, timeout=HANG_S)
+    assert "torchvision is not installed" in p.stderr  # -v: torch's own logging
+
+
 def _apps():
     from export.cli import app as export_app
     from training.cli import app as train_app

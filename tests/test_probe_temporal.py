@@ -77,3 +77,7 @@ def test_cli_prints_a_table(tmp_path):
     result = CliRunner().invoke(app, [str(preds), "--manifest", str(manifest)])
     assert result.exit_code == 0, result.output
     assert "| window | two windows | 1 / 1 (100 %) |" in result.output
+    # events at 1.0 and 6.0 s share one 10-s window (20 frames at 2 FPS)
+    result = CliRunner().invoke(app, [str(preds), "--manifest", str(manifest), "--frames-per-window", "20"])
+    assert result.exit_code == 0, result.output
+    assert "(10-s windows" in result.output and "| window | one window | 1 / 1 (100 %) |" in result.output
