@@ -55,12 +55,13 @@ demo: setup
 	$(PY) -m runtime run $(DEMO_CLIP) --no-live --srt $(DEMO_SRT)
 	@echo "captions written to $(DEMO_SRT)"
 
-# Eager PyTorch vs the compiled bundle of the demo model, round-robin over the demo clip's windows.
+# Eager PyTorch vs the compiled bundle of the demo model, round-robin over the demo clip's windows,
+# at the model's own window (timing.frames_per_window: 5 frames = 2.5 s at 2 FPS since session 15).
 DEMO_MODEL ?= favor/assets/demo/favor-demo.safetensors
 BENCH_OUT ?= benchmarks/out
 bench-demo: setup
 	$(PY) -m runtime bench --model $(DEMO_MODEL) --backends torch,auto --clip $(DEMO_CLIP) \
-	  --fps 2 --window 10 --max-new-tokens 32 --out $(BENCH_OUT)
+	  --fps 2 --window 5 --max-new-tokens 32 --out $(BENCH_OUT)
 
 lint: setup
 	$(VENV)/bin/ruff check favor export runtime training tests benchmarks
