@@ -35,12 +35,12 @@ def quiet_libraries(verbose: bool = False) -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")  # tqdm >= 4.66 reads it as the default for disable=
+    # torch's import sets its own loggers' levels (torch._logging), undoing any set before it: favor-export
+    # verify printed torch.onnx's "torchvision is not installed". "-all" makes that setup ERROR for all.
+    os.environ.setdefault("TORCH_LOGS", "-all")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", module=_LIBRARY_MODULES)
-    # torch's import sets its loggers' levels (torch._logging: "torch" WARNING, children NOTSET), undoing any
-    # set before it: favor-export verify printed torch.onnx's "torchvision is not installed" lines.
-    import torch  # noqa: F401
     for name in LIBRARY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     if "tqdm" in sys.modules:  # tqdm reads TQDM_DISABLE once, when it is imported (a CLI's own imports

@@ -509,12 +509,14 @@ def test_quiet_outlasts_torchs_own_logging_setup():
     code = ("from favor.quiet import quiet_libraries; quiet_libraries(); import logging; "
             "from torch.onnx._internal.exporter import _registration as r; "
             "logging.getLogger(r.__name__).warning('torchvision is not installed')")
-    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                       capture_output=True, text=True, timeout=HANG_S)
+    # an in-process test's quiet_libraries() may have set TORCH_LOGS in this environment already
+    env = {**{k: v for k, v in os.environ.items() if k != "TORCH_LOGS"}, "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=HANG_S)
     assert p.returncode == 0 and "torchvision" not in p.stderr, p.stderr
     verbose = code.replace("quiet_libraries()", "quiet_libraries(verbose=True)")
-    p = subprocess.run([sys.executable, "-c", verbose], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                       capture_output=True, text=True, timeout=HANG_S)
+    p = subprocess.run([sys.executable, "-c", verbose], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=HANG_S)
     assert "torchvision is not installed" in p.stderr  # -v: torch's own logging
 
 
