@@ -29,8 +29,13 @@ def test_scores_count_cues_and_clips(tmp_path, monkeypatch):
                 {"start": 0.0, "end": scene.duration, "text": "A chime sounds."}]
 
     monkeypatch.setattr(S, "stream_cues", fake)
-    scores, records = S.score_streams(None, 2, tmp_path, "q", 32, 1)
+    scores, records = S.score_streams(None, 2, tmp_path, "q", 32, 1, frame_period_s=0.5)
     assert (scores.clips, scores.cues, scores.objects_named) == (2, 4, 2)
+    # events: clip 0's appearance is right; its chime is right only if clip 0 plays one (same for clip 1)
+    chimes = [any(e["kind"] == "sound" and e["what"] == "chime" for e in s.event_list()) for s in scenes]
+    assert scores.events_asserted == 4 and scores.event_precision == (1 + sum(chimes)) / 4
+    assert scores.events_true == sum(len(s.event_list()) + sum("source" in e for e in s.event_list())
+                                     for s in scenes)
     assert scores.cues_grounded == 3 / 4 and scores.clips_grounded == 1 / 2 and scores.object_precision == 1 / 2
     assert records[1]["cues"][0]["absent"] == [missing]
 
@@ -47,4 +52,5 @@ def test_cli_streams_a_tiny_model(tiny_ckpt, tmp_path):
     assert clip.is_file() and report["scores"]["cues"] == len(cues) > 0
     # the cues tile the stream: each window starts where the last ended, from 0 to the clip's end
     assert cues[0]["start"] == 0.0 and all(a["end"] == b["start"] for a, b in itertools.pairwise(cues))
-    assert "1 clips" in res.output
+    assert "1 clips" in res.output and "events: precision" in res.output
+    assert report["scores"]["events_true"] > 0  # the clip's scene events are the recall's denominator

@@ -3,6 +3,9 @@ timelines, the question the runtime asks, and the written window clips."""
 
 from __future__ import annotations
 
+import json
+import math
+
 import av
 import numpy as np
 import pytest
@@ -133,3 +136,27 @@ def test_generated_windows_are_the_long_render_cut(tmp_path):
             # every object named by the reference is on screen in the window (what the demo clip test asks)
             cue = {"start": 0.0, "end": end - start, "text": r["conversation"][1]["value"]}
             assert check_cues([cue], r["meta"]["events"])[0].grounded
+
+
+def test_windows_of_the_demo_models_length(tmp_path):
+    """2.5-s windows (the demo model's 5 frames at 2 FPS): the same long scene, twice as many cuts, each
+    window's reference holding exactly the events with onsets inside it."""
+    manifest = generate_windows(tmp_path, 1, 0, "heldout", speech_cache=tmp_path / "speech", window_seconds=2.5)
+    rows = load_manifest(manifest)
+    scene = make_scene(0, "heldout", 0, LONG_OPTIONS, long=True)
+    spans = window_spans(scene, 2.5)
+    assert len(rows) == len(spans) == math.ceil(scene.duration / 2.5 - 1e-9)
+    assert [r["meta"]["window_start"] for r in rows] == [a for a, _ in spans]
+    assert all(r["conversation"][1]["value"] == caption(scene, a, b) for r, (a, b) in zip(rows, spans, strict=True))
+    assert json.loads((tmp_path / "heldout_windows.json").read_text())["window_seconds"] == 2.5
+    with pytest.raises(ValueError, match="whole number of model frames"):
+        generate_windows(tmp_path, 1, 0, "heldout", speech_cache=tmp_path / "speech", window_seconds=1.2)
+
+
+def test_cli_window_seconds_needs_windows(tmp_path):
+    from typer.testing import CliRunner
+
+    from training.cli import app
+
+    res = CliRunner().invoke(app, ["synth", str(tmp_path), "-n", "1", "--window-seconds", "2.5"])
+    assert res.exit_code != 0 and "needs --windows" in res.output

@@ -21,6 +21,7 @@ null, lists). Relative manifest / output paths in the YAML are taken as given (f
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 from pathlib import Path
@@ -180,13 +181,22 @@ def synth(
     windows: Annotated[bool, typer.Option(help="long scenes cut into the runtime's windows instead "
                                                "(task stream_caption; manifest OUT_DIR/<split>_windows.jsonl)")]
     = False,
+    window_seconds: Annotated[float | None, typer.Option(help="with --windows: the window the model captions, "
+                                                              "frames_per_window / video_fps (default the "
+                                                              "runtime's 5; the demo model's 2.5)")]
+    = None,
 ) -> None:
     """Generate synthetic audio-visual clips and their manifest (training.synth.generate)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from training.synth.generate import generate, generate_windows
 
-    make = generate_windows if windows else generate
+    if window_seconds is not None and not windows:
+        raise typer.BadParameter("--window-seconds cuts long scenes: it needs --windows")
+    make = generate
+    if windows:
+        make = generate_windows if window_seconds is None else functools.partial(generate_windows,
+                                                                                 window_seconds=window_seconds)
 
     with Progress(TextColumn("[bold]clips"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   transient=True) as bar:

@@ -178,10 +178,14 @@ def streams(
         text = json.dumps({"info": {"model": str(model), "backend": backend, "max_new_tokens": max_new_tokens,
                                     "context": context}, "scores": scores.to_dict(), "clips": records}, indent=1)
         atomic_write(out, lambda tmp: Path(tmp).write_text(text + "\n"))
-    precision = "n/a" if scores.object_precision is None else f"{scores.object_precision:.3f}"
+    def show(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.3f}"
+
     typer.echo(f"{scores.clips} clips, {scores.cues} cues: cues grounded {scores.cues_grounded:.3f}, "
-               f"clips grounded {scores.clips_grounded:.3f}, object precision {precision} "
-               f"({scores.objects_named} named)")
+               f"clips grounded {scores.clips_grounded:.3f}, object precision {show(scores.object_precision)} "
+               f"({scores.objects_named} named); events: precision {show(scores.event_precision)} "
+               f"({scores.events_asserted} asserted), recall {show(scores.event_recall)} "
+               f"({scores.events_true} happened)")
 
 
 @app.command()

@@ -9,7 +9,9 @@ heldout_windows.jsonl gives each window the reference caption before it; this gi
 as a user sees it.
 
 Reported: cues grounded (every object named is on screen), clips whose cues are all grounded (what the
-demo clip test asks of one clip), and object precision over all cues.
+demo clip test asks of one clip), object precision over all cues, and whether the cues say what happened:
+event precision and recall (cue_events.py: appearances, disappearances, pulses, sounds, words spoken and
+shown, each within its cue's window give or take one frame period).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from training.eval.cue_events import EventCounts, score_cues
 from training.eval.grounding import check_cues
 from training.synth.scene import make_scene
 from training.synth.windows import LONG_OPTIONS
@@ -31,6 +34,11 @@ class StreamScores:
     clips_grounded: float  # share of clips all of whose cues are grounded
     objects_named: int
     object_precision: float | None  # named objects on screen / named objects, over all cues (None: none named)
+    event_precision: float | None  # asserted events that happened in the cue's window (cue_events.py)
+    event_recall: float | None  # scene events some cue of their window asserts
+    events_asserted: int
+    events_true: int
+    per_kind: dict  # kind -> {precision, recall, asserted, true}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -67,12 +75,17 @@ def stream_cues(backend, path: Path, prompt: str, max_new_tokens: int, context: 
 
 
 def score_streams(backend, num_clips: int, clip_dir: Path, prompt: str, max_new_tokens: int, context: int,
-                  progress: Callable[[int, int], None] | None = None) -> tuple[StreamScores, list[dict]]:
-    """Scores over the first ``num_clips`` held-out long clips, and one record per clip (its cues)."""
+                  progress: Callable[[int, int], None] | None = None, frame_period_s: float | None = None
+                  ) -> tuple[StreamScores, list[dict]]:
+    """Scores over the first ``num_clips`` held-out long clips, and one record per clip (its cues).
+    ``frame_period_s``: the event tolerance (cue_events.py); default one frame at the model's rate."""
     records, cues, grounded_cues, grounded_clips, named, absent = [], 0, 0, 0, 0, 0
+    events = EventCounts()
+    tolerance_s = frame_period_s if frame_period_s is not None else 1 / backend.cfg.timing.video_fps
     for i in range(num_clips):
         scene, path = long_clip(i, clip_dir)
         checks = check_cues(stream_cues(backend, path, prompt, max_new_tokens, context), scene)
+        events += score_cues([(c.start, c.end, c.text) for c in checks], scene.event_list(), tolerance_s)
         cues += len(checks)
         grounded_cues += sum(c.grounded for c in checks)
         grounded_clips += all(c.grounded for c in checks)
@@ -83,6 +96,8 @@ def score_streams(backend, num_clips: int, clip_dir: Path, prompt: str, max_new_
                                   "absent": [" ".join(o) for o in c.absent]} for c in checks]})
         if progress is not None:
             progress(i + 1, num_clips)
+    ev = events.scores()
     scores = StreamScores(num_clips, cues, grounded_cues / max(cues, 1), grounded_clips / num_clips, named,
-                          (named - absent) / named if named else None)
+                          (named - absent) / named if named else None, ev["event_precision"],
+                          ev["event_recall"], ev["events_asserted"], ev["events_true"], ev["per_kind"])
     return scores, records

@@ -23,12 +23,14 @@ from pathlib import Path
 
 import av
 
+from favor.config import TimingConfig
+
 from .manifest import write_manifest
 from .render import render_audio, render_video
 from .scene import STREAM_PARTNER, STREAM_TASKS, Scene, SceneOptions, clip_rng, make_scene
 from .speech import SpeechBank
 from .tasks import ClipPaths, build_samples, choose_partner
-from .windows import LONG_SECONDS, window_samples, window_spans
+from .windows import LONG_SECONDS, WINDOW_SECONDS, window_samples, window_spans
 from .write import h264_encoder, write_mp4, write_png, write_wav
 
 GENERATE_SPLITS = ("train", "heldout")  # "demo" is make_demo_clip's own seed space
@@ -67,6 +69,7 @@ class ClipJob:
     num_clips: int
     options: SceneOptions
     speech_cache: str | None
+    window_s: float = WINDOW_SECONDS  # long scenes only: the runtime window they are cut into
 
 
 def clip_partner(scene: Scene, num_clips: int, options: SceneOptions) -> tuple[int, str] | None:
@@ -109,17 +112,23 @@ def generate(out_dir: Path | str, num_clips: int, seed: int, split: str = "train
 
 def generate_windows(out_dir: Path | str, num_clips: int, seed: int, split: str = "train", workers: int = 1, *,
                      speech_cache: Path | str | None = None, progress: Callable[[int, int], None] | None = None,
-                     **scene_opts) -> Path:
-    """Write ``num_clips`` long scenes of ``split``, cut into the runtime's windows (training.synth.windows),
-    under OUT_DIR/{split}_windows/ with the manifest OUT_DIR/{split}_windows.jsonl (task stream_caption);
-    returns the manifest path. Scene lengths default to windows.LONG_SECONDS; ``scene_opts`` as generate's."""
+                     window_seconds: float = WINDOW_SECONDS, **scene_opts) -> Path:
+    """Write ``num_clips`` long scenes of ``split``, cut into the runtime's windows of ``window_seconds``
+    (training.synth.windows), under OUT_DIR/{split}_windows/ with the manifest OUT_DIR/{split}_windows.jsonl
+    (task stream_caption); returns the manifest path. Scene lengths default to windows.LONG_SECONDS;
+    ``scene_opts`` as generate's. A window must hold whole model frames (2 FPS): 0.5-s steps."""
+    if not (isinstance(window_seconds, int | float) and window_seconds > 0
+            and float(window_seconds * TimingConfig().video_fps).is_integer()):
+        raise ValueError(f"window_seconds ({window_seconds!r}) must be a positive whole number of model frames "
+                         f"(a multiple of {1 / TimingConfig().video_fps} s)")
     options = scene_options(**{"min_seconds": LONG_SECONDS[0], "max_seconds": LONG_SECONDS[1], **scene_opts})
-    return _generate(out_dir, num_clips, seed, split, workers, speech_cache, progress, options, long=True)
+    return _generate(out_dir, num_clips, seed, split, workers, speech_cache, progress, options, long=True,
+                     window_s=float(window_seconds))
 
 
 def _generate(out_dir: Path | str, num_clips: int, seed: int, split: str, workers: int,
               speech_cache: Path | str | None, progress: Callable[[int, int], None] | None, options: SceneOptions,
-              *, long: bool) -> Path:
+              *, long: bool, window_s: float = WINDOW_SECONDS) -> Path:
     """Clips (``long`` False: make_clip, OUT/{split}.jsonl) or long scenes cut into windows (make_long_clip,
     OUT/{split}_windows.jsonl), in worker processes when workers > 1; also writes the run's .json record."""
     if split not in GENERATE_SPLITS:
@@ -133,7 +142,7 @@ def _generate(out_dir: Path | str, num_clips: int, seed: int, split: str, worker
     cache = None if speech_cache is None else str(speech_cache)
     bank = _bank(cache)  # fail early (before spawning) if espeak-ng is missing
     make_scene(seed, split, 0, options, long=long)  # validates seed and split before any worker starts
-    jobs = [ClipJob(str(out), seed, split, i, num_clips, options, cache) for i in range(num_clips)]
+    jobs = [ClipJob(str(out), seed, split, i, num_clips, options, cache, window_s) for i in range(num_clips)]
     make, name = (make_long_clip, f"{split}_windows") if long else (make_clip, split)
 
     start = time.perf_counter()
@@ -159,6 +168,8 @@ def _generate(out_dir: Path | str, num_clips: int, seed: int, split: str, worker
     info = {"seed": seed, "split": split, "num_clips": num_clips, "num_samples": len(rows),
             "scene_options": asdict(options), "espeak": bank.version, "pyav": av.__version__,
             "video_encoder": h264_encoder(), "workers": workers, "seconds": round(elapsed, 3)}
+    if long:
+        info["window_seconds"] = window_s
     (out / f"{name}.json").write_text(json.dumps(info, indent=2) + "\n")
     return manifest
 
@@ -169,14 +180,14 @@ def make_long_clip(job: ClipJob) -> list[dict]:
     scene = make_scene(job.seed, job.split, job.index, job.options, long=True)
     frames, audio = render_video(scene), render_audio(scene, _bank(job.speech_cache))  # [T, H, W, 3], [C, N]
     videos = []
-    for k, (start, end) in enumerate(window_spans(scene)):
+    for k, (start, end) in enumerate(window_spans(scene, job.window_s)):
         video = f"{job.split}_windows/{scene.clip_id}-w{k}.mp4"
         (out / video).parent.mkdir(parents=True, exist_ok=True)
         f0, f1 = round(start * scene.fps), round(end * scene.fps)  # window edges lie on the file frame grid
         a0, a1 = round(start * scene.sample_rate), round(end * scene.sample_rate)
         write_mp4(out / video, frames[f0:f1], audio[:, a0:a1], scene.fps, scene.sample_rate)
         videos.append(video)
-    return window_samples(scene, videos)
+    return window_samples(scene, videos, job.window_s)
 
 
 def make_demo_clip(path: Path | str, seed: int = 0, *, speech_cache: Path | str | None = None) -> Scene:

@@ -1,6 +1,7 @@
 """Long scenes cut on the runtime's window grid: stream_caption samples, asked as favor-rt asks.
 
-favor-rt captions a stream one window at a time (TimingConfig.window_seconds: 5 s), asking CAPTION_PROMPT
+favor-rt captions a stream one window at a time (the model's TimingConfig.window_seconds: 5 s by default,
+2.5 s for the demo model; ``window_s`` below, `favor-train synth --windows --window-seconds`), asking CAPTION_PROMPT
 with the caption of the window before as an earlier turn (favor.prompt.stream_prompt). The clip tasks never
 show that: every clip starts empty and is captioned whole, so a mid-stream window -- objects already on
 screen, a caption before it -- is unlike anything trained (the session-5 demo model names objects that
@@ -33,10 +34,11 @@ LONG_SECONDS = (2 * WINDOW_SECONDS, 20.0)  # s: at least two windows, at most th
 LONG_OPTIONS = SceneOptions(min_seconds=LONG_SECONDS[0], max_seconds=LONG_SECONDS[1])  # otherwise the defaults
 
 
-def window_spans(scene: Scene) -> list[tuple[float, float]]:
-    """[start, end) s of each window the runtime would caption; the last may be short, as at a stream's end."""
-    n = math.ceil(scene.duration / WINDOW_SECONDS - WHOLE_EPS)
-    return [(k * WINDOW_SECONDS, min((k + 1) * WINDOW_SECONDS, scene.duration)) for k in range(n)]
+def window_spans(scene: Scene, window_s: float = WINDOW_SECONDS) -> list[tuple[float, float]]:
+    """[start, end) s of each window the runtime would caption (``window_s``: the model's frames_per_window /
+    video_fps, 2.5 s for the demo model); the last may be short, as at a stream's end."""
+    n = math.ceil(scene.duration / window_s - WHOLE_EPS)
+    return [(k * window_s, min((k + 1) * window_s, scene.duration)) for k in range(n)]
 
 
 def window_events(scene: Scene, start: float, end: float) -> list[dict]:
@@ -51,9 +53,9 @@ def window_questions(captions: list[str]) -> list[str]:
     return [stream_prompt(CAPTION_PROMPT, captions[k - 1:k]) for k in range(len(captions))]
 
 
-def window_samples(scene: Scene, videos: list[str]) -> list[dict]:
+def window_samples(scene: Scene, videos: list[str], window_s: float = WINDOW_SECONDS) -> list[dict]:
     """One stream_caption manifest row per window; ``videos``: each window's manifest-relative mp4."""
-    spans = window_spans(scene)
+    spans = window_spans(scene, window_s)
     if len(videos) != len(spans):
         raise ValueError(f"{scene.clip_id}: {len(videos)} window files for {len(spans)} windows")
     answers = [caption(scene, start, end) for start, end in spans]
