@@ -10,6 +10,7 @@ import av
 import numpy as np
 import pytest
 
+from favor.config import WHOLE_EPS
 from favor.prompt import CAPTION_PROMPT, stream_prompt
 from training.eval.grounding import check_cues, objects_in_window
 from training.synth import generate_windows, load_manifest, make_scene
@@ -145,7 +146,7 @@ def test_windows_of_the_demo_models_length(tmp_path):
     rows = load_manifest(manifest)
     scene = make_scene(0, "heldout", 0, LONG_OPTIONS, long=True)
     spans = window_spans(scene, 2.5)
-    assert len(rows) == len(spans) == math.ceil(scene.duration / 2.5 - 1e-9)
+    assert len(rows) == len(spans) == math.ceil(scene.duration / 2.5 - WHOLE_EPS)
     assert [r["meta"]["window_start"] for r in rows] == [a for a, _ in spans]
     assert all(r["conversation"][1]["value"] == caption(scene, a, b) for r, (a, b) in zip(rows, spans, strict=True))
     assert json.loads((tmp_path / "heldout_windows.json").read_text())["window_seconds"] == 2.5

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from training.eval.grounding import parse_caption
 from training.eval.metrics import words
@@ -75,26 +75,45 @@ def scene_events(events: Sequence[dict]) -> list[tuple[float, Event]]:
 
 
 @dataclass
-class EventCounts:
-    """Per kind: [asserted, asserted and true, scene events, scene events recalled]."""
+class KindCounts:
+    """One event kind's counts: assertions (and how many happened), scene events (and how many recalled)."""
 
-    by_kind: dict[str, list[int]] = field(default_factory=lambda: {k: [0, 0, 0, 0] for k in KINDS})
+    asserted: int = 0
+    right: int = 0
+    true: int = 0
+    recalled: int = 0
+
+    def __iadd__(self, other: KindCounts) -> KindCounts:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+        return self
+
+
+def _ratio(num: int, den: int) -> float | None:
+    return num / den if den else None
+
+
+@dataclass
+class EventCounts:
+    """KindCounts per event kind, summable over cues and clips."""
+
+    by_kind: dict[str, KindCounts] = field(default_factory=lambda: {k: KindCounts() for k in KINDS})
 
     def __iadd__(self, other: EventCounts) -> EventCounts:
         for k in KINDS:
-            self.by_kind[k] = [a + b for a, b in zip(self.by_kind[k], other.by_kind[k], strict=True)]
+            self.by_kind[k] += other.by_kind[k]
         return self
 
     def scores(self) -> dict:
         """precision / recall overall and per kind (None where nothing was asserted / happened)."""
-        def ratio(a: int, b: int) -> float | None:
-            return a / b if b else None
-
-        total = [sum(v[i] for v in self.by_kind.values()) for i in range(4)]
-        return {"event_precision": ratio(total[1], total[0]), "event_recall": ratio(total[3], total[2]),
-                "events_asserted": total[0], "events_true": total[2],
-                "per_kind": {k: {"precision": ratio(v[1], v[0]), "recall": ratio(v[3], v[2]),
-                                 "asserted": v[0], "true": v[2]} for k, v in self.by_kind.items()}}
+        total = KindCounts()
+        for c in self.by_kind.values():
+            total += c
+        return {"event_precision": _ratio(total.right, total.asserted),
+                "event_recall": _ratio(total.recalled, total.true),
+                "events_asserted": total.asserted, "events_true": total.true,
+                "per_kind": {k: {"precision": _ratio(c.right, c.asserted), "recall": _ratio(c.recalled, c.true),
+                                 "asserted": c.asserted, "true": c.true} for k, c in self.by_kind.items()}}
 
 
 def score_cues(cues: Iterable[tuple[float, float, str]], events: Sequence[dict],
@@ -105,10 +124,10 @@ def score_cues(cues: Iterable[tuple[float, float, str]], events: Sequence[dict],
     c = EventCounts()
     for lo, hi, asserted in spans:
         near = {ev for t, ev in truth if lo <= t < hi}
-        for kind, what in asserted:
-            c.by_kind[kind][0] += 1
-            c.by_kind[kind][1] += (kind, what) in near
+        for ev in asserted:
+            c.by_kind[ev[0]].asserted += 1
+            c.by_kind[ev[0]].right += ev in near
     for t, ev in truth:
-        c.by_kind[ev[0]][2] += 1
-        c.by_kind[ev[0]][3] += any(lo <= t < hi and ev in asserted for lo, hi, asserted in spans)
+        c.by_kind[ev[0]].true += 1
+        c.by_kind[ev[0]].recalled += any(lo <= t < hi and ev in asserted for lo, hi, asserted in spans)
     return c
