@@ -185,7 +185,8 @@ class LLMConfig:
 
 # FavorConfig fields that weigh training objectives (against the LM loss, or its samples against each
 # other; FavorModel.forward).
-LOSS_WEIGHTS = ("diversity_loss_weight", "word_alignment_weight", "sync_loss_weight", "ce_per_sample")
+LOSS_WEIGHTS = (
+    "lm_loss_weight", "diversity_loss_weight", "word_alignment_weight", "sync_loss_weight", "ce_per_sample")
 
 
 @dataclass
@@ -198,6 +199,10 @@ class FavorConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
     audio_proj_dim: int | None = None  # Whisper width -> this; None = visual token width (768)
     diversity_loss_weight: float = 0.01  # lambda (release default factor)
+    # Weight of the LM loss (the release: 1). Demo only: 0 makes a fusion warm-up stage -- the LLM is not
+    # run (3/4 of a training step's time), and the fusion stages learn from the word-alignment and
+    # synchrony terms alone, which read only the LLM's embedding table (benchmarks/RESULTS.md 1n).
+    lm_loss_weight: float = 1.0
     # Demo only (the release has none): weight of favor/alignment.py's objective, which points each
     # window's AV tokens at the LLM's embeddings of the words it shows or sounds; 0 = off.
     word_alignment_weight: float = 0.0
@@ -342,7 +347,7 @@ FIELD_RANGES: dict[str, dict[str, tuple[float, float]]] = {
                   "ffn_dim": _WIDTH, "vocab_size": _TOKENS, "rms_eps": _EPS, "rope_theta": (1.0, 1e9),
                   "max_positions": _TOKENS, "bos_token_id": (0, MAX_TOKENS), "eos_token_id": (0, MAX_TOKENS),
                   "lora_r": (1, MAX_WIDTH), "lora_alpha": (1e-6, 1e6), "lora_dropout": _PROBABILITY},
-    "FavorConfig": {"audio_proj_dim": _WIDTH, "diversity_loss_weight": (0.0, 1e6),
+    "FavorConfig": {"audio_proj_dim": _WIDTH, "lm_loss_weight": (0.0, 1e6), "diversity_loss_weight": (0.0, 1e6),
                     "word_alignment_weight": (0.0, 1e6), "sync_loss_weight": (0.0, 1e6)},
 }
 _OPEN_BELOW = {"video_fps", "vit_ln_eps", "ln_eps", "rms_eps"}  # must be > their lower bound
@@ -374,7 +379,7 @@ def validate(cfg: FavorConfig) -> None:
     """Every field's range, then the relations between fields (heads divide widths, rates line up)."""
     for section in (cfg.timing, cfg.audio, cfg.visual, cfg.qformer, cfg.llm):
         check_fields(type(section), dataclasses.asdict(section))
-    check_fields(FavorConfig, {"audio_proj_dim": cfg.audio_proj_dim,
+    check_fields(FavorConfig, {"audio_proj_dim": cfg.audio_proj_dim, "lm_loss_weight": cfg.lm_loss_weight,
                                "diversity_loss_weight": cfg.diversity_loss_weight,
                                "word_alignment_weight": cfg.word_alignment_weight,
                                "sync_loss_weight": cfg.sync_loss_weight, "ce_per_sample": cfg.ce_per_sample})

@@ -204,16 +204,15 @@ class FavorModel(nn.Module):
 
     # -- training ---------------------------------------------------------------------------------
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        """loss = CE + lambda x diversity (+ the demo's word-alignment and synchrony terms when the config
-        weighs them). batch: media tensors (see encode_av) + ``prompts``."""
+        """loss = lm_loss_weight x CE + lambda x diversity (+ the demo's word-alignment and synchrony terms
+        when the config weighs them). batch: media tensors (see encode_av) + ``prompts``."""
         visual, audio = self.encode_media(batch.get("mel"), batch.get("pixels"), batch.get("instruction_ids"),
                                           batch.get("instruction_mask"), batch.get("is_image", False))
         av = self.fuse(visual, audio, batch.get("modality_mask"), batch.get("frame_lengths"),
                        visual_lengths=batch.get("visual_lengths"), audio_lengths=batch.get("audio_lengths"))
-        prompts: list[PromptIds] = batch["prompts"]
-        ce = self.llm(self.llm.splice(prompts, av.embeds, av.mask), per_sample=self.cfg.ce_per_sample)
+        ce = self._lm_loss(batch["prompts"], av)
         div = diversity_loss(av.queries, av.window_mask)
-        loss = ce + self.cfg.diversity_loss_weight * div
+        loss = self.cfg.lm_loss_weight * ce + self.cfg.diversity_loss_weight * div
         align = ce.new_zeros(())
         if self.cfg.word_alignment_weight > 0 and batch.get("window_words") is not None:
             B, W, Nq = av.queries.shape[:3]
@@ -228,6 +227,12 @@ class FavorModel(nn.Module):
             loss = loss + self.cfg.sync_loss_weight * synchrony
         return {"loss": loss, "ce": ce.detach(), "diversity": div.detach(), "alignment": align.detach(),
                 "synchrony": synchrony.detach()}
+
+    def _lm_loss(self, prompts: list[PromptIds], av) -> torch.Tensor:
+        """Answer-token CE through the LLM; not computed (0) in a fusion warm-up (lm_loss_weight 0)."""
+        if self.cfg.lm_loss_weight == 0:
+            return av.embeds.new_zeros(())
+        return self.llm(self.llm.splice(prompts, av.embeds, av.mask), per_sample=self.cfg.ce_per_sample)
 
     def _synchrony_loss(self, visual: torch.Tensor, audio: torch.Tensor, batch: dict) -> torch.Tensor:
         """favor/synchrony.py: the rows playing their own soundtrack, fused with it and with another row's
