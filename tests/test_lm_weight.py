@@ -4,26 +4,17 @@ import dataclasses
 
 import pytest
 import torch
+from test_synchrony import _item as av_item  # a collatable clip item with its own soundtrack
 
 from favor.config import FavorConfig
-
-
-def _item(cfg, frames: int, key: str):
-    mel_per_frame = int(cfg.timing.audio_tokens_per_frame * cfg.timing.audio_conv_stride)
-    S = cfg.visual.image_size
-    return {"mel": torch.randn(cfg.audio.n_mels, frames * mel_per_frame), "pixels": torch.randn(frames, 3, S, S),
-            "is_image": False, "modality_mask": torch.ones(2),
-            "conversation": ({"from": "human", "value": "describe the video"},
-                             {"from": "gpt", "value": "a purple diamond appears"}),
-            "task": "av_caption", "id": key, "line": 1, "audio_key": key, "visual_key": None, "scene": None,
-            "own_soundtrack": True}
 
 
 def _model_and_batch(cfg, tokenizer):
     from favor.build import build_model
     from training.collate import Collator
 
-    batch = Collator(cfg, tokenizer)([_item(cfg, 7, "a"), _item(cfg, 5, "b"), _item(cfg, 9, "c")])
+    batch = Collator(cfg, tokenizer)([av_item(cfg, True, 7, "a"), av_item(cfg, True, 5, "b"),
+                                     av_item(cfg, True, 9, "c")])
     torch.manual_seed(0)
     return build_model(cfg, pretrained=False, tokenizer=tokenizer).train(), batch
 
