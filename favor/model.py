@@ -228,7 +228,7 @@ class FavorModel(nn.Module):
         return {"loss": loss, "ce": ce.detach(), "diversity": div.detach(), "alignment": align.detach(),
                 "synchrony": synchrony.detach()}
 
-    def _lm_loss(self, prompts: list[PromptIds], av) -> torch.Tensor:
+    def _lm_loss(self, prompts: list[PromptIds], av: AVEmbeddings) -> torch.Tensor:
         """Answer-token CE through the LLM; not computed (0) in a fusion warm-up (lm_loss_weight 0)."""
         if self.cfg.lm_loss_weight == 0:
             return av.embeds.new_zeros(())

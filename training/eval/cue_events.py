@@ -35,9 +35,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
-from training.eval.grounding import parse_caption
+from training.eval.grounding import Tally, parse_caption
 from training.eval.metrics import words
 
 KINDS = ("appear", "disappear", "pulse", "sound", "speech", "text")
@@ -75,18 +75,13 @@ def scene_events(events: Sequence[dict]) -> list[tuple[float, Event]]:
 
 
 @dataclass
-class KindCounts:
+class KindCounts(Tally):
     """One event kind's counts: assertions (and how many happened), scene events (and how many recalled)."""
 
     asserted: int = 0
     right: int = 0
     true: int = 0
     recalled: int = 0
-
-    def __iadd__(self, other: KindCounts) -> KindCounts:
-        for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
-        return self
 
 
 def _ratio(num: int, den: int) -> float | None:

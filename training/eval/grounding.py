@@ -101,8 +101,17 @@ class Truth:
     printed: frozenset[str]
 
 
+class Tally:
+    """A dataclass of int counters that ``+=`` sums field by field (a split's counts from its answers')."""
+
+    def __iadd__(self, other):
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+        return self
+
+
 @dataclass
-class Counts:
+class Counts(Tally):
     """Matches and mentions of one answer (or, summed, of a split)."""
 
     object_hits: int = 0
@@ -117,11 +126,6 @@ class Counts:
     words_true: int = 0  # N
     printed_hits: int = 0
     printed_named: int = 0
-
-    def __iadd__(self, other: Counts) -> Counts:
-        for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
-        return self
 
 
 # --------------------------------------------------------------------------------------------- parsing
