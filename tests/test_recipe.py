@@ -411,8 +411,40 @@ def test_init_from_may_change_the_window_length_but_not_the_queries(tmp_path, to
         assert torch.equal(params[name], p), name
     other = FinetuneRecipe(get_config("tiny", **{"qformer.num_queries": 4}), tc, tokenizer=tokenizer,
                            pretrained=False)
-    with pytest.raises(ValueError, match="only the loss-term weights and the window length may change"):
+    with pytest.raises(ValueError, match="only the loss-term weights, the window length, the clip cap"):
         other.setup()
+
+
+def test_init_from_may_remove_the_causal_encoder_or_synchronisation(tmp_path, tokenizer):
+    """The fine-tuned ablation starts each variant from one trained model: without the causal encoder its
+    attention weights are left behind and every other weight carries over; synchronisation and the clip cap
+    own no weight. Adding a causal encoder the checkpoint lacks is refused (its weights would be random)."""
+    from favor.checkpoint import checkpoint_from_model, save_checkpoint
+    from favor.config import get_config
+
+    source = build_model(get_config("tiny"), pretrained=False, tokenizer=tokenizer)
+    for p in source.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.3)
+    trained = source.trainable_state_dict()
+    ckpt = save_checkpoint(checkpoint_from_model(source), tmp_path / "full.safetensors")
+    _, tc = load_configs(TINY, [f"train.init_from={ckpt}", f"train.output_dir={tmp_path / 'run'}",
+                                "train.train_manifest=unused.jsonl"])
+    lesioned = _stage(get_config("tiny", **{"qformer.causal_encoder": False}), tc, tokenizer).inner
+    params = dict(lesioned.named_parameters())
+    left = sorted(k for k in trained if k not in params)
+    assert left and all(".encoder_causal_attention." in k for k in left)
+    assert all(torch.equal(params[k], v) for k, v in trained.items() if k in params)
+    assert not any("encoder_causal_attention" in k for k in params)
+    unsynced = _stage(get_config("tiny", synchronise=False, **{"timing.max_frames": 12}), tc, tokenizer).inner
+    assert not unsynced.cfg.synchronise and unsynced.cfg.timing.max_frames == 12
+    assert all(torch.equal(dict(unsynced.named_parameters())[k], v) for k, v in trained.items())
+
+    ckpt2 = save_checkpoint(checkpoint_from_model(lesioned), tmp_path / "lesioned.safetensors")
+    _, tc2 = load_configs(TINY, [f"train.init_from={ckpt2}", f"train.output_dir={tmp_path / 'run2'}",
+                                 "train.train_manifest=unused.jsonl"])
+    with pytest.raises(ValueError, match="config differs"):
+        FinetuneRecipe(get_config("tiny"), tc2, tokenizer=tokenizer, pretrained=False).setup()
 
 
 def test_lr_scale_gives_prefixed_modules_their_own_peak_lr(tiny_cfg, tokenizer):

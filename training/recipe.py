@@ -187,6 +187,22 @@ def pairing_options(tc: TrainConfig) -> PairingOptions:
                           tc.image_combine_prob, tc.context_noise_prob)
 
 
+def removes_causal_encoder(init: FavorConfig, cfg: FavorConfig, source: str) -> bool:
+    """May a run of ``cfg`` start at weights trained under ``init`` (train.init_from)? Only the loss-term
+    weights, the window length, the clip cap and synchronisation may differ (FavorConfig.weights_dict), and
+    the causal encoder may be removed (the fine-tuned ablation): True when it is, so its weights are left
+    behind. Anything else raises the one-line error naming ``source``."""
+    theirs, mine = init.weights_dict(), cfg.weights_dict()
+    removed = theirs["qformer"]["causal_encoder"] and not mine["qformer"]["causal_encoder"]
+    if removed:
+        theirs["qformer"]["causal_encoder"] = False
+    if theirs != mine:
+        raise ValueError(f"{source}: its model config differs from this run's (same preset and overrides "
+                         "are required to continue from it; only the loss-term weights, the window "
+                         "length, the clip cap, synchronisation and removing the causal encoder may change)")
+    return removed
+
+
 class FinetuneRecipe:
     """setup() -> train() -> (evaluate(), save_checkpoint()) -> cleanup().
 
@@ -262,14 +278,13 @@ class FinetuneRecipe:
         """Start at a previous stage's weights. The stages may weigh the training objectives differently
         (favor.config.LOSS_WEIGHTS) and cut windows of another length (FavorConfig.weights_dict); all else
         must match. The synchrony head exists only while its weight is > 0: one this stage adds starts at its
-        fresh initialisation, one it drops is left behind."""
+        fresh initialisation, one it drops is left behind. A stage may also remove the causal encoder
+        (qformer.causal_encoder: false, the fine-tuned ablation): its attention weights are left behind."""
         init = load_checkpoint(source)
-        if init.config.weights_dict() != self.cfg.weights_dict():
-            raise ValueError(f"{source}: its model config differs from this run's (same preset and overrides "
-                             "are required to continue from it; only the loss-term weights and the window "
-                             "length may change)")
+        removed = removes_causal_encoder(init.config, self.cfg, source)
         head = {f"sync_head.{k}": v for k, v in model.sync_head.state_dict().items()} if model.sync_head else {}
-        weights = {k: v for k, v in init.weights.items() if not k.startswith("sync_head.") or head}
+        weights = {k: v for k, v in init.weights.items() if (not k.startswith("sync_head.") or head)
+                   and not (removed and ".encoder_causal_attention." in k)}  # favor.qformer.QFormerLayer
         apply_weights(model, {**head, **weights}, source)
 
     def _init_visual(self, model) -> None:

@@ -173,8 +173,9 @@ def _recipe_class():
 
 
 def run_one(config: Path, work: Path, variant: str, seed: int, paths: dict[str, Path],
-            overrides: Sequence[str] = (), eval_limit: int | None = None) -> dict:
-    """Train one (variant, seed) and score it on the held-out set; result.json makes it idempotent."""
+            overrides: Sequence[str] = (), eval_limit: int | None = None, eval_tasks: Sequence[str] = ()) -> dict:
+    """Train one (variant, seed) and score it on the held-out set (``eval_tasks`` only, when given);
+    result.json makes it idempotent."""
     from favor.build import load_tokenizer
     from training.cli import load_configs
     from training.eval.runner import predict, write_results
@@ -185,12 +186,14 @@ def run_one(config: Path, work: Path, variant: str, seed: int, paths: dict[str, 
     if result_path.is_file():
         return json.loads(result_path.read_text())
     base, _ = load_configs(config, list(overrides))
+    word_level = base.llm.pretrained is None  # a random LLM speaks the word-level vocabulary, else its own
     args = [*overrides, *variant_overrides(variant, base.timing.max_frames),
             f"train.train_manifest={paths['train']}", f"train.output_dir={out}", f"train.seed={seed}",
-            f"train.tokenizer={paths['tokenizer']}", f"train.feature_cache_dir={work / 'feature_cache'}"]
+            f"train.feature_cache_dir={work / 'feature_cache'}",
+            *([f"train.tokenizer={paths['tokenizer']}"] if word_level else [])]
     cfg, tc = load_configs(config, args)
-    tokenizer = load_tokenizer(str(paths["tokenizer"]))
-    if len(tokenizer) > cfg.llm.vocab_size or len(tokenizer) > cfg.visual.qformer_vocab_size:
+    tokenizer = load_tokenizer(str(paths["tokenizer"])) if word_level else None
+    if word_level and (len(tokenizer) > cfg.llm.vocab_size or len(tokenizer) > cfg.visual.qformer_vocab_size):
         raise ValueError(f"tokenizer has {len(tokenizer)} words; raise model.llm.vocab_size "
                          f"({cfg.llm.vocab_size}) and model.visual.qformer_vocab_size in {config}")
     torch.manual_seed(seed)
@@ -201,10 +204,11 @@ def run_one(config: Path, work: Path, variant: str, seed: int, paths: dict[str, 
     recipe.cleanup()
     train_s = time.perf_counter() - t0
     model = recipe.inner
-    if hasattr(model.audio_encoder, "inner"):  # evaluate through the plain encoder (no batch cache keys)
-        model.audio_encoder = model.audio_encoder.inner
+    for name in ("audio_encoder", "visual_encoder"):  # evaluate through the plain encoders (no cache keys)
+        setattr(model, name, getattr(getattr(model, name), "inner", getattr(model, name)))
     t0 = time.perf_counter()
-    records = predict(model, paths["heldout"], max_new_tokens=tc.max_new_tokens, limit=eval_limit)
+    records = predict(model, paths["heldout"], max_new_tokens=tc.max_new_tokens, limit=eval_limit,
+                      tasks=eval_tasks or None)
     scores = score_predictions(records)
     result = {"variant": variant, "seed": seed, "scores": scores, "train_seconds": round(train_s, 1),
               "eval_seconds": round(time.perf_counter() - t0, 1), "steps": tc.steps,
@@ -223,14 +227,16 @@ def _worker(job: tuple) -> dict:
 
 def run(config: Path, work: Path, variants: Sequence[str] = VARIANTS, seeds: Sequence[int] = (0, 1, 2), *,
         train_clips: int = 200, heldout_clips: int = 20, data_seed: int = 0, jobs: int = 1,
-        overrides: Sequence[str] = (), eval_limit: int | None = None, log=print) -> list[dict]:
+        overrides: Sequence[str] = (), eval_limit: int | None = None, eval_tasks: Sequence[str] = (),
+        log=print) -> list[dict]:
     """Every (variant, seed); finished ones are read back, the rest run in ``jobs`` 1-thread processes."""
     for v in variants:
         variant_overrides(v, 1)  # unknown names fail before any work
     torch.set_num_threads(1)
     paths = prepare(work, train_clips, heldout_clips, data_seed, workers=max(1, jobs))
     # seed-major: a stopped ablation has whole seeds (every variant) rather than whole variants
-    pending = [(config, work, v, s, paths, tuple(overrides), eval_limit) for s in seeds for v in variants]
+    pending = [(config, work, v, s, paths, tuple(overrides), eval_limit, tuple(eval_tasks))
+               for s in seeds for v in variants]
     log(f"ablation: {len(pending)} runs under {work}")
     if jobs == 1:
         results = []

@@ -229,8 +229,12 @@ def ablation(
     seeds: Annotated[list[int] | None, typer.Option("--seed", help="seeds (repeatable; default 0 1 2)")] = None,
     train_clips: Annotated[int, typer.Option(min=1)] = 200,
     heldout_clips: Annotated[int, typer.Option(min=1)] = 20,
+    data_seed: Annotated[int, typer.Option(min=0, help="synthetic data seed (the demo model trained on seed 0)")]
+    = 0,
     jobs: Annotated[int, typer.Option(min=1, help="parallel 1-thread training processes")] = 1,
     eval_limit: Annotated[int | None, typer.Option(min=1, help="score only the first N held-out samples")] = None,
+    eval_tasks: Annotated[list[str] | None, typer.Option("--eval-task",
+                                                         help="score only these tasks (repeatable)")] = None,
     overrides: Annotated[list[str] | None,
                          typer.Argument(help="dotted key=value overrides, e.g. train.steps=100")] = None,
     results_md: Annotated[Path | None, typer.Option("--results-md", help="also write the table here")] = None,
@@ -240,8 +244,8 @@ def ablation(
 
     try:
         A.run(config, work_dir, variants or A.VARIANTS, seeds or (0, 1, 2), train_clips=train_clips,
-              heldout_clips=heldout_clips, jobs=jobs, overrides=overrides or [], eval_limit=eval_limit,
-              log=typer.echo)
+              heldout_clips=heldout_clips, data_seed=data_seed, jobs=jobs, overrides=overrides or [],
+              eval_limit=eval_limit, eval_tasks=eval_tasks or (), log=typer.echo)
     except ValueError as e:
         _fail(str(e))
     _table(work_dir, results_md)
