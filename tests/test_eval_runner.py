@@ -154,6 +154,16 @@ def test_aggregate_table_and_direction():
     assert rows[("no_sync", "asr")]["ours"] == "flat" and rows[("no_sync", "asr")]["paper"] == "flat"
 
 
+@pytest.mark.parametrize("verbose", [False, True])
+def test_ablation_workers_are_as_quiet_as_the_command(verbose, capfd):
+    """The spawned training processes printed transformers' FutureWarnings under a quiet favor-eval."""
+    import warnings
+
+    with A.worker_pool(1, verbose) as pool:
+        pool.apply(warnings.warn, ("a library deprecation", FutureWarning))
+    assert ("FutureWarning: a library deprecation" in capfd.readouterr().err) == verbose
+
+
 @pytest.mark.slow
 def test_ablation_run_one_is_resumable(tmp_path):
     """Two training steps of one variant on 2 clips (real Whisper-base, ~20 s), then re-read from disk."""

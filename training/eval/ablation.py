@@ -225,10 +225,18 @@ def _worker(job: tuple) -> dict:
     return run_one(*job)
 
 
+def worker_pool(jobs: int, verbose: bool = False):
+    """``jobs`` fresh interpreters (spawn: no half-copied torch thread pools), as quiet as the caller unless
+    ``verbose`` -- a spawned interpreter inherits the environment but not the caller's warning filters."""
+    from favor.quiet import quiet_libraries
+
+    return multiprocessing.get_context("spawn").Pool(jobs, initializer=quiet_libraries, initargs=(verbose,))
+
+
 def run(config: Path, work: Path, variants: Sequence[str] = VARIANTS, seeds: Sequence[int] = (0, 1, 2), *,
         train_clips: int = 200, heldout_clips: int = 20, data_seed: int = 0, jobs: int = 1,
         overrides: Sequence[str] = (), eval_limit: int | None = None, eval_tasks: Sequence[str] = (),
-        log=print) -> list[dict]:
+        verbose: bool = False, log=print) -> list[dict]:
     """Every (variant, seed); finished ones are read back, the rest run in ``jobs`` 1-thread processes."""
     for v in variants:
         variant_overrides(v, 1)  # unknown names fail before any work
@@ -245,8 +253,7 @@ def run(config: Path, work: Path, variants: Sequence[str] = VARIANTS, seeds: Seq
             results.append(_worker(job))
             log(f"  {job[2]} seed {job[3]}: done in {time.perf_counter() - t0:.0f} s")
         return results
-    ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no half-copied torch thread pools
-    with ctx.Pool(jobs) as pool:
+    with worker_pool(jobs, verbose) as pool:
         results = []
         for r in pool.imap(_worker, pending):
             log(f"  {r['variant']} seed {r['seed']}: train {r['train_seconds']} s, eval {r['eval_seconds']} s")

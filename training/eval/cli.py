@@ -27,9 +27,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, context_settings=C
 
 
 @app.callback()
-def main(version: VersionOption = False, verbose: VerboseOption = False) -> None:
+def main(ctx: typer.Context, version: VersionOption = False, verbose: VerboseOption = False) -> None:
     """Evaluate FAVOR on AVEB tasks (real or synthetic) and run the paper's ablations."""
     quiet_libraries(verbose)
+    ctx.obj = {"verbose": verbose}  # for the commands that start worker processes
 
 
 def _fail(message: str) -> None:
@@ -223,6 +224,7 @@ def synth(
 
 @app.command()
 def ablation(
+    ctx: typer.Context,
     config: Annotated[Path, typer.Option("--config", "-c")] = Path("training/configs/ablation.yaml"),
     work_dir: Annotated[Path, typer.Option("--work-dir")] = Path("runs/ablation"),
     variants: Annotated[list[str] | None, typer.Option("--variant", help="subset of variants (repeatable)")] = None,
@@ -245,7 +247,8 @@ def ablation(
     try:
         A.run(config, work_dir, variants or A.VARIANTS, seeds or (0, 1, 2), train_clips=train_clips,
               heldout_clips=heldout_clips, data_seed=data_seed, jobs=jobs, overrides=overrides or [],
-              eval_limit=eval_limit, eval_tasks=eval_tasks or (), log=typer.echo)
+              eval_limit=eval_limit, eval_tasks=eval_tasks or (),
+              verbose=(ctx.obj or {}).get("verbose", False), log=typer.echo)
     except ValueError as e:
         _fail(str(e))
     _table(work_dir, results_md)
