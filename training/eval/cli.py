@@ -240,18 +240,22 @@ def ablation(
     overrides: Annotated[list[str] | None,
                          typer.Argument(help="dotted key=value overrides, e.g. train.steps=100")] = None,
     results_md: Annotated[Path | None, typer.Option("--results-md", help="also write the table here")] = None,
+    lesion_only: Annotated[bool, typer.Option(
+        "--lesion-only", help="no fine-tuning: score train.init_from with each component removed (one seed, "
+                              "results under WORK_DIR/lesion)")] = False,
 ) -> None:
     """Train and evaluate the full model and its ablations over seeds (resumable), then print the table."""
     from training.eval import ablation as A
 
     try:
-        A.run(config, work_dir, variants or A.VARIANTS, seeds or (0, 1, 2), train_clips=train_clips,
+        A.run(config, work_dir, variants or A.VARIANTS, seeds or ((0,) if lesion_only else (0, 1, 2)),
+              train_clips=train_clips, fine_tune=not lesion_only,
               heldout_clips=heldout_clips, data_seed=data_seed, jobs=jobs, overrides=overrides or [],
               eval_limit=eval_limit, eval_tasks=eval_tasks or (),
               verbose=(ctx.obj or {}).get("verbose", False), log=typer.echo)
     except ValueError as e:
         _fail(str(e))
-    _table(work_dir, results_md)
+    _table(work_dir / A.LESION_DIR if lesion_only else work_dir, results_md)
 
 
 def _table(work_dir: Path, out: Path | None) -> None:
@@ -262,6 +266,8 @@ def _table(work_dir: Path, out: Path | None) -> None:
         _fail(f"{work_dir}: no */seed*/result.json (run `favor-eval ablation` first)")
     agg = A.aggregate(results)
     text = A.table(agg)
+    if "full" in agg and len(agg) > 1:
+        text += "\n\n" + A.direction_table(A.direction_agreement(agg))
     typer.echo(text)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
