@@ -160,10 +160,13 @@ def test_aggregate_table_and_direction():
 
 
 def test_one_seed_never_passes_the_two_std_bar():
-    agg = A.aggregate([_result("full", 0, temporal_qa=80.0), _result("no_causal_encoder", 0, temporal_qa=20.0)])
-    row = A.direction_agreement(agg)[0]
+    agg = A.aggregate([_result("full", 0, temporal_qa=80.0), _result("no_causal_encoder", 0, temporal_qa=20.0),
+                       _result("no_diversity_loss", 0, temporal_qa=80.0)])
+    rows = {r["variant"]: r for r in A.direction_agreement(agg)}
+    row = rows["no_causal_encoder"]
     assert row["ours"] == "worse" and math.isnan(row["sigmas"])  # no seed spread: no std to count in
-    assert A.direction_table([row]).endswith("| yes | no |")
+    assert A.direction_table([row]).endswith("| -60.0 | — | worse | -6.5 | worse | yes | no |")
+    assert rows["no_diversity_loss"]["ours"] == "flat"  # an unchanged score is flat, not "worse"
 
 
 def test_lesion_only_needs_a_model_to_lesion(tmp_path):

@@ -305,7 +305,8 @@ def direction_agreement(agg: dict[str, dict[str, dict]]) -> list[dict]:
             paper = PAPER[v][task] - PAPER["full"][task]
             paper *= -1.0 if task == "asr" else 1.0  # WER: lower is better
             noise = max(agg[v][task]["std"], agg["full"][task]["std"])
-            ours_dir = "flat" if not math.isnan(noise) and abs(ours) <= noise else ("better" if ours > 0 else "worse")
+            flat = abs(ours) <= noise if not math.isnan(noise) else ours == 0  # one seed: only no change is flat
+            ours_dir = "flat" if flat else ("better" if ours > 0 else "worse")
             paper_dir = "flat" if abs(paper) < 0.5 else ("better" if paper > 0 else "worse")
             rows.append({"variant": v, "task": task, "ours": ours_dir, "paper": paper_dir,
                          "ours_delta": ours, "paper_delta": paper, "agree": ours_dir == paper_dir,
@@ -353,7 +354,8 @@ def direction_table(rows: Sequence[dict]) -> str:
              "|" + "---|" * 9]
     for r in rows:
         beyond = r["agree"] and r["paper"] != "flat" and r["sigmas"] > 2  # nan (one seed) compares False
-        lines.append(f"| {r['variant']} | {r['task']} | {r['ours_delta']:+.1f} | {r['sigmas']:.1f} | {r['ours']} | "
+        stds = "—" if math.isnan(r["sigmas"]) else f"{r['sigmas']:.1f}"
+        lines.append(f"| {r['variant']} | {r['task']} | {r['ours_delta']:+.1f} | {stds} | {r['ours']} | "
                      f"{r['paper_delta']:+.1f} | {r['paper']} | {'yes' if r['agree'] else 'no'} | "
                      f"{'yes' if beyond else 'no'} |")
     return "\n".join(lines)
